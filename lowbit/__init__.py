@@ -1,0 +1,36 @@
+"""lowbit: float PyTorch model -> ternary / 4-bit student (QAT + distillation) -> packed ONNX.
+
+The public API is imported lazily, so ``import lowbit.runtime`` (the edge runtime) never
+pulls in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "train": "lowbit.distill",
+    "evaluate": "lowbit.distill",
+    "TrainConfig": "lowbit.distill",
+    "load_model": "lowbit._checkpoint",
+    "save_checkpoint": "lowbit._checkpoint",
+}
+_RENAMED = {"save_checkpoint": "save"}
+
+__all__ = ["__version__", *sorted(_API)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), _RENAMED.get(name, name))
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,22 @@
+"""Names of the metadata lowbit writes into exported ONNX files (torch-free: the runtime reads it).
+
+Every value is a string (ONNX ``metadata_props``); structured values are JSON.
+"""
+
+from __future__ import annotations
+
+PREFIX = "lowbit."
+VERSION = PREFIX + "version"  # lowbit version that wrote the file
+WEIGHT_BITS = PREFIX + "weight_bits"  # JSON int: the student's main weight bit width
+ACT_BITS = PREFIX + "act_bits"  # JSON int: activation bits after ReLU
+QUANT_SPEC = PREFIX + "quant_spec"  # JSON: QuantSpec.to_dict()
+STORAGE = PREFIX + "storage"  # JSON: {layer name: "int2"|"int4"|"int8"} weights as stored
+CLASSES = PREFIX + "classes"  # JSON list of class names (length = output size)
+MEAN = PREFIX + "mean"  # JSON list: per-channel mean on the 0..255 pixel scale
+STD = PREFIX + "std"  # JSON list: per-channel std on the 0..255 pixel scale
+INPUT_SHAPE = PREFIX + "input_shape"  # JSON [C, H, W]
+ARCH = PREFIX + "arch"  # JSON {"name", "kwargs"}
+VERIFICATION = PREFIX + "verification"  # JSON: agreement / max logit diff vs PyTorch
+
+INPUT_NAME = "input"  # float32 [N, C, H, W], already normalised: (pixels - mean) / std
+OUTPUT_NAME = "logits"  # float32 [N, classes]
