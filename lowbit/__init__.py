@@ -16,6 +16,16 @@ _API = {
     "train": "lowbit.distill",
     "evaluate": "lowbit.distill",
     "TrainConfig": "lowbit.distill",
+    "distill": "lowbit.distill",
+    "KDConfig": "lowbit.distill",
+    "GSLR": "lowbit.distill",
+    "student_for": "lowbit.distill",
+    "quantize": "lowbit.quant",
+    "QuantSpec": "lowbit.quant",
+    "footprint": "lowbit.footprint",
+    "export": "lowbit.export",
+    "Session": "lowbit.runtime",
+    "convert_ort": "lowbit.runtime",
     "load_model": "lowbit._checkpoint",
     "save_checkpoint": "lowbit._checkpoint",
 }
@@ -26,7 +36,10 @@ __all__ = ["__version__", *sorted(_API)]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        value = getattr(importlib.import_module(_API[name]), _RENAMED.get(name, name))
+        module = importlib.import_module(_API[name])
+        # A name that is its module's own (lowbit.distill, a callable package) is the module.
+        own = module.__name__ == f"{__name__}.{name}"
+        value = module if own else getattr(module, _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

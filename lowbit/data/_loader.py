@@ -13,7 +13,8 @@ import torch
 from ._datasets import Dataset
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: tuple[float, ...],
+              std: tuple[float, ...]) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> float32 ``(x - mean) / std`` with per-channel stats on 0..255."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)

@@ -1,6 +1,25 @@
-"""Training: float teachers (``train``) and knowledge distillation into quantized students."""
+"""Training: float teachers (``train``) and knowledge distillation into quantized students.
 
+The package is callable: ``lowbit.distill(student, teacher, train, val, ...)`` is
+:func:`distill` (the public API names the function after the package).
+"""
+
+import sys
+import types
+
+from ._kd import GSLR, KDConfig, apprentice_loss, distill, hinton_loss, student_for
 from ._loop import TrainConfig, TrainingError, evaluate
 from ._train import train
 
-__all__ = ["TrainConfig", "TrainingError", "evaluate", "train"]
+__all__ = ["GSLR", "KDConfig", "TrainConfig", "TrainingError", "apprentice_loss", "distill",
+           "evaluate", "hinton_loss", "student_for", "train"]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return distill(*args, **kwargs)
+
+    __call__.__doc__ = distill.__doc__
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import _checkpoint
+from .._io import write_json
 from ..data import Dataset, Loader
 from . import _dist
 
@@ -93,7 +94,8 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
     model.eval()
     correct = 0
     for x, y in Loader(data, batch_size):
-        correct += int((model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum())
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
     return correct / len(data)
 
@@ -112,9 +114,6 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
     rank, world = _dist.setup()
     model = run.model.to(memory_format=torch.channels_last)
     modules = {"model": model, **run.extra}
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
     loader = Loader(train_data, cfg.batch_size, train=True, seed=cfg.seed, shard=(rank, world))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -122,19 +121,26 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
                             f"{cfg.batch_size}; lower the batch size")
     record = {"config": asdict(cfg), **(record or {}), "history": []}
     data_info = _checkpoint.data_info(train_data)
-    start_step = 0
-    if resume:
-        start_step, record = _restore(out, modules, opt, cfg)
+    start_step, opt_state = 0, None
+    if resume:  # before the optimiser is built: Brevitas re-creates quantizer parameters on load
+        start_step, record, opt_state = _restore(out, modules, record)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     ddp = _dist.wrap(model)
+    for m in run.extra.values():
+        _dist.broadcast(m)
 
     def save(step: int, finished: bool) -> None:
         if out is None or rank != 0:
             return
         state = None if finished else {
             "step": step, "optimizer": opt.state_dict(),
-            "extra": {k: m.state_dict() for k, m in run.extra.items()},
-            "config": asdict(cfg)}
+            "extra": {k: m.state_dict() for k, m in run.extra.items()}}
         _checkpoint.save(out, model, data=data_info, record=record, resume=state)
+        write_json(Path(out).with_suffix(".json"), record)  # the record, readable while it runs
 
     step = start_step
     for epoch in range(start_step // steps_per_epoch, cfg.epochs):
@@ -152,12 +158,14 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
             x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(cfg.precision):
                 loss, logits, _ = run.objective(ddp or model, x, y, epoch)
-            if not torch.isfinite(loss):
+            if not _dist.all_finite(loss):
                 where = f"; last good checkpoint kept at {out}" if out else ""
                 raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, "
                                     f"step {i + 1}{where}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for m in run.extra.values():
+                _dist.sync_grads(m)
             opt.step()
             step += 1
             seen += len(y)
@@ -172,40 +180,49 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
                  "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                  "img_per_s": seen * world / seconds, "seconds": seconds, **run.epoch_log(epoch)}
         if val_data is not None:
-            entry["val_acc"] = evaluate(model, val_data)
+            entry["val_acc"] = record["val_acc"] = evaluate(model, val_data)
         record["history"].append(entry)
         if rank == 0:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in entry.items()))
         save(step, finished=epoch + 1 == cfg.epochs)
-    if val_data is not None and record["history"]:
-        record["val_acc"] = record["history"][-1]["val_acc"]
     model.eval()
     return record
 
 
-def _restore(out: str | Path | None, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
-             cfg: TrainConfig) -> tuple[int, dict[str, Any]]:
-    """Load model, extra modules and optimiser state from an unfinished checkpoint at ``out``."""
+def _restore(out: str | Path | None, modules: dict[str, nn.Module],
+             record: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Load the model and extra modules from an unfinished checkpoint at ``out``.
+
+    Returns the step to go on from, the record so far and the optimiser state to load.
+
+    Refuses a checkpoint whose settings (training config and every other entry of ``record``,
+    e.g. the distillation config and teacher) differ from this run's.
+    """
     if out is None or not Path(out).exists():
         raise TrainingError(f"cannot resume: no checkpoint at {out}")
     ckpt = _checkpoint.load(out)
     state = ckpt.get("resume")
     if state is None:
         raise TrainingError(f"cannot resume: {out} holds a finished run")
-    if _plain(state["config"]) != _plain(asdict(cfg)):
-        raise TrainingError(f"cannot resume: {out} was trained with other settings "
-                            f"({state['config']})")
+    stored = ckpt["record"]
+    for key, value in record.items():
+        if key != "history" and _plain(stored.get(key)) != _plain(value):
+            raise TrainingError(f"cannot resume: {out} was trained with other settings "
+                                f"({key}: {stored.get(key)} here {value})")
     modules["model"].load_state_dict(ckpt["state_dict"])
     for k, sd in state["extra"].items():
         modules[k].load_state_dict(sd)
-    opt.load_state_dict(state["optimizer"])
-    return int(state["step"]), ckpt["record"]
+    return int(state["step"]), ckpt["record"], state["optimizer"]
 
 
-def _plain(config: dict[str, Any]) -> dict[str, Any]:
-    """Config with tuples as lists, so a config read back from a checkpoint compares equal."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists, so settings read back from a checkpoint compare equal."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):

@@ -1,5 +1,13 @@
-"""Quantization-aware students (Brevitas behind one adapter): ``quantize(model, spec)``."""
+"""Quantization-aware students (Brevitas behind one adapter): ``quantize(model, spec)``.
 
+``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
+exporter's contract, see ``_inspect``); ``calibrate`` sets activation ranges from data for
+post-training quantization.
+"""
+
+from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers
+from ._quantize import calibrate, quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
-__all__ = ["ACT_BITS", "SCALE_RULES", "WEIGHT_BITS", "QuantSpec"]
+__all__ = ["ACT_BITS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo", "QuantLayerInfo",
+           "QuantSpec", "act_quants", "calibrate", "quant_layers", "quantize"]

@@ -1,0 +1,38 @@
+"""Export a quantized student as packed standard ONNX (INT2/INT4 weights) and QONNX.
+
+``export(model, path)`` writes verified files atomically; the packers (``pack_int2`` ...)
+are torch-free and document the bit layouts; the graph rewrites live in ``_rewrites``.
+The package is callable: ``lowbit.export(model, path, ...)`` is :func:`export`.
+"""
+
+import sys
+import types
+
+from ._export import FORMATS, WEIGHT_FORMS, ExportResult, export, qonnx_path, storage_for
+from ._pack import (
+    make_tensor,
+    pack_int2,
+    pack_int4,
+    pack_trits,
+    read_tensor,
+    unpack_int2,
+    unpack_int4,
+    unpack_trits,
+)
+from ._rewrites import ExportError
+from ._verify import Thresholds, Verification
+
+__all__ = ["FORMATS", "WEIGHT_FORMS", "ExportError", "ExportResult", "Thresholds",
+           "Verification", "export", "make_tensor", "pack_int2", "pack_int4", "pack_trits",
+           "qonnx_path", "read_tensor", "storage_for", "unpack_int2", "unpack_int4",
+           "unpack_trits"]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs) -> ExportResult:
+        return export(*args, **kwargs)
+
+    __call__.__doc__ = export.__doc__
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -1,0 +1,271 @@
+"""``export(model, path)``: a quantized student -> packed ONNX (+ QONNX), verified, atomic.
+
+Standard ONNX: the student traced in plain torch (``_trace``), then the rewrites of
+``_rewrites`` (fold BatchNorm, pack weights, lower activation quantizers, set the opset).
+Weights are stored at the opset's narrowest packed type (the opset ladder):
+
+    weight bits  opset >= 25   21..24   13..20
+    2 (ternary)  INT2          INT4     INT8
+    4            INT4          INT4     INT8
+    8            INT8          INT8     INT8
+
+Every file is built and verified in memory first and written only if it passes the gate, by
+``lowbit._io.atomic_write`` (temp file + rename): a failed export leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.general import RemoveStaticGraphInputs
+
+from .. import __version__
+from .. import _onnx_meta as meta
+from .._io import atomic_write
+from ._rewrites import (
+    DropDefaultAttributes,
+    ExportError,
+    FoldBatchNorm,
+    PackWeights,
+    QuantizeActivations,
+    SetOpset,
+    ShareConstants,
+    ShortenNames,
+)
+from ._trace import TRACE_OPSET, Act, shadow, trace
+from ._verify import Thresholds, Verification, compare
+
+FORMATS = ("onnx", "qonnx")
+WEIGHT_FORMS = ("cast", "dequant")
+DEFAULT_OPSET = 25
+MIN_OPSET = 13  # per-axis DequantizeLinear
+RANDOM_INPUTS = 256
+DEFAULT_THRESHOLDS = Thresholds()
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Paths written per format, their verification, and how each layer's weights are stored."""
+
+    paths: dict[str, Path]
+    verification: dict[str, Verification]
+    storage: dict[str, str]
+    spec: Any = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def storage_for(bits: int, opset: int) -> str:
+    """Narrowest packed type onnxruntime runs for ``bits``-bit codes at ``opset`` (the ladder)."""
+    if bits == 2 and opset >= 25:
+        return "int2"
+    if bits <= 4 and opset >= 21:
+        return "int4"
+    return "int8"
+
+
+def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
+    """Metadata about the inputs: a ``lowbit.data.Dataset``, a checkpoint's data dict or None."""
+    if data is not None and not isinstance(data, dict):
+        from .._checkpoint import data_info
+
+        data = data_info(data)
+    if data is None:
+        if example is None:
+            raise ExportError("give example_input (or data) so the input shape is known")
+        c = example.shape[1]
+        data = {"name": "unknown", "classes": None, "mean": [0.0] * c, "std": [1.0] * c,
+                "input_shape": list(example.shape[1:])}
+    return data
+
+
+def _student(model: nn.Module, bits: int | None, calib: Iterable[torch.Tensor] | None,
+             ) -> tuple[nn.Module, list[str]]:
+    """The model as a quantized student: as trained, or post-training quantized to ``bits``."""
+    from ..quant import QuantSpec, calibrate, quantize
+
+    spec = getattr(model, "lowbit_quant", None)
+    if spec is not None:
+        if bits is not None and bits != spec.weight_bits:
+            raise ExportError(f"the model is a {spec.weight_bits}-bit student but {bits}-bit "
+                              f"export was asked; export it at {spec.weight_bits} bits (drop "
+                              f"--bits) or distill a {bits}-bit student")
+        return model.eval(), []
+    if bits is None:
+        raise ExportError("the model is a float model: give bits (2 = ternary, 4 or 8) to "
+                          "quantize it post-training")
+    if calib is None:
+        raise ExportError("post-training quantization of a float model needs calibration "
+                          "batches (calib=...)")
+    student = calibrate(quantize(model, QuantSpec(weight_bits=bits)), calib).eval()
+    note = (f"float model quantized post-training to {bits}-bit weights; expect an accuracy "
+            f"drop, 'lowbit distill' (quantization-aware training) recovers it")
+    warnings.warn(note, stacklevel=3)
+    return student, [note]
+
+
+def _output_step(layers, acts: list[Act]) -> np.ndarray:
+    """Output step per class: s_a * max_j |W[c, j]| of the last layer (see ``_verify``)."""
+    last = layers[-1]
+    w = (last.int_weight.double() * last.scale.double().reshape(-1, *[1] * (
+        last.int_weight.ndim - 1))).abs().flatten(1).amax(1).numpy()
+    s_a = float(np.max(acts[-1].scale)) if acts else 1.0
+    return np.maximum(w * s_a, np.finfo(np.float32).tiny)
+
+
+def _verify_inputs(verify: Any, data: dict[str, Any], example: torch.Tensor,
+                   ) -> tuple[torch.Tensor, str]:
+    """(normalised float inputs, source name) for the gate."""
+    if verify is None:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), "random"
+    if isinstance(verify, torch.Tensor):
+        return verify.float(), "given"
+    from ..data import normalize
+
+    return normalize(verify.images, verify.mean, verify.std), verify.name
+
+
+def _onnx_runner(proto: onnx.ModelProto):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return lambda x: sess.run([meta.OUTPUT_NAME], {meta.INPUT_NAME: x})[0]
+
+
+def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
+               weight_form: str = "cast",
+               ) -> tuple[onnx.ModelProto, dict[str, str], list, list[Act]]:
+    """The packed standard-ONNX graph of ``student`` (unverified, no metadata), with the
+    weight storage per layer and the student's layer and activation infos."""
+    from ..quant import act_quants, quant_layers
+
+    layers = quant_layers(student)
+    acts = [Act(a.name, a.bits, a.signed, a.scale.detach().float().numpy(),
+                a.zero_point.detach().numpy().round().astype(np.int64))
+            for a in act_quants(student)]
+    if not layers:
+        raise ExportError("the student has no quantized conv/linear layer")
+    traced = trace(shadow(student, layers, acts), example, min(opset, TRACE_OPSET))
+    storage = {info.name: storage_for(info.weight_bits, opset) for info in layers}
+    params = {t.name for t in traced.graph.initializer}
+    codes = {}
+    for info in layers:
+        wname = info.name + ".weight"
+        if wname not in params:
+            raise ExportError(f"{info.name}: weight not found in the traced graph")
+        codes[wname] = (info.int_weight.detach().numpy(), storage[info.name])
+    model = ModelWrapper(traced)
+    for rewrite in (RemoveStaticGraphInputs(), FoldBatchNorm(),
+                    PackWeights(codes, cast=weight_form == "cast"), QuantizeActivations(),
+                    SetOpset(opset, min(opset, TRACE_OPSET))):
+        model = model.transform(rewrite)
+    for rewrite in (ShareConstants(), DropDefaultAttributes(), ShortenNames(frozenset(storage))):
+        model = model.transform(rewrite, cleanup=False)  # cleanup would un-share constants
+    proto = model.model
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}"
+                          ) from None
+    return proto, storage, layers, acts
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))  # compact: metadata counts in the file size
+
+
+def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
+              verification: Verification, num_classes: int) -> dict[str, str]:
+    spec = student.lowbit_quant
+    classes = data.get("classes") or [str(i) for i in range(num_classes)]
+    return {meta.VERSION: __version__, meta.WEIGHT_BITS: _json(spec.weight_bits),
+            meta.ACT_BITS: _json(spec.act_bits),
+            meta.QUANT_SPEC: _json(spec.to_dict()), meta.STORAGE: _json(storage),
+            meta.CLASSES: _json(list(classes)), meta.MEAN: _json(list(data["mean"])),
+            meta.STD: _json(list(data["std"])),
+            meta.INPUT_SHAPE: _json(list(data["input_shape"])),
+            meta.ARCH: _json(getattr(student, "lowbit_arch", None)),
+            meta.VERIFICATION: _json(verification.to_dict())}
+
+
+def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    onnx.helper.set_model_props(proto, props)
+
+
+def qonnx_path(path: Path) -> Path:
+    """Where the QONNX file goes next to the ONNX file ``path``: ``name.qonnx.onnx``."""
+    return path.with_name(path.stem + ".qonnx.onnx")
+
+
+def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | None = None,
+           bits: int | None = None, formats: Sequence[str] = FORMATS, opset: int | None = None,
+           verify: Any = None, calib: Iterable[torch.Tensor] | None = None, data: Any = None,
+           thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast") -> ExportResult:
+    """Export a quantized student (or post-training quantize a float model) as verified files.
+
+    ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
+    QONNX export cleaned by qonnx; ``path`` itself when it is the only format, else
+    :func:`qonnx_path`). ``bits`` must match a student's weight bits; a float model needs
+    ``bits`` and ``calib`` (batches of normalised inputs). ``verify``: a
+    ``lowbit.data.Dataset`` or a tensor of normalised inputs for the gate (default: 256
+    random N(0, 1) inputs). ``data``: a Dataset or checkpoint data dict for the metadata
+    (classes, mean/std). ``weight_form``: "cast" (INT2/INT4 -> Cast(INT8) -> DequantizeLinear,
+    folded at load into int8 kernels) or "dequant" (DequantizeLinear on the packed tensor).
+    Raises ExportError, writing nothing, when the gate fails.
+    """
+    path = Path(path)
+    formats = tuple(dict.fromkeys(formats))
+    if not formats or set(formats) - set(FORMATS):
+        raise ExportError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+    if weight_form not in WEIGHT_FORMS:
+        raise ExportError(f"weight_form must be one of {WEIGHT_FORMS}, got {weight_form!r}")
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not MIN_OPSET <= opset <= DEFAULT_OPSET:
+        raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET}..{DEFAULT_OPSET} "
+                          f"(25: INT2 ternary, 21-24: INT4, < 21: INT8 weights)")
+    data = _data_info(data, example_input)
+    example = example_input if example_input is not None else \
+        torch.zeros((1, *data["input_shape"]))
+    student, notes = _student(model, bits, calib)
+    inputs, source = _verify_inputs(verify, data, example)
+
+    built: dict[str, tuple[Path, onnx.ModelProto]] = {}
+    checks: dict[str, Verification] = {}
+    proto, storage, layers, acts = build_onnx(student, example, opset=opset,
+                                              weight_form=weight_form)
+    step = _output_step(layers, acts)
+    if "onnx" in formats:
+        checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto), inputs, step,
+                                 thresholds)
+        built["onnx"] = (path, proto)
+    if "qonnx" in formats:
+        from ._qonnx import build_qonnx, qonnx_runner
+
+        qproto = build_qonnx(student, example)
+        # qonnx's Python executor is slow: a subset of the verification inputs suffices for
+        # the QONNX graph, which runs Brevitas' own quantizer math.
+        checks["qonnx"] = compare("qonnx", source, student, qonnx_runner(qproto),
+                                  inputs[:32], step, thresholds, batch_size=8)
+        built["qonnx"] = (path if formats == ("qonnx",) else qonnx_path(path), qproto)
+    failed = [str(v) for v in checks.values() if not v.passed]
+    if failed:
+        raise ExportError("verification failed, nothing written: " + "; ".join(failed))
+    num_classes = len(step)
+    for fmt, (out, p) in built.items():
+        _set_metadata(p, _metadata(student, data, storage, checks[fmt], num_classes))
+        atomic_write(out, lambda tmp, p=p: onnx.save(p, tmp))
+    return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
+                        student.lowbit_quant, tuple(notes))
+

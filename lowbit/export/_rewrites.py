@@ -1,0 +1,301 @@
+"""Graph rewrites from the traced float graph to lowbit's packed ONNX, one class per effect.
+
+Each is a qonnx ``Transformation``: ``apply(model) -> (model, changed)`` over a qonnx
+``ModelWrapper``, run with ``model.transform(Rewrite(...))`` until nothing changes. Applied in
+order by :func:`lowbit.export.export`: ``RemoveStaticGraphInputs`` (qonnx) ->
+:class:`FoldBatchNorm` -> :class:`PackWeights` -> :class:`QuantizeActivations` ->
+:class:`SetOpset` -> :class:`ShareConstants` -> :class:`DropDefaultAttributes` ->
+:class:`ShortenNames`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.base import Transformation
+
+from ._pack import make_tensor
+from ._trace import DOMAIN
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked, or the export failed verification."""
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """Output-channel axis of the weight (input 1) of a Conv or Gemm node."""
+    if node.op_type == "Conv":
+        return 0
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    return 0 if trans_b else 1
+
+
+def _channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
+class FoldBatchNorm(Transformation):
+    """Fold an inference BatchNormalization into the Conv/Gemm that alone feeds it.
+
+    BN(y) = (y - mean) * f + beta with f = gamma / sqrt(var + eps), so the layer gets weight
+    W * f (per output channel) and bias (b - mean) * f + beta; computed in float64.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for bn in model.get_nodes_by_op_type("BatchNormalization"):
+            layer = model.find_producer(bn.input[0])
+            if layer is None or layer.op_type not in ("Conv", "Gemm") or \
+                    model.get_tensor_fanout(bn.input[0]) != 1:
+                continue
+            w = model.get_initializer(layer.input[1])
+            params = [model.get_initializer(n) for n in bn.input[1:5]]
+            if w is None or any(p is None for p in params) or \
+                    model.get_tensor_fanout(layer.input[1]) != 1:
+                continue
+            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+            eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+            f = gamma / np.sqrt(var + eps)
+            axis = _weight_axis(layer)
+            model.set_initializer(layer.input[1], (w.astype(np.float64) *
+                                                   f.reshape(_channel_shape(w.ndim, axis))
+                                                   ).astype(np.float32))
+            bias = model.get_initializer(layer.input[2]) if len(layer.input) > 2 else None
+            bias = np.zeros_like(f) if bias is None else bias.astype(np.float64)
+            bias_name = layer.input[1].rsplit(".", 1)[0] + ".bias"
+            if len(layer.input) > 2:
+                bias_name = layer.input[2]
+            else:
+                layer.input.append(bias_name)
+            model.set_initializer(bias_name, ((bias - mean) * f + beta).astype(np.float32))
+            layer.output[0] = bn.output[0]
+            model.graph.node.remove(bn)
+            return model, True
+        return model, False
+
+
+def channel_scales(w: np.ndarray, codes: np.ndarray, axis: int, name: str) -> np.ndarray:
+    """Per-channel s with ``w == codes * s`` (least squares, then checked to 1e-5 relative)."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    w64, q = w.astype(np.float64), codes.astype(np.float64)
+    qq = (q * q).sum(axis=red)
+    s = np.where(qq > 0, (w64 * q).sum(axis=red) / np.where(qq > 0, qq, 1), 1.0)
+    err = np.abs(w64 - q * s.reshape(_channel_shape(w.ndim, axis))).max(initial=0)
+    if err > 1e-5 * max(np.abs(w64).max(initial=0), 1e-30):
+        raise ExportError(f"{name}: weights are not integer codes times a per-channel scale "
+                          f"(max error {err:.3g}); is the layer quantized per output channel?")
+    return s
+
+
+class PackWeights(Transformation):
+    """Replace float weights by packed integer codes and a per-channel DequantizeLinear.
+
+    ``codes`` maps a weight initializer name to (int8 codes, storage "int2"|"int4"|"int8").
+    The per-channel scale is recovered from the (BatchNorm-folded) float weight; a negative
+    scale (negative BN gamma) flips the channel's codes so every stored scale is positive.
+    ``cast=True`` inserts ``Cast(to=INT8)`` after an INT2/INT4 initializer: onnxruntime folds
+    it at load time, leaving the int8 DequantizeLinear pattern its QDQ fusion turns into
+    integer kernels (QLinearConv), while the file still holds 2/4-bit weights.
+    """
+
+    def __init__(self, codes: dict[str, tuple[np.ndarray, str]], cast: bool = True) -> None:
+        super().__init__()
+        self.codes, self.cast = codes, cast
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.graph.node:
+            if node.op_type not in ("Conv", "Gemm") or node.input[1] not in self.codes:
+                continue
+            name = node.input[1]
+            w = model.get_initializer(name)
+            if w is None:
+                continue
+            q, storage = self.codes[name]
+            q = np.asarray(q).astype(np.int8)
+            axis = _weight_axis(node)
+            if q.shape != w.shape:
+                raise ExportError(f"{name}: codes of shape {q.shape} for a weight {w.shape}")
+            s = channel_scales(w, q, axis, name)
+            sign = np.where(s < 0, -1, 1).astype(np.int8)
+            q = q * sign.reshape(_channel_shape(q.ndim, axis))
+            model.del_initializer(name)
+            # the packed weight is named by its layer: "layer1.0.conv1.weight" -> "layer1.0.conv1"
+            src = name.removesuffix(".weight")
+            model.graph.initializer.append(make_tensor(src, q, storage))
+            model.set_initializer(name + "_scale", np.abs(s).astype(np.float32))
+            if self.cast and storage != "int8":
+                model.graph.node.append(helper.make_node("Cast", [src], [name + "_i8"],
+                                                         to=TensorProto.INT8))
+                src = name + "_i8"
+            model.graph.node.append(helper.make_node(
+                "DequantizeLinear", [src, name + "_scale"], [name], axis=axis))
+            return model, True  # ModelWrapper.transform's cleanup re-sorts the nodes
+        return model, False
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    return helper.get_attribute_value(next(a for a in node.attribute if a.name == name))
+
+
+class QuantizeActivations(Transformation):
+    """Lower each ``lowbit::ActQuant`` to QuantizeLinear [-> Clip] -> DequantizeLinear.
+
+    QuantizeLinear saturates to the 8-bit range (int8 if signed, uint8 if not; uint8 also
+    applies the ReLU); for fewer bits a Clip on the integer codes narrows it to
+    [qmin, qmax], so y = (clamp(round(x/s) + zp, qmin, qmax) - zp) * s exactly, and every
+    activation stays an 8-bit tensor that onnxruntime's QDQ fusion understands.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.graph.node:
+            if node.domain != DOMAIN or node.op_type != "ActQuant":
+                continue
+            name, bits, signed = _attr(node, "name"), _attr(node, "bits"), _attr(node, "signed")
+            name = name.decode() if isinstance(name, bytes) else name
+            scale = np.asarray(_attr(node, "scale"), np.float32)
+            zp = np.asarray(_attr(node, "zero_point"))
+            dtype = np.int8 if signed else np.uint8
+            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            per_channel = scale.size > 1
+            zp = zp.astype(dtype)
+            if not per_channel:
+                scale, zp = scale[0], zp[0]
+            model.set_initializer(name + ".scale", np.asarray(scale, np.float32))
+            qargs = [name + ".scale"]
+            if signed or zp.any():  # an absent zero point means uint8 zero: saves bytes
+                model.set_initializer(name + ".zero_point", np.asarray(zp, dtype))
+                qargs.append(name + ".zero_point")
+            kw = {"axis": 1} if per_channel else {}
+            idx = model.get_node_index(node)
+            x, y = node.input[0], node.output[0]
+            new = [helper.make_node("QuantizeLinear", [x, *qargs], [name + ".q"], **kw)]
+            codes = name + ".q"
+            if bits < 8:
+                model.set_initializer(name + ".qmin", np.asarray(lo, dtype))
+                model.set_initializer(name + ".qmax", np.asarray(hi, dtype))
+                new.append(helper.make_node("Clip", [codes, name + ".qmin", name + ".qmax"],
+                                            [name + ".qc"]))
+                codes = name + ".qc"
+            new.append(helper.make_node("DequantizeLinear", [codes, *qargs], [y], **kw))
+            model.graph.node.remove(node)
+            for i, n in enumerate(new):
+                model.graph.node.insert(idx + i, n)
+            return model, True
+        return model, False
+
+
+# ONNX ops whose schema changes between opset 18 and 25 only add element types, so a graph
+# traced at opset 18 means the same at any later opset.
+_SAME_SINCE_18 = {"Conv", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Flatten",
+                  "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat",
+                  "QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Constant",
+                  "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Pad", "Softmax",
+                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice"}
+
+
+class SetOpset(Transformation):
+    """Declare the target opset (and the IR version it needs); drop the ``lowbit`` domain.
+
+    Refuses (ExportError) ops whose semantics changed after the opset the graph was traced at.
+    """
+
+    def __init__(self, opset: int, traced_at: int) -> None:
+        super().__init__()
+        self.opset, self.traced_at = opset, traced_at
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        if self.opset > self.traced_at:
+            changed = sorted({n.op_type for n in model.graph.node
+                              if n.op_type not in _SAME_SINCE_18 and
+                              onnx.defs.get_schema(n.op_type, self.opset).since_version >
+                              self.traced_at})
+            if changed:
+                raise ExportError(f"ops {', '.join(changed)} changed meaning after opset "
+                                  f"{self.traced_at}; export with --opset {self.traced_at}")
+        left = [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+        if left:
+            raise ExportError(f"non-standard ops left in the graph: {', '.join(left)}")
+        del model.model.opset_import[:]
+        model.model.opset_import.append(helper.make_opsetid("", self.opset))
+        model.model.ir_version = helper.find_min_ir_version_for(
+            [helper.make_opsetid("", self.opset)])
+        return model, False
+
+
+class ShareConstants(Transformation):
+    """Merge initializers with identical type, shape and bytes (e.g. the zero points and clip
+    bounds every 4-bit activation has) into one. Run last: qonnx's cleanup un-shares them."""
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        g = model.graph
+        first: dict[bytes, str] = {}
+        alias: dict[str, str] = {}
+        for t in list(g.initializer):
+            anonymous = onnx.TensorProto()
+            anonymous.CopyFrom(t)
+            anonymous.ClearField("name")
+            key = anonymous.SerializeToString(deterministic=True)
+            if key in first:
+                alias[t.name] = first[key]
+                g.initializer.remove(t)
+            else:
+                first[key] = t.name
+        for node in g.node:
+            node.input[:] = [alias.get(x, x) for x in node.input]
+        return model, False
+
+
+# attribute values that equal the ONNX defaults (kernel_shape is inferred from the weight)
+_DEFAULTS = {"Conv": {"dilations": lambda v: all(d == 1 for d in v),
+                      "strides": lambda v: all(s == 1 for s in v),
+                      "pads": lambda v: all(p == 0 for p in v), "group": lambda v: v == 1,
+                      "kernel_shape": lambda v: True}}
+
+
+class DropDefaultAttributes(Transformation):
+    """Remove Conv attributes that restate ONNX defaults (a few hundred bytes per network)."""
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.graph.node:
+            defaults = _DEFAULTS.get(node.op_type, {})
+            drop = [a for a in node.attribute
+                    if a.name in defaults and defaults[a.name](helper.get_attribute_value(a))]
+            for a in drop:
+                node.attribute.remove(a)
+        return model, False
+
+
+class ShortenNames(Transformation):
+    """Short names: t0, t1, ... for intermediate tensors and c0, c1, ... for initializers,
+    except graph inputs/outputs and the initializers in ``keep`` (the packed weights, named
+    by layer); node names, doc strings and value_info are dropped. Saves ~10 % of a ternary
+    ResNet20 file."""
+
+    def __init__(self, keep: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        g = model.graph
+        keep = set(self.keep) | {t.name for t in g.input} | {t.name for t in g.output}
+        rename: dict[str, str] = {}
+        for i, t in enumerate(g.initializer):
+            if t.name not in keep:
+                rename[t.name] = f"c{i}"
+                t.name = rename[t.name]
+        for node in g.node:
+            for i, out in enumerate(node.output):
+                if out and out not in keep:
+                    rename.setdefault(out, f"t{len(rename)}")
+                    node.output[i] = rename[out]
+        for node in g.node:
+            node.input[:] = [rename.get(x, x) for x in node.input]
+            node.ClearField("name")
+            node.ClearField("doc_string")
+        del g.value_info[:]
+        g.ClearField("doc_string")
+        model.model.ClearField("doc_string")
+        model.model.producer_name = "lowbit"
+        model.model.ClearField("producer_version")
+        return model, False

@@ -1,0 +1,283 @@
+"""ONNX front end: an .onnx file -> layer graph, with onnx + numpy only (no torch).
+
+Shapes come from ONNX shape inference with the batch dimension set to 1. Weight bit widths are
+the element types of the initializers as stored (INT2 = 2 bits, packed four per byte; INT4 = 4;
+INT8 = 8; FLOAT = 32), so the weight bytes reported are the bytes the file holds. A layer's
+weight initializers are everything constant that feeds its weight and bias inputs (through
+DequantizeLinear, Cast, Reshape, ...): the largest is the weight codes, other floats are scales,
+other integers zero points. An initializer shared by several layers is counted once. Constants
+that feed activation quantizers (their scale and zero point) are not weights.
+An activation tensor's bits are those of the narrowest QuantizeLinear applied to it in place
+(an integer Clip to constant bounds [lo, hi] narrows it to ceil(log2(hi - lo + 1)) bits),
+otherwise its own element type (32 for float).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from ._graph import (
+    ADD,
+    AFFINE,
+    CONCAT,
+    CONV,
+    FP32,
+    INPUT,
+    LINEAR,
+    POOL,
+    UNARY,
+    VIEW,
+    FootprintError,
+    Graph,
+    Op,
+    Param,
+    fuse,
+)
+
+_BITS = {TensorProto.FLOAT: 32, TensorProto.DOUBLE: 64, TensorProto.FLOAT16: 16,
+         TensorProto.BFLOAT16: 16, TensorProto.INT64: 64, TensorProto.UINT64: 64,
+         TensorProto.INT32: 32, TensorProto.UINT32: 32, TensorProto.INT16: 16,
+         TensorProto.UINT16: 16, TensorProto.INT8: 8, TensorProto.UINT8: 8,
+         TensorProto.BOOL: 8, TensorProto.INT4: 4, TensorProto.UINT4: 4,
+         TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.FLOAT8E4M3FN: 8,
+         TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8,
+         TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.FLOAT4E2M1: 4}
+_FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+_UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
+          "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu", "Erf", "Identity", "Dropout",
+          "Cast", "QuantizeLinear", "DequantizeLinear", "Neg", "Abs", "Sqrt", "Exp", "Round",
+          "Floor", "Ceil"}
+_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
+         "ReduceMax"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+_META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
+SUPPORTED = sorted({"Conv", "Gemm", "MatMul", "BatchNormalization", "Concat", "Constant",
+                    *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META})
+
+
+def load(model: str | Path | onnx.ModelProto,
+         input_shape: tuple[int, ...] | None = None) -> Graph:
+    """Read an ONNX model (path or proto) into a layer graph at batch 1."""
+    source = str(model) if not isinstance(model, onnx.ModelProto) else model.graph.name
+    proto = _read(model) if not isinstance(model, onnx.ModelProto) else model
+    if not proto.graph.node:
+        raise FootprintError(f"{source}: the ONNX graph has no nodes (not an ONNX model?)")
+    unknown = sorted({f"{n.op_type} (node {n.name or '?'})" for n in proto.graph.node
+                      if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")})
+    if unknown:
+        raise FootprintError(f"{source}: cannot account for {len(unknown)} op(s): "
+                             f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}; "
+                             f"supported ops: {', '.join(SUPPORTED)}")
+    proto = _unit_batch(proto, source, input_shape)
+    return _build(proto, source)
+
+
+def _read(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, external data OSError, ...
+        raise FootprintError(f"{path}: not a readable ONNX file ({str(exc)[:120]})") from None
+
+
+def _unit_batch(proto: onnx.ModelProto, source: str,
+                input_shape: tuple[int, ...] | None) -> onnx.ModelProto:
+    """A copy with batch 1 (and ``input_shape`` if given) on the inputs, shapes inferred."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    del m.graph.value_info[:]
+    inits = {i.name for i in m.graph.initializer}
+    n_inputs = len(m.graph.input)
+    for i, value in enumerate([*m.graph.input, *m.graph.output]):
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if i < n_inputs:
+            if not dims:
+                raise FootprintError(f"{source}: input {value.name!r} has no shape information;"
+                                     f" export with a static input shape")
+            if input_shape is not None:
+                if len(input_shape) != len(dims) - 1:
+                    raise FootprintError(f"{source}: input {value.name!r} has {len(dims)} dims, "
+                                         f"input_shape {tuple(input_shape)} gives "
+                                         f"{len(input_shape)} + batch")
+                for d, v in zip(dims[1:], input_shape, strict=True):
+                    d.dim_value = int(v)
+            free = [d.dim_param or "?" for d in dims[1:] if not d.dim_value]
+            if free:
+                raise FootprintError(f"{source}: input {value.name!r} has symbolic dims "
+                                     f"{free}; pass input_shape=(C, H, W) / --input-shape")
+        if dims:
+            dims[0].dim_value = 1
+    try:
+        return onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+    except Exception as exc:  # InferenceError, ValidationError
+        raise FootprintError(f"{source}: ONNX shape inference failed: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def _module_path(name: str) -> str:
+    """'/layer2/layer2.0/shortcut/shortcut.0/Conv' -> 'layer2.0.shortcut.0' (torch's scope
+    names; '/Add' -> ''); other names are kept."""
+    if not name.startswith("/"):
+        return name
+    path: list[str] = []
+    for p in [p for p in name.split("/") if p][:-1]:
+        if path and p.startswith(path[-1] + "."):
+            path[-1] = p
+        else:
+            path.append(p)
+    return ".".join(path)
+
+
+def _build(proto: onnx.ModelProto, source: str) -> Graph:
+    g = proto.graph
+    consts = {i.name: (tuple(i.dims), i.data_type) for i in g.initializer}
+    types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
+    producer: dict[str, onnx.NodeProto] = {}
+    meta: set[str] = set()
+    for n in g.node:
+        for t in n.output:
+            producer[t] = n
+        ins = [t for t in n.input if t]
+        if n.op_type == "Constant":
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            dims = tuple(value.dims) if value is not None else ()
+            consts[n.output[0]] = (dims, value.data_type if value is not None else 1)
+        elif n.op_type in _META or (ins and all(t in consts or t in meta for t in ins)
+                                    and any(t in meta for t in ins)):
+            meta.update(n.output)
+        elif ins and all(t in consts for t in ins):
+            for t in n.output:  # constant subgraph (DequantizeLinear of weights, Cast, ...)
+                consts[t] = (_dims(types.get(t)) or (), _elem(types.get(t)))
+    inits = {i.name for i in g.initializer} | {n.output[0] for n in g.node
+                                               if n.op_type == "Constant"}
+    claimed: set[str] = set()
+
+    def sources(t: str) -> list[str]:
+        """Initializers (and Constant outputs) a constant tensor is computed from."""
+        if t in inits:
+            return [t]
+        n = producer.get(t)
+        return [s for i in (n.input if n else ()) if i for s in sources(i)]
+
+    def params(t: str, main: str) -> list[Param]:
+        """Parameters stored for a weight (main="weight") or bias (main="bias") input."""
+        found = [s for s in dict.fromkeys(sources(t)) if s not in claimed]
+        claimed.update(found)
+        found.sort(key=lambda s: -math.prod(consts[s][0]))
+        out = []
+        for i, s in enumerate(found):
+            dims, elem = consts[s]
+            role = main if i == 0 else ("scale" if elem in _FLOATS else "zero_point")
+            out.append(Param(role, math.prod(dims), _BITS.get(elem, FP32)))
+        return out
+
+    def shape(t: str) -> tuple[int, ...] | None:
+        """Per-sample shape; None unless the rank and every dim are known."""
+        dims = _dims(types.get(t))
+        return dims[1:] if dims and min(dims) > 0 else None
+
+    inputs = [v.name for v in g.input if v.name not in consts]
+    ops = [Op(name, INPUT, [], name, shape(name) or (), bits=_BITS.get(_elem(types[name]), FP32))
+           for name in inputs]
+    missing: list[str] = []
+    for n in g.node:
+        acts = [t for t in n.input if t and t not in consts and t not in meta]
+        if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in meta:
+            continue
+        out = n.output[0]
+        out_shape = shape(out)
+        if out_shape is None:
+            missing.append(f"{out} ({n.op_type})")
+            continue
+        kind, ps, macs, bits = _classify(n, acts, consts)
+        if kind in (CONV, LINEAR):
+            ps = params(n.input[1], "weight") + (params(n.input[2], "bias")
+                                                 if len(n.input) > 2 and n.input[2] else [])
+            w = _dims(types.get(n.input[1])) or consts[n.input[1]][0]
+            in_features = w[0] if n.op_type == "MatMul" or (
+                n.op_type == "Gemm" and not _attr(n, "transB", 0)) else w[-1]
+            macs = math.prod(out_shape) * (math.prod(w[1:]) if kind == CONV else in_features)
+        elif kind == AFFINE and n.op_type != "BatchNormalization":
+            ps = params(next(t for t in n.input if t in consts), "bias")
+        if n.op_type == "QuantizeLinear":
+            bits = _BITS.get(_elem(types.get(out)), FP32)
+        elif n.op_type == "Clip" and _elem(types.get(out)) not in _FLOATS:
+            bits = _clip_bits(n, g)
+        name = _module_path(n.name) if n.name else out
+        if kind in (ADD, CONCAT):
+            name = ".".join(p for p in (name, n.op_type.lower()) if p)
+        name = name or n.name
+        ops.append(Op(name, kind, acts, out, out_shape, ps, macs, bits))
+    if missing:
+        raise FootprintError(f"{source}: no shape information for {len(missing)} tensor(s): "
+                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
+                             f"the graph needs static shapes apart from the batch dimension")
+    return fuse(source, ops, [v.name for v in g.output])
+
+
+def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
+    """(kind, params, macs, bits) of a node that computes on activations."""
+    op = n.op_type
+    if op == "Conv":
+        if n.input[1] not in consts:
+            raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
+                                 f"supported (input {n.input[1]!r} is not a constant)")
+        return CONV, [], 0, None
+    if op in ("Gemm", "MatMul"):
+        if len(acts) != 1 or n.input[1] in acts:
+            raise FootprintError(f"{op} node {n.name!r}: only products with a constant weight "
+                                 f"(linear layers) are supported")
+        return LINEAR, [], 0, None
+    if op == "BatchNormalization":
+        channels = math.prod(consts[n.input[1]][0])
+        return AFFINE, [Param("scale", channels, FP32), Param("bias", channels, FP32)], 0, None
+    if op in _BINARY and len(acts) == 1:
+        const = next(t for t in n.input if t and t not in acts)
+        per_channel = math.prod(consts[const][0]) > 1 if const in consts else False
+        return (AFFINE if op in ("Add", "Sub") and per_channel else UNARY), [], 0, None
+    if op in _BINARY:
+        return ADD, [], 0, None
+    if op == "Concat":
+        return CONCAT, [], 0, None
+    if op in _POOL:
+        return POOL, [], 0, None
+    if op in _VIEW:
+        return VIEW, [], 0, None
+    return UNARY, [], 0, None
+
+
+def _clip_bits(n: onnx.NodeProto, g: onnx.GraphProto) -> int | None:
+    """Bits of integer codes clipped to constant [lo, hi]: ``ceil(log2(hi - lo + 1))``.
+
+    lowbit's exporter holds 4-bit activation codes in uint8 and clips them to 0..15."""
+    inits = {i.name: i for i in g.initializer}
+    bounds = [inits.get(t) for t in n.input[1:3]]
+    if len(bounds) != 2 or None in bounds:
+        return None
+    lo, hi = (int(numpy_helper.to_array(b)) for b in bounds)
+    return max(1, math.ceil(math.log2(hi - lo + 1))) if hi > lo else 1
+
+
+def _dims(t) -> tuple[int, ...] | None:
+    if t is None or not t.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+    return dims
+
+
+def _elem(t) -> int:
+    return t.elem_type if t is not None else TensorProto.FLOAT
+
+
+def _attr(n: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in n.attribute if a.name == name), default)

@@ -1,0 +1,196 @@
+"""PyTorch front end: an ``nn.Module`` (float, or a lowbit Brevitas student) -> layer graph.
+
+The model is traced with ``torch.fx`` (Brevitas layers are leaves, so their quantizer internals
+stay opaque) and run once at batch 1 to record every output shape. Float models hold weights
+and activations at 32 bits. A lowbit student (``model.lowbit_quant`` set) reports each
+conv/linear at the bits ``lowbit.quant.quant_layers`` gives (one fp32 scale per output channel)
+and each activation quantizer at the bits ``lowbit.quant.act_quants`` gives.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._graph import (
+    ADD,
+    AFFINE,
+    CONCAT,
+    CONV,
+    FP32,
+    INPUT,
+    LINEAR,
+    POOL,
+    UNARY,
+    VIEW,
+    FootprintError,
+    Graph,
+    Op,
+    Param,
+    fuse,
+)
+
+_UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.SiLU,
+                  nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Softmax, nn.Identity,
+                  nn.Dropout)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FUNCTIONS = {
+    operator.add: ADD, operator.iadd: ADD, torch.add: ADD, operator.mul: ADD, torch.mul: ADD,
+    operator.sub: ADD, torch.cat: CONCAT, torch.flatten: VIEW, torch.reshape: VIEW,
+    torch.squeeze: VIEW, torch.unsqueeze: VIEW, F.relu: UNARY, torch.relu: UNARY,
+    F.relu6: UNARY, torch.sigmoid: UNARY, F.adaptive_avg_pool2d: POOL, F.avg_pool2d: POOL,
+    F.max_pool2d: POOL, torch.mean: POOL, getattr: None, operator.getitem: None}
+_METHODS = {"view": VIEW, "reshape": VIEW, "flatten": VIEW, "squeeze": VIEW,
+            "unsqueeze": VIEW, "contiguous": VIEW, "relu": UNARY, "relu_": UNARY,
+            "add": ADD, "add_": ADD, "mul": ADD, "mean": POOL, "size": None, "dim": None}
+_NAMES = {"cat": "concat", "iadd": "add"}
+
+
+class _Tracer(fx.Tracer):
+    """Keeps Brevitas modules (and every module without children) as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("brevitas") or super().is_leaf_module(m, qualname)
+
+
+def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
+    """Trace ``model`` into a layer graph at batch 1 for inputs of ``input_shape`` (C, H, W)."""
+    source = getattr(model, "lowbit_arch", {}).get("name") or type(model).__name__
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # data-dependent control flow and the like
+        raise FootprintError(f"{source}: torch.fx cannot trace the model "
+                             f"({str(exc).splitlines()[0][:200]}); export it to ONNX and "
+                             f"analyze the .onnx file instead") from None
+    modules = dict(model.named_modules())
+    weight_bits, act_bits = _quant_bits(model)
+    unknown = [c[1] for n in graph.nodes if n.op.startswith("call")
+               for c in [_classify(n, modules, weight_bits, act_bits, None)] if c[0] == "unknown"]
+    if unknown:
+        raise FootprintError(f"{source}: cannot account for {len(unknown)} op(s): "
+                             f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}; "
+                             f"supported: Conv/Linear/BatchNorm/activations/pooling/add/cat/"
+                             f"flatten and lowbit's Brevitas layers")
+    shapes = _shapes(model, graph, input_shape, source)
+    # lowbit.quant runs a non-Sequential student's input quantizer as a forward pre-hook, which
+    # tracing does not see: it quantizes the network input.
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    input_bits = act_bits.get("input_quant", FP32) if "input_quant" not in called else FP32
+    ops, outputs = [], []
+    for node in graph.nodes:
+        if node.op == "output":
+            outputs = _nodes(node.args)
+            continue
+        shape = shapes.get(node.name)
+        if node.op == "placeholder":
+            ops.append(Op("input", INPUT, [], node.name, shape, bits=input_bits))
+            continue
+        if node.op == "get_attr":
+            continue
+        kind, name, params, macs, bits = _classify(node, modules, weight_bits, act_bits, shape)
+        if kind is None or shape is None:  # shape queries and other non-tensor results
+            continue
+        ops.append(Op(name, kind, [a for a in _nodes((node.args, node.kwargs)) if a in shapes],
+                      node.name, shape, params, macs, bits))
+    return fuse(source, ops, outputs)
+
+
+def _nodes(args) -> list[str]:
+    """Names of the fx nodes in (nested) call arguments, in order."""
+    found: list[str] = []
+    fx.node.map_arg(args, lambda a: found.append(a.name) or a)
+    return found
+
+
+def _quant_bits(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """Weight bits per conv/linear and bits per activation quantizer of a lowbit student."""
+    if getattr(model, "lowbit_quant", None) is None:
+        return {}, {}
+    from ..quant import act_quants, quant_layers
+
+    return ({q.name: q.weight_bits for q in quant_layers(model)},
+            {a.name: a.bits for a in act_quants(model)})
+
+
+def _shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...],
+            source: str) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shape of every fx node that yields a tensor (one batch-1 run)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            value = getattr(out, "value", out)  # a Brevitas QuantTensor carries .value
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                shapes[n.name] = tuple(value.shape[1:])
+            return out
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+        with torch.no_grad():
+            Recorder(fx.GraphModule(model, graph)).run(x)
+    except Exception as exc:
+        raise FootprintError(f"{source}: running the model on an input of shape "
+                             f"{tuple(input_shape)} failed ({str(exc).splitlines()[0][:200]}); "
+                             f"check input_shape (C, H, W)") from None
+    finally:
+        model.train(was_training)
+    return shapes
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[str, int],
+              act_bits: dict[str, int], shape: tuple[int, ...] | None) -> tuple:
+    """(kind, name, params, macs, bits) of one fx node; kind "unknown" if unsupported."""
+    stack = list((node.meta.get("nn_module_stack") or {}).keys())
+    if node.op == "call_module":
+        name, m = node.target, modules[node.target]
+        if name in act_bits:
+            return UNARY, name, [], 0, act_bits[name]
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            return _weighted(name, m, weight_bits.get(name), shape)
+        if isinstance(m, _BN_MODULES):
+            c = m.num_features
+            return AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0, None
+        if isinstance(m, _UNARY_MODULES):
+            return UNARY, name, [], 0, None
+        if isinstance(m, _POOL_MODULES):
+            return POOL, name, [], 0, None
+        if isinstance(m, nn.Flatten):
+            return VIEW, name, [], 0, None
+        return "unknown", f"{name} ({type(m).__name__})", [], 0, None
+    if node.op == "call_function":
+        kind = _FUNCTIONS.get(node.target, "unknown")
+        base = getattr(node.target, "__name__", str(node.target))
+    else:  # call_method
+        kind = _METHODS.get(node.target, "unknown")
+        base = node.target
+    if kind == ADD and sum(isinstance(a, fx.Node) for a in node.args) < 2:
+        kind = UNARY  # x * 2, x + 1: element-wise on one activation
+    base = _NAMES.get(base, re.sub(r"_$", "", base))
+    name = f"{stack[-1]}.{base}" if stack else base
+    return kind, name if kind != "unknown" else f"{node.name} ({base})", [], 0, None
+
+
+def _weighted(name: str, m: nn.Module, bits: int | None, shape: tuple[int, ...] | None) -> tuple:
+    """Params and MACs of a conv/linear; ``bits`` None means a float layer."""
+    n_out = m.weight.shape[0]
+    params = [Param("weight", m.weight.numel(), bits or FP32)]
+    if bits is not None:
+        params.append(Param("scale", n_out, FP32))
+    if m.bias is not None:
+        params.append(Param("bias", m.bias.numel(), FP32))
+    out = math.prod(shape) if shape else 0
+    fan_in = math.prod(m.weight.shape[1:])  # C_in / groups * kernel, or in_features
+    kind = LINEAR if isinstance(m, nn.Linear) else CONV
+    return kind, name, params, out * fan_in, None

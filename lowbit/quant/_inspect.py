@@ -1,0 +1,75 @@
+"""What a trained student computes, as plain tensors: the contract the exporter builds on.
+
+Numeric contract (eval mode), checked by ``tests/test_quant.py`` against the student itself
+to 1e-5 relative:
+
+- each conv/linear computes with weight = ``int_weight * scale.view(-1, 1, ...)`` and its
+  float ``bias``; BatchNorm layers are plain float BatchNorm (eval statistics);
+- each activation quantizer (the network input first, under the name ``"input_quant"``,
+  then every quantized ReLU under its own module name) outputs
+  ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` with
+  ``round`` = ``torch.round`` (round half to even), ``x / scale`` a float32 division,
+  qmin, qmax = 0, 2^bits - 1 when unsigned and -2^(bits-1), 2^(bits-1) - 1 when signed;
+  a ReLU's quantizer sees ReLU(x) (the same thing for unsigned codes);
+- scales are per tensor (float32 scalars) for activations and per output channel (float32
+  [out_channels]) for weights; every zero point is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import _brevitas
+
+
+@dataclass(frozen=True)
+class QuantLayerInfo:
+    """One quantized Conv2d/Linear: integer weight codes and per-output-channel scales."""
+
+    name: str  # module path in the student, e.g. "layer1.0.conv1"
+    kind: str  # "conv" | "linear"
+    weight_bits: int  # 2 (ternary), 4 or 8
+    int_weight: torch.Tensor  # int8 codes shaped like the weight; ternary {-1,0,1}, 4-bit [-7,7]
+    scale: torch.Tensor  # float32 [out_channels]: weight = int_weight * scale.view(-1, 1, ...)
+    bias: torch.Tensor | None  # float32 [out_channels], not quantized
+
+
+@dataclass(frozen=True)
+class ActQuantInfo:
+    """One activation quantizer: per-tensor scale, zero point 0 (see the module contract)."""
+
+    name: str  # "input_quant", "relu", "layer1.0.relu1", ...
+    bits: int
+    signed: bool
+    scale: torch.Tensor  # float32 scalar (per tensor)
+    zero_point: torch.Tensor  # float32 scalar, always 0
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayerInfo]:
+    """Every quantized conv/linear of a student, in module order, with eval-mode values."""
+    infos = []
+    for name, m in model.named_modules():
+        if _brevitas.is_quant_layer(m):
+            codes, scale, bits = _brevitas.weight_codes(m)
+            bias = None if m.bias is None else m.bias.detach().float().clone()
+            infos.append(QuantLayerInfo(name, "linear" if isinstance(m, nn.Linear) else "conv",
+                                        bits, codes, scale, bias))
+    return infos
+
+
+def act_quants(model: nn.Module) -> list[ActQuantInfo]:
+    """Every activation quantizer of a student, ``input_quant`` first, then module order."""
+    found = [(name, m) for name, m in model.named_modules() if _brevitas.is_act_quant(m)]
+    found.sort(key=lambda nm: nm[0] != "input_quant")  # stable: the rest keep module order
+    return [ActQuantInfo(name, *_brevitas.act_params(m)) for name, m in found]

@@ -1,0 +1,327 @@
+"""An onnxruntime session that takes raw uint8 images: normalisation and classes from metadata.
+
+Torch-free on purpose (standard library, numpy, onnxruntime only): this is what an edge
+device installs. Works on lowbit's exported ``.onnx``/``.ort`` files and on any ONNX image
+classifier with one float ``[N, C, H, W]`` input (without lowbit metadata it takes float32
+input that is already normalised).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from .. import _datafiles
+from .. import _onnx_meta as meta
+from ._bench import Timing, time_calls
+
+# Every exception class onnxruntime raises from C++ (none derives from a Python built-in).
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(_ort_state, n) for n in ("Fail", "InvalidArgument", "NoSuchFile", "NoModel",
+                                     "EngineError", "RuntimeException", "InvalidProtobuf",
+                                     "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    if hasattr(_ort_state, n))
+
+OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,  # constant folding, no fusions
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,  # + QDQ -> QLinearConv etc.
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # + layout (NCHWc) transforms
+}
+
+
+class ModelError(ValueError):
+    """A model file is missing, not ONNX/ORT, or not an image classifier lowbit can drive."""
+
+
+class InputError(ValueError):
+    """An input batch does not match the model (shape, dtype, size)."""
+
+
+def ort_message(exc: Exception) -> str:
+    """The first line of an onnxruntime error without its ``[ONNXRuntimeError] : N : KIND :``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    """CPU session options: ``threads`` intra-op threads (None: onnxruntime's default, one per
+    physical core), sequential execution, graph optimisation level by name."""
+    if optimization not in OPTIMIZATION:
+        raise ValueError(f"unknown optimization {optimization!r}; expected one of "
+                         f"{', '.join(OPTIMIZATION)}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for onnxruntime's default), got {threads}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = OPTIMIZATION[optimization]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1  # a CNN is a chain: inter-op parallelism only adds overhead
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # errors only: warnings would break the CLI's one-line output
+    return so
+
+
+def available_memory() -> int | None:
+    """Bytes the OS can still give this process without swapping (Linux ``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the file says about itself: input ``[C, H, W]``, classes, normalisation, bits."""
+
+    input_name: str
+    input_shape: tuple[int, int, int]
+    num_outputs: int | None
+    classes: tuple[str, ...] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # every metadata_props entry
+
+
+def _json_meta(props: dict[str, str], key: str, path: Path) -> object:
+    if key not in props:
+        return None
+    try:
+        return json.loads(props[key])
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: metadata {key} is not valid JSON: {props[key][:60]!r}") from None
+
+
+def _model_info(sess: ort.InferenceSession, path: Path) -> ModelInfo:
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or len(outputs) < 1:
+        raise ModelError(f"{path}: expected one input image tensor and a logits output, found "
+                         f"inputs {[i.name for i in inputs]} and outputs "
+                         f"{[o.name for o in outputs]}")
+    inp, out = inputs[0], outputs[0]
+    props = dict(sess.get_modelmeta().custom_metadata_map)
+    shape_meta = _json_meta(props, meta.INPUT_SHAPE, path)
+    dims = inp.shape[1:] if len(inp.shape) == 4 else None
+    if shape_meta is not None:
+        shape = tuple(int(d) for d in shape_meta)
+    elif dims is not None and all(isinstance(d, int) for d in dims):
+        shape = tuple(dims)
+    else:
+        raise ModelError(f"{path}: input {inp.name!r} has shape {inp.shape}; expected a 4-D "
+                         f"[N, C, H, W] image input with fixed C, H, W (or {meta.INPUT_SHAPE} "
+                         f"metadata)")
+    if inp.type != "tensor(float)":
+        raise ModelError(f"{path}: input {inp.name!r} is {inp.type}; expected tensor(float) "
+                         f"images [N, C, H, W]")
+    width = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
+    classes, mean, std = (_json_meta(props, k, path) for k in (meta.CLASSES, meta.MEAN, meta.STD))
+    if (mean is None) != (std is None) or (mean is not None
+                                           and not len(mean) == len(std) == shape[0]):
+        raise ModelError(f"{path}: metadata {meta.MEAN}/{meta.STD} must both give {shape[0]} "
+                         f"per-channel values; found {mean} / {std}")
+    return ModelInfo(
+        input_name=inp.name, input_shape=shape,
+        num_outputs=len(classes) if classes is not None else width,
+        classes=tuple(str(c) for c in classes) if classes is not None else None,
+        mean=tuple(float(v) for v in mean) if mean is not None else None,
+        std=tuple(float(v) for v in std) if std is not None else None,
+        weight_bits=_json_meta(props, meta.WEIGHT_BITS, path),
+        act_bits=_json_meta(props, meta.ACT_BITS, path), metadata=props)
+
+
+def load_session(path: str | Path, so: ort.SessionOptions) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``path`` (.onnx or .ort); one-line :class:`ModelError`s."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"{p}: {'is a directory' if p.is_dir() else 'not found'}; expected an "
+                         f".onnx or .ort model file (lowbit-export writes one)")
+    try:
+        return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        raise ModelError(f"{p}: not a model onnxruntime {ort.__version__} can load; expected an "
+                         f"ONNX or ORT-format file ({ort_message(exc)})") from None
+
+
+class Session:
+    """Run an exported image classifier in onnxruntime on raw uint8 images.
+
+    ``run`` normalises uint8 ``[N, C, H, W]`` pixels with the file's ``mean``/``std``
+    (``x = (pixels - mean) / std`` per channel, 0..255 scale) and feeds batches of at most
+    ``max_batch`` images; float32 input is taken as already normalised.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, *,
+                 optimization: str = "all", max_batch: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.path = Path(path).expanduser()
+        self.threads, self.optimization, self.max_batch = threads, optimization, max_batch
+        self._ort = load_session(self.path, session_options(threads, optimization))
+        self.info = _model_info(self._ort, self.path)
+        self._output = self._ort.get_outputs()[0].name
+        self._per_image: int | None = None  # bytes onnxruntime needs per image, measured lazily
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self.info.classes
+
+    def __repr__(self) -> str:
+        c, h, w = self.info.input_shape
+        return (f"Session({str(self.path)!r}, input [N, {c}, {h}, {w}], "
+                f"{self.info.num_outputs} outputs, weight_bits={self.info.weight_bits})")
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _expected(self) -> str:
+        c, h, w = self.info.input_shape
+        kinds = "uint8 raw pixels or float32 normalised" if self.info.mean else \
+            "float32 normalised (the file has no normalisation metadata)"
+        return f"[N, {c}, {h}, {w}] {kinds}"
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.info.input_shape:
+            raise InputError(f"{self.path.name}: expected images {self._expected()}, got shape "
+                             f"{tuple(x.shape)}")
+        if x.dtype == np.uint8 and self.info.mean is None:
+            raise InputError(f"{self.path.name}: uint8 input needs normalisation, but the file "
+                             f"has no {meta.MEAN}/{meta.STD} metadata; pass float32 images "
+                             f"already normalised")
+        if x.dtype not in (np.uint8, np.float32):
+            raise InputError(f"{self.path.name}: expected images {self._expected()}, got dtype "
+                             f"{x.dtype}")
+        return x
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, C, H, W]`` -> float32 ``(x - mean) / std``; float32 passes through."""
+        if images.dtype == np.float32:
+            return images
+        mean = np.asarray(self.info.mean, np.float32).reshape(1, -1, 1, 1)
+        inv_std = 1.0 / np.asarray(self.info.std, np.float32).reshape(1, -1, 1, 1)
+        return (images.astype(np.float32) - mean) * inv_std
+
+    # -- memory ------------------------------------------------------------------------------
+    def bytes_per_image(self) -> int:
+        """Memory one image costs in a batch: float32 input plus onnxruntime's peak arena use,
+        measured once with onnxruntime's profiler at batch 1 (activations scale with batch)."""
+        if self._per_image is None:
+            c, h, w = self.info.input_shape
+            with tempfile.TemporaryDirectory() as tmp:
+                so = session_options(1, self.optimization)
+                so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "profile")
+                sess = load_session(self.path, so)
+                sess.run(None, {self.info.input_name: np.zeros((1, c, h, w), np.float32)})
+                with open(sess.end_profiling()) as f:
+                    events = json.load(f)
+            peak = 0
+            for e in events:
+                args = e.get("args", {}) if e.get("cat") == "Node" else {}
+                # arena peak where reported, else this node's inputs + outputs (a lower bound)
+                peak = max(peak, int(args.get("mem_in_use_peak", 0)),
+                           int(args.get("activation_size", 0)) + int(args.get("output_size", 0)))
+            self._per_image = 4 * c * h * w + peak
+        return self._per_image
+
+    def check_fits(self, batch: int) -> None:
+        """Raise :class:`InputError` when a batch of ``batch`` images cannot fit in memory."""
+        if batch < 1:
+            raise InputError(f"batch size must be >= 1, got {batch}")
+        free = available_memory()
+        c, h, w = self.info.input_shape
+        if free is None or batch * 4 * c * h * w * 256 < free:
+            return  # far below the limit: skip the profiling run
+        need = batch * self.bytes_per_image()
+        if need > free:
+            fits = max(free // self.bytes_per_image(), 0)
+            raise InputError(f"{self.path.name}: a batch of {batch} images needs about "
+                             f"{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is available; "
+                             f"expected a batch of at most {fits} images")
+
+    # -- inference ---------------------------------------------------------------------------
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits float32 ``[N, classes]`` for images ``[N, C, H, W]`` (or one ``[C, H, W]``)."""
+        x = self._check(np.asarray(x))
+        self.check_fits(min(len(x), self.max_batch))
+        out = [self._call(self.normalize(x[i:i + self.max_batch]))
+               for i in range(0, len(x), self.max_batch)]
+        return np.concatenate(out) if out else np.zeros((0, self.info.num_outputs or 0),
+                                                        np.float32)
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        """One onnxruntime call on a normalised float32 batch."""
+        try:
+            return self._ort.run([self._output], {self.info.input_name: x})[0]
+        except ORT_ERRORS as exc:
+            raise ModelError(f"{self.path.name}: onnxruntime failed on a batch of {len(x)} "
+                             f"images ({ort_message(exc)})") from None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices int64 ``[N]`` (names: ``session.classes[i]``)."""
+        return self.run(x).argmax(axis=1)
+
+    def evaluate(self, data: str | _datafiles.Arrays | tuple[np.ndarray, np.ndarray], *,
+                 limit: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> float:
+        """Top-1 accuracy on a data spec (``cifar10:DIR``, ``digits``, ``FILE.npz``: its test
+        split), an object with ``images``/``labels``, or an ``(images, labels)`` pair.
+
+        ``progress(n)`` is called after each batch of ``n`` images (e.g. ``tqdm.update``).
+        """
+        if isinstance(data, str):
+            data = _datafiles.load(data, train=False)
+        images, labels = (data.images, data.labels) if hasattr(data, "images") else data
+        images, labels = np.asarray(images), np.asarray(labels)
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        if len(images) != len(labels) or len(images) == 0:
+            raise InputError(f"expected as many labels as images (at least one), got "
+                             f"{len(images)} images and {len(labels)} labels")
+        n_out = self.info.num_outputs
+        if n_out is not None and (labels.min() < 0 or labels.max() >= n_out):
+            raise InputError(f"{self.path.name} has {n_out} classes but the labels range over "
+                             f"{labels.min()}..{labels.max()}")
+        correct = 0
+        for i in range(0, len(images), self.max_batch):
+            batch = images[i:i + self.max_batch]
+            correct += int((self.predict(batch) == labels[i:i + self.max_batch]).sum())
+            if progress is not None:
+                progress(len(batch))
+        return correct / len(images)
+
+    def benchmark(self, batch_sizes: Sequence[int] = (1, 8, 64), *, warmup: int = 5,
+                  repeat: int = 20, min_time: float = 0.5, seed: int = 0) -> list[Timing]:
+        """Latency and throughput of ``run`` per batch size on random pixels.
+
+        Each size gets ``warmup`` untimed runs, then timed runs until both ``repeat`` runs and
+        ``min_time`` seconds are reached; latency is the median of one onnxruntime call on an
+        already-normalised float32 batch (normalisation is not timed).
+        """
+        for b in batch_sizes:
+            self.check_fits(b)
+        rng = np.random.default_rng(seed)
+        rows = []
+        for b in batch_sizes:
+            pixels = rng.integers(0, 256, (b, *self.info.input_shape), dtype=np.uint8)
+            x = self.normalize(pixels) if self.info.mean else pixels.astype(np.float32) / 255.0
+            times = time_calls(lambda x=x: self._call(x), warmup=warmup,
+                               repeat=repeat, min_time=min_time)
+            rows.append(Timing.from_times(b, times))
+        return rows
+
