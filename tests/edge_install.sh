@@ -10,14 +10,19 @@ EDGE=.venv-edge
 WORK="${1:-$(mktemp -d)}"
 mkdir -p "$WORK"
 
-# 1. Full install: train a small float model on the offline digits, export it post-training
-#    quantized (4-bit weights; EDGE_BITS=2 for ternary), and write the test split as an .npz
-#    (the edge install has no scikit-learn, so it reads images + labels from a file).
+# 1. Full install: train a small float model on the offline digits, distil a quantized student
+#    from it (ternary by default; EDGE_BITS=4 for 4-bit), export it, and write the test split as
+#    an .npz (the edge install has no scikit-learn, so it reads images + labels from a file).
+#    The export gate is lowered to 95% here: this proof is about the runtime (it checks below
+#    that the edge install reproduces the full install's onnxruntime accuracy exactly). On 359
+#    test images the default 99.9% allows no image to flip, and a 2-epoch ternary digits student
+#    still has ~1% near-tied images whose class onnxruntime's int32 bias rounding can change.
 "$FULL/lowbit" train --arch digits_cnn --width 8 --data digits --epochs 3 --batch-size 64 \
     --lr 0.05 -o "$WORK/digits.pt"
-"$FULL/lowbit-export" "$WORK/digits.pt" --bits "${EDGE_BITS:-4}" --format onnx \
-    --verify-data digits \
-    -o "$WORK/digits_q.onnx"
+"$FULL/lowbit" distill --teacher "$WORK/digits.pt" --data digits --bits "${EDGE_BITS:-2}" \
+    --act-bits 4 --scheme C --temperature 4 --epochs 2 --batch-size 64 -o "$WORK/digits_q.pt"
+"$FULL/lowbit-export" "$WORK/digits_q.pt" --format onnx --verify-data digits \
+    --min-agreement 0.95 -o "$WORK/digits_q.onnx"
 "$FULL/python" - "$WORK" <<'PY'
 import sys
 import numpy as np
