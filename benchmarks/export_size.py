@@ -33,6 +33,7 @@ import torch.nn as nn
 from lowbit import _checkpoint, data, models
 from lowbit._io import atomic_write, write_json
 from lowbit.data import normalize
+from lowbit.distill import train
 from lowbit.export import Thresholds, export
 from lowbit.quant import calibrate, quantize
 
@@ -68,17 +69,8 @@ def float_size(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def digits_model() -> nn.Module:
-    train = data.digits(train=True)
-    torch.manual_seed(0)
-    model = models.create("digits_cnn")
-    x, y = normalize(train.images, train.mean, train.std), train.labels
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(10):
-        for idx in torch.randperm(len(x)).split(64):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model, _ = train(models.create("digits_cnn"), data.digits(train=True), epochs=10,
+                     batch_size=64, lr=0.1, progress=False)
     return model.eval()
 
 

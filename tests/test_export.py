@@ -24,6 +24,7 @@ from lowbit import _checkpoint, models
 from lowbit import _onnx_meta as meta
 from lowbit.cli import export_main
 from lowbit.data import normalize
+from lowbit.distill import train as lowbit_train
 from lowbit.export import (
     ExportError,
     Thresholds,
@@ -147,16 +148,8 @@ def test_fold_batchnorm_before_after():
 def digits_float(digits_split):
     """A digits CNN trained for a few epochs (margins like a real model, unlike random init)."""
     train, _ = digits_split
-    torch.manual_seed(0)
-    model = models.create("digits_cnn")
-    x, y = normalize(train.images, train.mean, train.std), train.labels
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(4):
-        for idx in torch.randperm(len(x)).split(128):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model, _ = lowbit_train(models.create("digits_cnn"), train, epochs=4, batch_size=128,
+                            lr=0.1, progress=False)
     return model.eval()
 
 
