@@ -39,6 +39,16 @@ def data_info(data) -> dict[str, Any]:
             "std": list(data.std), "input_shape": list(data.input_shape)}
 
 
+def check_data(ckpt: dict[str, Any], dataset, model_name: str, data_name: str) -> None:
+    """Refuse ``dataset`` if its input shape or class count differs from the checkpoint's."""
+    info = ckpt["data"]
+    if dataset.input_shape != tuple(info["input_shape"]) or \
+            dataset.num_classes != len(info["classes"]):
+        raise ValueError(f"{model_name} expects {info['name']} inputs "
+                         f"{tuple(info['input_shape'])} with {len(info['classes'])} classes; "
+                         f"{data_name} has {dataset.input_shape}, {dataset.num_classes} classes")
+
+
 def save(path: str | Path, model: nn.Module, *, data: dict[str, Any], record: dict[str, Any],
          resume: dict[str, Any] | None = None) -> Path:
     """Atomically write ``model`` (built by ``lowbit.models.create``) as a checkpoint."""

@@ -36,13 +36,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     model, ckpt = _checkpoint.load_model(args.checkpoint)
     test_set = data.load(args.data, train=False)
-    expected = ckpt["data"]
-    if test_set.input_shape != tuple(expected["input_shape"]) or \
-            test_set.num_classes != len(expected["classes"]):
-        raise ValueError(f"{args.checkpoint} expects {expected['name']} inputs "
-                         f"{tuple(expected['input_shape'])} with {len(expected['classes'])} "
-                         f"classes; {args.data} has {test_set.input_shape}, "
-                         f"{test_set.num_classes} classes")
+    _checkpoint.check_data(ckpt, test_set, args.checkpoint, args.data)
     acc = evaluate(model, test_set)
     print(f"{args.checkpoint}: {ckpt['arch']['name']} top-1 accuracy {acc:.2%} on "
           f"{len(test_set)} {test_set.name} test images")
@@ -436,12 +430,7 @@ def _export(args: argparse.Namespace) -> None:
     verify = calib = None
     if args.verify_data != "random":
         verify = data.load(args.verify_data, train=False)
-        if verify.input_shape != tuple(info["input_shape"]) or \
-                verify.num_classes != len(info["classes"]):
-            raise ValueError(f"{args.model} expects {info['name']} inputs "
-                             f"{tuple(info['input_shape'])} with {len(info['classes'])} classes; "
-                             f"--verify-data {args.verify_data} has {verify.input_shape}, "
-                             f"{verify.num_classes} classes")
+        _checkpoint.check_data(ckpt, verify, args.model, f"--verify-data {args.verify_data}")
         if args.verify_limit:
             verify = verify.subset(args.verify_limit)
     if ckpt.get("quant") is None and args.bits is not None:
