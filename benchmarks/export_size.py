@@ -13,7 +13,8 @@ lowbit file's verification (top-1 agreement with the PyTorch student, max logit 
 Students are post-training quantized (``quantize`` + ``calibrate``) from ``--resnet20 CKPT``
 (default: the shipped CIFAR-10 teacher when present, else random init with random
 BatchNorm statistics) and from a digits CNN
-trained here for a few epochs; ``--student2/--student4`` take distilled ResNet20 students.
+trained here for a few epochs; ``--student2/--student4`` take distilled ResNet20 students
+(with ``--data cifar10:DIR``, default: the shipped ones).
 Verification uses the CIFAR-10 test set when ``--data cifar10:DIR`` is given, else 256
 random inputs (digits: its test split). Writes ``benchmarks/results/export_size.{json,md}``.
 Reproduce: ``python benchmarks/export_size.py --data cifar10:$LOWBIT_DATA``.
@@ -48,6 +49,9 @@ def n_weights(model: nn.Module) -> int:
 def brevitas_sizes(student: nn.Module, example: torch.Tensor) -> dict[str, int]:
     from brevitas.export import export_onnx_qcdq, export_qonnx
 
+    from lowbit.quant import bake_integer_bias
+
+    student = bake_integer_bias(student)  # eval-mode hooks as plain biases, as lowbit exports
     sizes = {}
     for name, fn in [("brevitas_qcdq", export_onnx_qcdq), ("brevitas_qonnx", export_qonnx)]:
         buf = io.BytesIO()
@@ -114,8 +118,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="cifar10:DIR for CIFAR verification/calibration")
     p.add_argument("--resnet20", default=None, help="float ResNet20 checkpoint")
-    p.add_argument("--student2", default=None, help="distilled ternary ResNet20 checkpoint")
-    p.add_argument("--student4", default=None, help="distilled 4-bit ResNet20 checkpoint")
+    p.add_argument("--student2", default=None, help="distilled ternary ResNet20 checkpoint "
+                   "(default: the shipped resnet20_cifar10_ternary with --data, else PTQ)")
+    p.add_argument("--student4", default=None, help="distilled 4-bit ResNet20 checkpoint "
+                   "(default: the shipped resnet20_cifar10_w4 with --data, else PTQ)")
     p.add_argument("--min-agreement", type=float, default=0.999)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -148,7 +154,10 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         calib, verify = [torch.randn(128, 3, 32, 32, generator=gen)], None
     example = torch.zeros(1, 3, 32, 32)
+    shipped = {2: "resnet20_cifar10_ternary", 4: "resnet20_cifar10_w4"}
     for bits, given in [(2, args.student2), (4, args.student4)]:
+        if given is None and args.data and models.PRETRAINED[shipped[bits]].is_file():
+            given = models.PRETRAINED[shipped[bits]]  # CIFAR-10 students for CIFAR-10 data
         student = _checkpoint.load_model(given)[0] if given else \
             calibrate(quantize(resnet, weight_bits=bits), calib).eval()
         rows.append(measure("resnet20", resnet, student, bits, verify, info, example,

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from lowbit import models
 from lowbit._io import atomic_write, write_json
+from lowbit._onnx_meta import TRITS_BITS
 from lowbit.footprint import footprint
 
 RESULTS = Path(__file__).parent / "results"
@@ -89,7 +90,8 @@ def _float_onnx(model: nn.Module, path: Path) -> Path:
 
 
 def weight_bytes_on_disk(path: Path) -> dict[str, int]:
-    """Stored bytes of the weight initializers (everything but activation-quantizer consts)."""
+    """Stored bytes of the weight initializers: everything but activation-quantizer consts
+    and int64 shape constants (the trit decoding's reshape targets)."""
     proto = onnx.load(str(path))
     inits = {i.name: i for i in proto.graph.initializer}
     const = set(inits)
@@ -99,7 +101,8 @@ def weight_bytes_on_disk(path: Path) -> dict[str, int]:
     act = {t for n in proto.graph.node
            if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip")
            and n.input[0] not in const for t in n.input[1:] if t in inits}
-    raw = {k: len(i.raw_data) for k, i in inits.items()}
+    raw = {k: len(i.raw_data) for k, i in inits.items()
+           if i.data_type != onnx.TensorProto.INT64}
     return {"weights": sum(v for k, v in raw.items() if k not in act),
             "activation_quant_consts": sum(v for k, v in raw.items() if k in act),
             "file": path.stat().st_size}
@@ -110,21 +113,25 @@ def qonnx_check(student: nn.Module, tmp: Path) -> dict:
     from brevitas.export import export_qonnx
     from qonnx.util.inference_cost import inference_cost
 
+    from lowbit.quant import bake_integer_bias
+
     path = tmp / "student_qonnx.onnx"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_qonnx(student, torch.zeros(1, *SHAPE), str(path))
+        warnings.simplefilter("ignore")  # baked: as lowbit's own QONNX export does
+        export_qonnx(bake_integer_bias(student), torch.zeros(1, *SHAPE), str(path))
     cost = inference_cost(str(path), discount_sparsity=False, cost_breakdown=True)
     theirs = [v for k, v in cost["node_cost"].items() if k.startswith(("Conv", "Gemm", "MatMul"))]
     ours = [f for f in footprint(student, 1, input_shape=SHAPE).layers if f.weight_bits]
     # qonnx renames nodes (Conv_0, ...) and the QONNX export runs each projection shortcut
     # before conv2: pair the layers by their costs, not by position.
+    def code_bits(f) -> float:  # qonnx counts ternary codes at 2 bits, lowbit stores trits
+        return f.weight_elements * (2 if f.weight_bits == TRITS_BITS else f.weight_bits)
+
     theirs.sort(key=lambda q: (q["total_mem_w_bits"], q["total_macs"], q["total_mem_o_elems"]))
-    ours.sort(key=lambda f: (f.weight_elements * f.weight_bits, f.macs, f.act_elements))
+    ours.sort(key=lambda f: (code_bits(f), f.macs, f.act_elements))
     rows, agree = [], len(theirs) == len(ours)
     for q, f in zip(theirs, ours, strict=False):
-        row = {"layer": f.name, "mem_w_bits": [q["total_mem_w_bits"],
-                                               f.weight_elements * f.weight_bits],
+        row = {"layer": f.name, "mem_w_bits": [q["total_mem_w_bits"], code_bits(f)],
                "mem_o_elems": [q["total_mem_o_elems"], f.act_elements],
                "macs": [q["total_macs"], f.macs], "ours_weight_bytes_incl_scales_bias":
                f.weight_bytes, "ours_act_bits": f.act_bits,
@@ -136,7 +143,7 @@ def qonnx_check(student: nn.Module, tmp: Path) -> dict:
             "qonnx_total_mem_w_bits": total["total_mem_w_bits"],
             "qonnx_total_mem_o_bits": total["total_mem_o_bits"],
             "qonnx_unsupported": total.get("unsupported"),
-            "ours_weight_bits_codes_only": sum(f.weight_elements * f.weight_bits for f in ours)}
+            "ours_weight_bits_codes_only": sum(code_bits(f) for f in ours)}
 
 
 def ort_memory(path: Path, batch: int, threads: int, mode: str) -> dict[str, int]:

@@ -6,7 +6,7 @@ epochs each, same data order and learning-rate schedule:
 
 * ``no KD``          scheme C start (teacher's float weights), labels only (lam = 0)
 * ``KD fixed``       scheme C, Hinton loss, T = ``--temperature``, lam = ``--lam`` throughout
-* ``KD + GSLR``      the same, lam falling linearly to 0 by the last epoch
+* ``KD + GSLR``      the same, lam falling linearly to 0 from epoch ``--gslr-start`` to the last
 * ``scheme B``       KD + GSLR from a fresh initialisation (frozen teacher), lr ``--lr-b``
 
 Reported: the teacher's test accuracy and each student's after the budget (mean and spread
@@ -49,7 +49,7 @@ def _teacher(args: argparse.Namespace, train_set: data.Dataset, test_set: data.D
 
 def _students(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
     """(name, scheme, distill settings) of each student."""
-    gslr = GSLR(0, max(args.epochs - 1, 1))
+    gslr = GSLR(args.gslr_start, max(args.epochs - 1, args.gslr_start + 1))
     kd = {"temperature": args.temperature, "lam": args.lam}
     return [("no KD", "C", {"lam": 0.0}),
             ("KD fixed", "C", kd),
@@ -64,6 +64,9 @@ def main() -> None:
                    "resnet20_cifar10 for CIFAR-10, a digits CNN trained here for digits)")
     p.add_argument("--epochs", type=int, default=3, help="training budget of every student")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+seeds-1")
+    p.add_argument("--only", nargs="+", default=None, metavar="STUDENT",
+                   help="run only these rows (e.g. 'no KD' 'KD + GSLR')")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=0, help="use only the first N test images")
     p.add_argument("--batch-size", type=int, default=128)
@@ -71,9 +74,14 @@ def main() -> None:
     p.add_argument("--lr-b", type=float, default=0.1, help="peak lr of the scheme B student")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--lam", type=float, default=0.7)
+    p.add_argument("--gslr-start", type=int, default=0, metavar="EPOCH",
+                   help="GSLR: the soft weight stays at --lam up to this epoch (0-based), "
+                   "then falls linearly to 0 at the last epoch")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="output path stem (default: results/kd_<data>)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="also keep every student's checkpoint in DIR (resumable per epoch)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train_set, test_set = data.load(args.data, train=True), data.load(args.data, train=False)
@@ -86,16 +94,27 @@ def main() -> None:
     print(f"teacher ({teacher_source}): {teacher_acc:.2%}", flush=True)
 
     rows = []
-    for name, scheme, settings in _students(args):
+    students = _students(args)
+    if args.only:
+        unknown = set(args.only) - {name for name, _, _ in students}
+        if unknown:
+            p.error(f"--only: unknown rows {sorted(unknown)}; rows: "
+                    f"{[name for name, _, _ in students]}")
+        students = [row for row in students if row[0] in args.only]
+    for name, scheme, settings in students:
         accs, histories, seconds = [], [], 0.0
         run = {"lr": args.lr, **settings}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             torch.manual_seed(seed)
             student = student_for(scheme, teacher, weight_bits=2, act_bits=4)
             t0 = time.perf_counter()
+            ckpt = None
+            if args.save:
+                slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+                ckpt = Path(args.save) / f"{slug}_seed{seed}.pt"
             _, record = distill(student, teacher, train_set, test_set, scheme=scheme,
                                 epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-                                precision=args.precision, **run)
+                                precision=args.precision, out=ckpt, progress=False, **run)
             seconds += time.perf_counter() - t0
             accs.append(record["val_acc"])
             histories.append(record["history"])
@@ -106,8 +125,9 @@ def main() -> None:
                      "test_acc": accs, "mean": statistics.mean(accs),
                      "spread": max(accs) - min(accs), "seconds": seconds,
                      "histories": histories})
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     result = {"data": train_set.name, "train_images": len(train_set),
-              "test_images": len(test_set), "epochs": args.epochs, "seeds": args.seeds,
+              "test_images": len(test_set), "epochs": args.epochs, "seeds": seeds,
               "batch_size": args.batch_size, "precision": args.precision,
               "student": "ternary weights (TWN), 4-bit activations, 8-bit first/last layer",
               "teacher": teacher_source, "teacher_acc": teacher_acc, "rows": rows}
@@ -121,7 +141,8 @@ def main() -> None:
     atomic_write(f"{out}.md", lambda path: path.write_text(
         f"{train_set.name}: {len(train_set)} training / {len(test_set)} test images, "
         f"{args.epochs} epochs per student, batch {args.batch_size}, {args.precision}; "
-        f"T = {args.temperature}, lam = {args.lam}.\n\n{table}\n"))
+        f"T = {args.temperature}, lam = {args.lam}; GSLR from epoch {args.gslr_start} "
+        f"(0-based) to the last.\n\n{table}\n"))
     print(table)
 
 

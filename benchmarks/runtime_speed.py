@@ -5,7 +5,8 @@ Builds (full install) the ONNX files of one ResNet20, or takes any ``--model NAM
 * ``float``        torch.onnx.export of the float model (onnxruntime folds BatchNorm)
 * ``ort_int8``     onnxruntime's own ``quantize_static`` (QDQ, per-channel int8, MinMax)
 * ``brevitas_qcdq`` Brevitas' QCDQ export of the ternary student
-* ``lowbit_w2``    ``lowbit.export`` of the ternary student (INT2 weights)
+* ``lowbit_w2``    ``lowbit.export`` of the ternary student (trits, 1.6 bits per weight)
+* ``lowbit_w2_floatadd`` the same with ``residual_add="float"`` (no QLinearAdd)
 * ``lowbit_w4``    ``lowbit.export`` of the 4-bit student (INT4 weights)
 
 then measures every file with the torch-free runtime (``lowbit.runtime.Session``): latency
@@ -14,8 +15,8 @@ resident memory after load (a fresh process per model), file size, and top-1 agr
 onnxruntime predictions with the PyTorch model each file came from. Writes
 ``benchmarks/results/runtime_speed.{json,md}``.
 
-The students are post-training quantized from the teacher (``lowbit.models.pretrained`` when
-shipped, else random weights): speed and agreement do not depend on how well they were
+The students are the shipped distilled ones (``lowbit.models.pretrained``), else
+post-training quantized from the teacher: speed does not depend on how well they were
 trained. Reproduce: ``python benchmarks/runtime_speed.py --threads 2``.
 """
 
@@ -55,8 +56,16 @@ def _teacher():
     return models.create("resnet20", num_classes=10).eval(), "random init (no shipped teacher)"
 
 
+def _shipped_student(bits: int):
+    """The shipped distilled CIFAR-10 ResNet20 student with ``bits``-bit weights, or None."""
+    from lowbit import _checkpoint, models
+
+    path = models.PRETRAINED.get({2: "resnet20_cifar10_ternary", 4: "resnet20_cifar10_w4"}[bits])
+    return _checkpoint.load_model(path)[0] if path is not None and path.is_file() else None
+
+
 def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[dict, dict]:
-    """Write the five ONNX files into ``out``; returns {name: path} and {name: reference top-1
+    """Write the six ONNX files into ``out``; returns {name: path} and {name: reference top-1
     predictions of the PyTorch model each file came from, on ``images``}."""
     import torch
     from brevitas.export import export_onnx_qcdq
@@ -103,18 +112,26 @@ def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[d
     refs["ort_int8"] = refs["float"]  # a different model: agreement with the float teacher
 
     for bits in (2, 4):
-        student = quant.quantize(teacher, weight_bits=bits, act_bits=4)
-        quant.calibrate(student, cal)
+        student = _shipped_student(bits)
+        if student is None:  # no shipped student: post-training quantize the teacher
+            student = quant.quantize(teacher, weight_bits=bits, act_bits=4)
+            quant.calibrate(student, cal)
         student.eval()
+        info = {"name": "cifar10", "classes": [str(i) for i in range(10)],
+                "mean": list(mean), "std": list(std), "input_shape": [3, 32, 32]}
         name = f"lowbit_w{bits}"
         paths[name] = out / f"{name}.onnx"
-        export(student, paths[name], formats=("onnx",), verify=x[:256],
-               data={"name": "cifar10", "classes": [str(i) for i in range(10)],
-                     "mean": list(mean), "std": list(std), "input_shape": [3, 32, 32]})
+        export(student, paths[name], formats=("onnx",), verify=x[:256], data=info)
         refs[name] = predictions(student)
-        if bits == 2:
+        if bits == 2:  # residual adds kept in float (the exact form "auto" falls back to)
+            paths[name + "_floatadd"] = out / f"{name}_floatadd.onnx"
+            export(student, paths[name + "_floatadd"], formats=("onnx",), verify=x[:256],
+                   data=info, residual_add="float")
+            refs[name + "_floatadd"] = refs[name]
             paths["brevitas_qcdq"] = out / "brevitas_qcdq.onnx"
-            export_onnx_qcdq(student, x[:1], export_path=str(paths["brevitas_qcdq"]),
+            # baked: eval-mode integer-bias hooks as plain biases (as lowbit's QONNX export)
+            export_onnx_qcdq(quant.bake_integer_bias(student), x[:1],
+                             export_path=str(paths["brevitas_qcdq"]),
                              input_names=[_onnx_meta.INPUT_NAME], dynamic_axes={
                                  _onnx_meta.INPUT_NAME: {0: "N"}}, opset_version=17)
             refs["brevitas_qcdq"] = refs[name]
@@ -189,7 +206,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="measure these files instead of building the five (repeatable)")
+                   help="measure these files instead of building the six (repeatable)")
     p.add_argument("--build-dir", default="benchmarks/results/runtime_models",
                    help="where the built ONNX files go")
     p.add_argument("--data", default=None,

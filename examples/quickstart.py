@@ -1,6 +1,6 @@
 """lowbit in one page: float teacher -> ternary student (KD + GSLR) -> packed ONNX -> runtime.
 
-Runs offline in about a minute on 2 CPU cores with scikit-learn's bundled 8x8 digits.
+Runs offline in about 10 s on 2 CPU cores with scikit-learn's bundled 8x8 digits.
 """
 
 import lowbit
@@ -20,7 +20,7 @@ student, record = lowbit.distill(student, teacher, train, test, scheme="C", temp
                                  epochs=6, batch_size=64, progress=False)
 print(f"teacher {lowbit.evaluate(teacher, test):.2%}, ternary student {record['val_acc']:.2%}")
 
-# 3. Packed ONNX (INT2 weights), verified in onnxruntime against the PyTorch student.
+# 3. Packed ONNX (ternary weights at 1.6 bits), verified in onnxruntime against PyTorch.
 result = lowbit.export(student, "digits_ternary.onnx", formats=("onnx",), verify=test, data=train)
 print(result)
 

@@ -10,13 +10,17 @@ VERSION = PREFIX + "version"  # lowbit version that wrote the file
 WEIGHT_BITS = PREFIX + "weight_bits"  # JSON int: the student's main weight bit width
 ACT_BITS = PREFIX + "act_bits"  # JSON int: activation bits after ReLU
 QUANT_SPEC = PREFIX + "quant_spec"  # JSON: QuantSpec.to_dict()
-STORAGE = PREFIX + "storage"  # JSON: {layer name: "int2"|"int4"|"int8"} weights as stored
+STORAGE = PREFIX + "storage"  # JSON: {layer name: "trits"|"int2"|"int4"|"int8"} as stored
 CLASSES = PREFIX + "classes"  # JSON list of class names (length = output size)
 MEAN = PREFIX + "mean"  # JSON list: per-channel mean on the 0..255 pixel scale
 STD = PREFIX + "std"  # JSON list: per-channel std on the 0..255 pixel scale
 INPUT_SHAPE = PREFIX + "input_shape"  # JSON [C, H, W]
 ARCH = PREFIX + "arch"  # JSON {"name", "kwargs"}
-VERIFICATION = PREFIX + "verification"  # JSON: agreement / max logit diff vs PyTorch
+VERIFICATION = PREFIX + "verification"  # JSON list: each onnxruntime run vs PyTorch
+
+TRITS_TABLE = "trits_table"  # int8 [243, 5] initializer that decodes trit-packed weights
+TRITS_TABLE_ELEMENTS = 243 * 5
+TRITS_BITS = 1.6  # bits per ternary code stored as trits: five per byte
 
 INPUT_NAME = "input"  # float32 [N, C, H, W], already normalised: (pixels - mean) / std
 OUTPUT_NAME = "logits"  # float32 [N, classes]

@@ -171,27 +171,36 @@ def _check_file(path, n_in: tuple[int, ...]) -> onnx.ModelProto:
     return proto
 
 
-@pytest.mark.parametrize("bits,storage", [(2, TensorProto.INT2), (4, TensorProto.INT4)])
-def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, storage):
+@pytest.mark.parametrize("bits,ternary,name,storage,nbytes", [
+    (2, "trits", "trits", TensorProto.UINT8, -(-32 * 16 * 9 // 5)),  # five codes per byte
+    (2, "int", "int2", TensorProto.INT2, 32 * 16 * 9 // 4),
+    (4, "trits", "int4", TensorProto.INT4, 32 * 16 * 9 // 2)])
+def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, ternary, name,
+                              storage, nbytes):
     train, test = digits_split
     student = _student(digits_float, bits, normalize(train.images[:256], train.mean, train.std))
     out = tmp_path / "d.onnx"
     result = export(student, out, verify=test, data=test, formats=("onnx",),
-                    thresholds=Thresholds(min_agreement=0.99))
+                    thresholds=Thresholds(min_agreement=0.99), ternary_storage=ternary)
     check = result.verification["onnx"]
     assert check.passed and check.n == len(test) and check.agreement >= 0.99
     proto = _check_file(out, (1, 8, 8))
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props[meta.WEIGHT_BITS]) == bits
-    assert json.loads(props[meta.VERIFICATION])["agreement"] == check.agreement
+    recorded = json.loads(props[meta.VERIFICATION])
+    assert [v["format"] for v in recorded] == ["onnx", "onnx-int"]
+    assert recorded[0]["agreement"] == check.agreement
     assert json.loads(props[meta.MEAN]) == list(test.mean)
     storages = json.loads(props[meta.STORAGE])
-    assert storages["features.3"] == ("int2" if bits == 2 else "int4")
+    assert storages["features.3"] == name
     assert storages["features.0"] == storages["fc"] == "int8"  # first/last stay 8-bit
     packed = {t.name: t for t in proto.graph.initializer}
     assert packed["features.3"].data_type == storage
-    # what lands on disk is packed: 32*16*3*3 codes at 2 or 4 bits
-    assert len(packed["features.3"].raw_data) == 32 * 16 * 9 * bits // 8
+    # what lands on disk is packed: 32*16*3*3 codes
+    assert len(packed["features.3"].raw_data) == nbytes
+    # the three convs read quantized codes: their biases (BatchNorm folded) are int32
+    int_biases = [t for t in proto.graph.initializer if t.data_type == TensorProto.INT32]
+    assert sorted(t.dims[0] for t in int_biases) == [16, 32, 64]
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
     # the file reproduces the student outside the gate too
     x = normalize(test.images[:64], test.mean, test.std)
@@ -200,11 +209,11 @@ def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, storag
 
 
 # Random-init ResNet20 on random inputs has near-tied logits and amplifies tiny differences
-# (perturbing one BatchNorm variance by 1e-6 moves its logits by ~0.3). At 4 bits onnxruntime
-# also rounds each conv bias to int32 at s_in * s_w when it fuses QLinearConv (its
-# WeightBiasQuantization pass), which flips ~1/3 of the top-1 of such a network; the numeric
-# bound (max_steps) still holds. Trained models (digits above) agree to >= 99 %.
-@pytest.mark.parametrize("bits,min_agreement", [(2, 0.99), (4, 0.5)])
+# (perturbing one BatchNorm variance by 1e-6 moves its logits by ~0.3): float rounding alone
+# flips a few percent of its top-1, and at 4 bits the integer kernels' requantization a
+# quarter. This test checks the file's structure and the numeric bound (max_steps); agreement
+# on trained models is tested on digits above and on CIFAR-10 with the shipped students.
+@pytest.mark.parametrize("bits,min_agreement", [(2, 0.95), (4, 0.5)])
 def test_resnet20_export_agrees(tmp_path, bits, min_agreement):
     torch.manual_seed(0)
     model = models.create("resnet20").eval()
@@ -225,9 +234,13 @@ def test_resnet20_export_agrees(tmp_path, bits, min_agreement):
     n_weights = sum(p.numel() for n, p in student.named_parameters() if n.endswith("weight")
                     and p.ndim > 1)
     bits_per_weight = (tmp_path / "r.onnx").stat().st_size * 8 / n_weights
-    assert bits_per_weight <= (2.5 if bits == 2 else 4.5)
-    assert sum(t.data_type == TensorProto.INT2 for t in proto.graph.initializer) == \
-        (20 if bits == 2 else 0)  # 18 block convs + 2 shortcuts; conv1 and fc are 8-bit
+    # ternary: 1.6-bit trits; 4-bit: INT4 plus per-channel scale and int32 bias, ~4.6
+    assert bits_per_weight <= (2.5 if bits == 2 else 4.7)
+    packed = TensorProto.UINT8 if bits == 2 else TensorProto.INT4  # trits / INT4
+    by_name = {t.name: t.data_type for t in proto.graph.initializer}
+    stored = [name for name, kind in result.storage.items() if kind != "int8"]
+    assert len(stored) == 20  # 18 block convs + 2 shortcuts; conv1 and fc are 8-bit
+    assert all(by_name[name] == packed for name in stored)
 
 
 class _DepthwiseNet(nn.Module):
@@ -276,11 +289,15 @@ def test_opset_ladder(digits_float, digits_split, tmp_path):
     for opset, dtype in [(21, TensorProto.INT4), (17, TensorProto.INT8)]:
         out = tmp_path / f"o{opset}.onnx"
         result = export(student, out, opset=opset, data=test, verify=test, formats=("onnx",),
-                        thresholds=Thresholds(min_agreement=0.99))
+                        thresholds=Thresholds(min_agreement=0.99), ternary_storage="int")
         proto = _check_file(out, (1, 8, 8))
         assert proto.opset_import[0].version == opset
         assert {t.name: t.data_type for t in proto.graph.initializer}["features.3"] == dtype
         assert set(result.storage.values()) == ({"int4", "int8"} if opset == 21 else {"int8"})
+    # trits need no sub-byte type: the same bytes at any opset
+    result = export(student, tmp_path / "t13.onnx", opset=13, data=test, verify=test,
+                    formats=("onnx",), thresholds=Thresholds(min_agreement=0.99))
+    assert result.storage["features.3"] == "trits" and result.verification["onnx-int"].passed
     with pytest.raises(ExportError, match="opset 12"):
         export(student, tmp_path / "x.onnx", opset=12, data=test)
 
@@ -338,10 +355,17 @@ def _cli(capsys, *argv):
 def test_cli_exports_student(checkpoints, tmp_path, capsys):
     out = tmp_path / "s.onnx"
     code, stdout, err = _cli(capsys, checkpoints / "student4.pt", "-o", out, "--format", "onnx",
-                             "--verify-data", "digits", "--min-agreement", "0.99")
+                             "--verify-data", "digits", "--min-agreement", "0.99", "--ort")
     assert code == 0, err
     assert "top-1 agreement" in stdout and out.is_file()
     _check_file(out, (1, 8, 8))
+    # --ort: onnxruntime's ORT format next to it, same predictions through the runtime
+    from lowbit.runtime import Session
+
+    ort_file = out.with_suffix(".ort")
+    assert ort_file.is_file() and f"ort: {ort_file}" in stdout
+    x = np.random.default_rng(0).integers(0, 17, (16, 1, 8, 8), dtype=np.uint8)
+    np.testing.assert_array_equal(Session(ort_file).predict(x), Session(out).predict(x))
 
 
 def test_cli_float_checkpoint_is_quantized_with_warning(checkpoints, tmp_path, capsys):
@@ -389,3 +413,18 @@ def test_cli_bad_verify_data(checkpoints, tmp_path, capsys):
     code, _, err = _cli(capsys, checkpoints / "student4.pt", "-o", out, "--verify-data",
                         "cifar10:/nonexistent")
     assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar10_ternary", "resnet20_cifar10_w4"])
+def test_shipped_students_pass_the_gate_on_cifar10(cifar10_dir, tmp_path, name):
+    """The shipped students export with the default gate on real CIFAR-10 test images."""
+    from lowbit import _checkpoint, data
+
+    student, ckpt = _checkpoint.load_model(models.pretrained(name))
+    test = data.load(f"cifar10:{cifar10_dir}", train=False).subset(1000)
+    result = export(student, tmp_path / "s.onnx", verify=test, data=ckpt["data"],
+                    formats=("onnx",))  # default thresholds: raises if they fail
+    assert result.verification["onnx"].agreement >= 0.999
+    assert result.verification["onnx-int"].agreement >= 0.999
+    bits = (tmp_path / "s.onnx").stat().st_size * 8 / 270_896  # ResNet20's conv/fc weights
+    assert bits <= (2.5 if "ternary" in name else 4.7)

@@ -67,9 +67,15 @@ def test_every_conv_linear_relu_is_replaced(name):
     layers = quant_layers(student)
     assert len(layers) == n_layers
     acts = act_quants(student)
-    assert [a.name for a in acts][0] == "input_quant" and len(acts) == n_acts + 1
+    # ResNet20: 9 blocks' second BatchNorm and 2 projection shortcuts feed residual adds
+    n_residual = 11 if name == "resnet20" else 0
+    assert [a.name for a in acts][0] == "input_quant"
+    assert len(acts) == n_acts + 1 + n_residual
     assert (acts[0].bits, acts[0].signed) == (8, True)
-    assert all((a.bits, a.signed) == (4, False) for a in acts[1:])
+    residual = [a for a in acts if a.name.endswith(".output_quant")]
+    assert len(residual) == n_residual and all((a.bits, a.signed) == (8, True)
+                                               for a in residual)
+    assert all((a.bits, a.signed) == (4, False) for a in acts[1:] if a not in residual)
     # first conv/linear and the classifier stay 8-bit, the rest is ternary
     assert layers[0].weight_bits == 8 and layers[-1].weight_bits == 8
     assert {info.weight_bits for info in layers[1:-1]} <= {2}
@@ -196,6 +202,21 @@ class _Act(nn.Module):
         return _fake_quant(torch.relu(x), self.info)
 
 
+def _integer_bias(out: torch.Tensor, info, s_in: torch.Tensor, bn: nn.Module | None):
+    """The contract's integer bias, recomputed here: out - b + round(b / step) * step."""
+    b = torch.zeros(info.scale.shape, dtype=torch.float64) if info.bias is None \
+        else info.bias.double()
+    s = info.scale.double()
+    if bn is not None:
+        f = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+        b, s = (b - bn.running_mean.double()) * f + bn.bias.double(), s * f
+    dead = info.int_weight.flatten(1).eq(0).all(1)
+    step = (s_in.float() * torch.where(dead, 1.0, s.abs()).float()).double()
+    b = b.float().double()
+    delta = (torch.round(b / step) * step - b).float()
+    return out + delta.view((1, -1) + (1,) * (out.dim() - 2))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(scale_rule="learned"),
                                   QuantSpec(weight_bits=4, first_bits=None)])
@@ -206,7 +227,7 @@ def test_export_contract_rebuilds_the_student(name, spec):
     ref = make().eval()
     for m_name, m in student.named_modules():  # float BatchNorm: copied as is
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            ref.get_submodule(m_name).load_state_dict(m.state_dict())
+            ref.get_submodule(m_name).load_state_dict(m.state_dict(), strict=False)
     with torch.no_grad():
         for info in quant_layers(student):
             layer = ref.get_submodule(info.name)
@@ -215,9 +236,26 @@ def test_export_contract_rebuilds_the_student(name, spec):
             if info.bias is not None:
                 layer.bias.copy_(info.bias)
     acts = act_quants(student)
+    by_name = {a.name: a for a in acts}
+    for info in quant_layers(student):
+        if info.bias_input is None:
+            continue
+        # in these models a layer's BatchNorm, if any, is the next module registered
+        mods = list(ref.named_modules())
+        after = next(m for i, (n, _) in enumerate(mods) for _, m in mods[i + 1:i + 2]
+                     if n == info.name) if info.name != mods[-1][0] else None
+        bn = after if isinstance(after, nn.modules.batchnorm._BatchNorm) else None
+        owner = bn if bn is not None else ref.get_submodule(info.name)
+        owner.register_forward_hook(  # first: a residual quantizer sees the rounded bias
+            lambda m, a, out, info=info, bn=bn:
+            _integer_bias(out, info, by_name[info.bias_input].scale, bn))
     for info in acts[1:]:
         parent, _, child = info.name.rpartition(".")
-        setattr(ref.get_submodule(parent) if parent else ref, child, _Act(info))
+        if child == "output_quant":  # quantizes its parent's output (signed, no ReLU)
+            ref.get_submodule(parent).register_forward_hook(
+                lambda m, a, out, info=info: _fake_quant(out, info))
+        else:
+            setattr(ref.get_submodule(parent) if parent else ref, child, _Act(info))
     x = torch.randn(shape) * 2
     with torch.no_grad():
         got = student(x)

@@ -2,7 +2,10 @@
 
 Standard ONNX: the student traced in plain torch (``_trace``), then the rewrites of
 ``_rewrites`` (fold BatchNorm, pack weights, lower activation quantizers, set the opset).
-Weights are stored at the opset's narrowest packed type (the opset ladder):
+Ternary weights are stored as trits by default: five codes per byte (1.6 bits), decoded by a
+Gather from a 243-entry table that onnxruntime folds at load, at any opset >= 13. With
+``ternary_storage="int"`` (and for 4/8-bit weights) they take the opset's narrowest packed
+integer type (the opset ladder):
 
     weight bits  opset >= 25   21..24   13..20
     2 (ternary)  INT2          INT4     INT8
@@ -36,9 +39,11 @@ from .._io import atomic_write
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
+    FloatResidualAdds,
     FoldBatchNorm,
     PackWeights,
     QuantizeActivations,
+    QuantizeBias,
     SetOpset,
     ShareConstants,
     ShortenNames,
@@ -48,6 +53,8 @@ from ._verify import Thresholds, Verification, compare
 
 FORMATS = ("onnx", "qonnx")
 WEIGHT_FORMS = ("cast", "dequant")
+TERNARY_STORAGE = ("trits", "int")
+RESIDUAL_ADDS = ("auto", "integer", "float")
 DEFAULT_OPSET = 25
 MIN_OPSET = 13  # per-axis DequantizeLinear
 RANDOM_INPUTS = 256
@@ -65,8 +72,11 @@ class ExportResult:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def storage_for(bits: int, opset: int) -> str:
-    """Narrowest packed type onnxruntime runs for ``bits``-bit codes at ``opset`` (the ladder)."""
+def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
+    """How ``bits``-bit codes are stored at ``opset``: trits for ternary (unless
+    ``ternary_storage="int"``), else the narrowest packed type onnxruntime runs (the ladder)."""
+    if bits == 2 and ternary_storage == "trits":
+        return "trits"
     if bits == 2 and opset >= 25:
         return "int2"
     if bits <= 4 and opset >= 21:
@@ -136,21 +146,26 @@ def _verify_inputs(verify: Any, data: dict[str, Any], example: torch.Tensor,
     return normalize(verify.images, verify.mean, verify.std), verify.name
 
 
-def _onnx_runner(proto: onnx.ModelProto):
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts,
+def _onnx_runner(proto: onnx.ModelProto, optimization: str):
+    """``x -> logits`` in onnxruntime: "basic" runs float kernels (the graph's reference
+    semantics), "all" the integer kernels it fuses (what ``lowbit.runtime`` runs)."""
+    from ..runtime._session import session_options
+
+    sess = ort.InferenceSession(proto.SerializeToString(),
+                                session_options(optimization=optimization),
                                 providers=["CPUExecutionProvider"])
     return lambda x: sess.run([meta.OUTPUT_NAME], {meta.INPUT_NAME: x})[0]
 
 
 def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
-               weight_form: str = "cast",
+               weight_form: str = "cast", ternary_storage: str = "trits",
+               residual_add: str = "float",
                ) -> tuple[onnx.ModelProto, dict[str, str], list, list[Act]]:
     """The packed standard-ONNX graph of ``student`` (unverified, no metadata), with the
     weight storage per layer and the student's layer and activation infos."""
-    from ..quant import act_quants, quant_layers
+    from ..quant import act_quants, bake_integer_bias, quant_layers
 
+    student = bake_integer_bias(student)  # integer biases as plain biases: traceable
     layers = quant_layers(student)
     acts = [Act(a.name, a.bits, a.signed, a.scale.detach().float().numpy(),
                 a.zero_point.detach().numpy().round().astype(np.int64))
@@ -158,7 +173,8 @@ def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAUL
     if not layers:
         raise ExportError("the student has no quantized conv/linear layer")
     traced = trace(shadow(student, layers, acts), example, min(opset, TRACE_OPSET))
-    storage = {info.name: storage_for(info.weight_bits, opset) for info in layers}
+    storage = {info.name: storage_for(info.weight_bits, opset, ternary_storage)
+               for info in layers}
     params = {t.name for t in traced.graph.initializer}
     codes = {}
     for info in layers:
@@ -166,17 +182,23 @@ def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAUL
         if wname not in params:
             raise ExportError(f"{info.name}: weight not found in the traced graph")
         codes[wname] = (info.int_weight.detach().numpy(), storage[info.name])
+    scales = {a.name: a.scale for a in acts}
+    bias_inputs = {info.name + ".weight": np.float32(scales[info.bias_input])
+                   for info in layers if info.bias_input is not None}
     model = ModelWrapper(traced)
     for rewrite in (RemoveStaticGraphInputs(), FoldBatchNorm(),
-                    PackWeights(codes, cast=weight_form == "cast"), QuantizeActivations(),
+                    PackWeights(codes, cast=weight_form == "cast"), QuantizeBias(bias_inputs),
+                    QuantizeActivations(),
+                    *([FloatResidualAdds()] if residual_add == "float" else []),
                     SetOpset(opset, min(opset, TRACE_OPSET))):
         model = model.transform(rewrite)
-    for rewrite in (ShareConstants(), DropDefaultAttributes(), ShortenNames(frozenset(storage))):
+    keep = frozenset([*storage, meta.TRITS_TABLE])  # layer-named weights, the shared trit table
+    for rewrite in (ShareConstants(), DropDefaultAttributes(), ShortenNames(keep)):
         model = model.transform(rewrite, cleanup=False)  # cleanup would un-share constants
     proto = model.model
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}"
                           ) from None
     return proto, storage, layers, acts
@@ -187,7 +209,7 @@ def _json(obj: Any) -> str:
 
 
 def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
-              verification: Verification, num_classes: int) -> dict[str, str]:
+              verification: list[Verification], num_classes: int) -> dict[str, str]:
     spec = student.lowbit_quant
     classes = data.get("classes") or [str(i) for i in range(num_classes)]
     return {meta.VERSION: __version__, meta.WEIGHT_BITS: _json(spec.weight_bits),
@@ -197,7 +219,7 @@ def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
             meta.STD: _json(list(data["std"])),
             meta.INPUT_SHAPE: _json(list(data["input_shape"])),
             meta.ARCH: _json(getattr(student, "lowbit_arch", None)),
-            meta.VERIFICATION: _json(verification.to_dict())}
+            meta.VERIFICATION: _json([v.to_dict() for v in verification])}
 
 
 def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -212,7 +234,8 @@ def qonnx_path(path: Path) -> Path:
 def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | None = None,
            bits: int | None = None, formats: Sequence[str] = FORMATS, opset: int | None = None,
            verify: Any = None, calib: Iterable[torch.Tensor] | None = None, data: Any = None,
-           thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast") -> ExportResult:
+           thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast",
+           ternary_storage: str = "trits", residual_add: str = "auto") -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
@@ -223,7 +246,12 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     random N(0, 1) inputs). ``data``: a Dataset or checkpoint data dict for the metadata
     (classes, mean/std). ``weight_form``: "cast" (INT2/INT4 -> Cast(INT8) -> DequantizeLinear,
     folded at load into int8 kernels) or "dequant" (DequantizeLinear on the packed tensor).
-    Raises ExportError, writing nothing, when the gate fails.
+    ``ternary_storage``: "trits" (5 per byte, any opset) or "int" (INT2 at opset 25, the
+    ladder below it). ``residual_add``: "integer" (onnxruntime fuses residual adds into
+    QLinearAdd: fastest, but it rounds slightly differently, see ``FloatResidualAdds``),
+    "float" (they run in float between the integer convolutions: exact) or "auto" (integer
+    when it passes the gate, else float, with a note). Raises ExportError, writing nothing,
+    when the gate fails.
     """
     path = Path(path)
     formats = tuple(dict.fromkeys(formats))
@@ -231,6 +259,11 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         raise ExportError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
     if weight_form not in WEIGHT_FORMS:
         raise ExportError(f"weight_form must be one of {WEIGHT_FORMS}, got {weight_form!r}")
+    if residual_add not in RESIDUAL_ADDS:
+        raise ExportError(f"residual_add must be one of {RESIDUAL_ADDS}, got {residual_add!r}")
+    if ternary_storage not in TERNARY_STORAGE:
+        raise ExportError(f"ternary_storage must be one of {TERNARY_STORAGE}, got "
+                          f"{ternary_storage!r}")
     opset = DEFAULT_OPSET if opset is None else opset
     if not MIN_OPSET <= opset <= DEFAULT_OPSET:
         raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET}..{DEFAULT_OPSET} "
@@ -243,13 +276,25 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
 
     built: dict[str, tuple[Path, onnx.ModelProto]] = {}
     checks: dict[str, Verification] = {}
-    proto, storage, layers, acts = build_onnx(student, example, opset=opset,
-                                              weight_form=weight_form)
-    step = _output_step(layers, acts)
-    if "onnx" in formats:
-        checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto), inputs, step,
-                                 thresholds)
+    # "auto": the faster integer adds, unless they miss the gate where float adds pass
+    forms = ["integer", "float"] if residual_add == "auto" else [residual_add]
+    for form in forms:
+        proto, storage, layers, acts = build_onnx(student, example, opset=opset,
+                                                  weight_form=weight_form,
+                                                  ternary_storage=ternary_storage,
+                                                  residual_add=form)
+        step = _output_step(layers, acts)
+        if "onnx" not in formats:
+            break
+        checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto, "basic"),
+                                 inputs, step, thresholds)
+        checks["onnx-int"] = compare("onnx-int", source, student, _onnx_runner(proto, "all"),
+                                     inputs, step, thresholds)
         built["onnx"] = (path, proto)
+        if checks["onnx-int"].passed or form == forms[-1] or not checks["onnx"].passed:
+            break
+        notes.append(f"integer residual adds (onnxruntime's QLinearAdd) agreed on "
+                     f"{checks['onnx-int'].agreement:.2%} only; residual adds kept in float")
     if "qonnx" in formats:
         from ._qonnx import build_qonnx, qonnx_runner
 
@@ -264,7 +309,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         raise ExportError("verification failed, nothing written: " + "; ".join(failed))
     num_classes = len(step)
     for fmt, (out, p) in built.items():
-        _set_metadata(p, _metadata(student, data, storage, checks[fmt], num_classes))
+        ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
+        _set_metadata(p, _metadata(student, data, storage, ran, num_classes))
         atomic_write(out, lambda tmp, p=p: onnx.save(p, tmp))
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
                         student.lowbit_quant, tuple(notes))

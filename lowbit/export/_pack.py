@@ -100,13 +100,24 @@ def unpack_trits(data: bytes, count: int) -> np.ndarray:
     return (digits.reshape(-1)[:count] - 1).astype(np.int8)
 
 
+def trits_table() -> np.ndarray:
+    """int8 [243, 5]: row b holds the five codes byte b packs (``pack_trits``); the exported
+    graph decodes trits with ``Gather(table, bytes)``."""
+    return (np.arange(243)[:, None] // (3 ** np.arange(5)) % 3 - 1).astype(np.int8)
+
+
 def make_tensor(name: str, codes: np.ndarray, storage: str) -> TensorProto:
-    """An ONNX initializer holding integer ``codes`` packed as ``storage`` ("int2"|"int4"|"int8").
+    """An ONNX initializer holding integer ``codes`` packed as ``storage``: "int2"|"int4"|"int8"
+    (shaped like ``codes``) or "trits" (UINT8 [ceil(n / 5)], see ``pack_trits``).
 
     Written as raw bytes; ``helper.make_tensor`` with a list would store INT2/INT4 as varints.
     """
-    bits, _, _, dtype = STORAGE[storage]
     codes = np.asarray(codes)
+    if storage == "trits":
+        data = pack_trits(codes)
+        return TensorProto(name=name, data_type=TensorProto.UINT8, dims=[len(data)],
+                           raw_data=data)
+    bits, _, _, dtype = STORAGE[storage]
     t = TensorProto(name=name, data_type=dtype, dims=list(codes.shape))
     flat = _check_codes(codes, bits)
     t.raw_data = _pack(flat, bits) if bits < 8 else flat.astype(np.int8).tobytes()

@@ -74,8 +74,9 @@ def build_qonnx(student: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     from brevitas.export import export_qonnx
     from qonnx.util.cleanup import cleanup_model
 
-    from ..quant import quant_layers
+    from ..quant import bake_integer_bias, quant_layers
 
+    student = bake_integer_bias(student)  # integer biases as plain (rounded) float biases
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -3,7 +3,8 @@
 Each is a qonnx ``Transformation``: ``apply(model) -> (model, changed)`` over a qonnx
 ``ModelWrapper``, run with ``model.transform(Rewrite(...))`` until nothing changes. Applied in
 order by :func:`lowbit.export.export`: ``RemoveStaticGraphInputs`` (qonnx) ->
-:class:`FoldBatchNorm` -> :class:`PackWeights` -> :class:`QuantizeActivations` ->
+:class:`FoldBatchNorm` -> :class:`PackWeights` -> :class:`QuantizeBias` ->
+:class:`QuantizeActivations` -> :class:`FloatResidualAdds` ->
 :class:`SetOpset` -> :class:`ShareConstants` -> :class:`DropDefaultAttributes` ->
 :class:`ShortenNames`.
 """
@@ -16,7 +17,8 @@ from onnx import TensorProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
-from ._pack import make_tensor
+from .. import _onnx_meta as meta
+from ._pack import make_tensor, trits_table
 from ._trace import DOMAIN
 
 
@@ -88,10 +90,40 @@ def channel_scales(w: np.ndarray, codes: np.ndarray, axis: int, name: str) -> np
     return s
 
 
+TRITS_TABLE = meta.TRITS_TABLE
+
+
+def _decode_trits(model: ModelWrapper, src: str, shape: tuple[int, ...], name: str) -> str:
+    """Nodes turning the trit bytes ``src`` into int8 codes of ``shape``; returns their output.
+
+    Cast(bytes, INT32) -> Gather(table [243, 5], .) -> [m, 5] -> Reshape [5m] -> Slice [:n]
+    -> Reshape ``shape`` (Gather takes int32/int64 indices only):
+    all inputs are initializers, so onnxruntime folds the chain at load (weights decode once)
+    and the int8 DequantizeLinear that follows fuses into integer kernels like the Cast form.
+    """
+    if model.get_initializer(TRITS_TABLE) is None:
+        model.set_initializer(TRITS_TABLE, trits_table())
+        model.set_initializer("trits_flat", np.array([-1], np.int64))
+        model.set_initializer("trits_start", np.array([0], np.int64))
+    model.set_initializer(name + "_n", np.array([int(np.prod(shape))], np.int64))
+    model.set_initializer(name + "_shape", np.array(shape, np.int64))
+    x = name + "_t0"
+    model.graph.node.append(helper.make_node("Cast", [src], [x], to=TensorProto.INT32))
+    model.graph.node.append(helper.make_node("Gather", [TRITS_TABLE, x], [name + "_t1"]))
+    x = name + "_t1"
+    for i, args in enumerate([["trits_flat"], ["trits_start", name + "_n"],
+                              [name + "_shape"]], start=2):
+        op = "Slice" if len(args) == 2 else "Reshape"
+        model.graph.node.append(helper.make_node(op, [x, *args], [f"{name}_t{i}"]))
+        x = f"{name}_t{i}"
+    return x
+
+
 class PackWeights(Transformation):
     """Replace float weights by packed integer codes and a per-channel DequantizeLinear.
 
-    ``codes`` maps a weight initializer name to (int8 codes, storage "int2"|"int4"|"int8").
+    ``codes`` maps a weight initializer name to (int8 codes, storage "int2"|"int4"|"int8"|
+    "trits"; trits are decoded in-graph by :func:`_decode_trits`).
     The per-channel scale is recovered from the (BatchNorm-folded) float weight; a negative
     scale (negative BN gamma) flips the channel's codes so every stored scale is positive.
     ``cast=True`` inserts ``Cast(to=INT8)`` after an INT2/INT4 initializer: onnxruntime folds
@@ -124,13 +156,78 @@ class PackWeights(Transformation):
             src = name.removesuffix(".weight")
             model.graph.initializer.append(make_tensor(src, q, storage))
             model.set_initializer(name + "_scale", np.abs(s).astype(np.float32))
-            if self.cast and storage != "int8":
+            if storage == "trits":
+                src = _decode_trits(model, src, q.shape, name)
+            elif self.cast and storage != "int8":
                 model.graph.node.append(helper.make_node("Cast", [src], [name + "_i8"],
                                                          to=TensorProto.INT8))
                 src = name + "_i8"
             model.graph.node.append(helper.make_node(
                 "DequantizeLinear", [src, name + "_scale"], [name], axis=axis))
             return model, True  # ModelWrapper.transform's cleanup re-sorts the nodes
+        return model, False
+
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class QuantizeBias(Transformation):
+    """Store the bias of each layer that consumes quantized codes as int32 + DequantizeLinear.
+
+    ``input_scales`` maps a weight name (the DequantizeLinear output PackWeights leaves) to
+    the float32 scale s_in of the quantizer feeding that layer. The bias (BatchNorm already
+    folded) becomes round(b / (s_in * s_w[c])) as int32, the form integer kernels add to
+    their accumulator; stated in the file, onnxruntime fuses it as is instead of rounding the
+    float bias itself, and the student's eval mode rounds the same way (``IntegerBias``).
+    The bias scale is ``Mul(s_in, s_w)`` of the initializers already there (onnxruntime
+    folds it at load), not a third per-channel float vector.
+    """
+
+    def __init__(self, input_scales: dict[str, np.float32]) -> None:
+        super().__init__()
+        self.input_scales = input_scales
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.graph.node:
+            if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or \
+                    node.input[1] not in self.input_scales:
+                continue
+            bias = model.get_initializer(node.input[2])
+            dq = model.find_producer(node.input[1])
+            if bias is None or dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            s_in = np.float32(self.input_scales[node.input[1]])
+            step = s_in * model.get_initializer(dq.input[1]).astype(np.float32)
+            codes = np.clip(np.round(bias.astype(np.float64) / step.astype(np.float64)),
+                            INT32_MIN, INT32_MAX).astype(np.int32)
+            name = node.input[2]
+            model.set_initializer(name + "_int", codes)
+            model.set_initializer(name + "_s_in", np.asarray(s_in, np.float32))
+            model.del_initializer(name)
+            model.graph.node.append(helper.make_node(
+                "Mul", [name + "_s_in", dq.input[1]], [name + "_scale"]))
+            model.graph.node.append(helper.make_node(
+                "DequantizeLinear", [name + "_int", name + "_scale"], [name], axis=0))
+            return model, True
+        return model, False
+
+
+class FloatResidualAdds(Transformation):
+    """Write each Add of two dequantized tensors (a residual add) as the equivalent ``Sum``.
+
+    onnxruntime fuses DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose
+    requantization is less precise than float: on a ternary ResNet20 about 3e-4 of its output
+    codes differ by one from exact rounding, and the flips propagate (99.7 % top-1 agreement
+    on CIFAR-10). It leaves ``Sum`` unfused, so the add runs in float between the integer
+    convolutions (still fused), exactly as the student computes it, for ~10 % more latency.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.graph.node:
+            producers = [model.find_producer(x) for x in node.input]
+            if node.op_type == "Add" and all(p is not None and p.op_type == "DequantizeLinear"
+                                             for p in producers):
+                node.op_type = "Sum"
         return model, False
 
 
@@ -266,11 +363,24 @@ class DropDefaultAttributes(Transformation):
         return model, False
 
 
+_NAME_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _short_name(i: int) -> str:
+    """0 -> "_0", 61 -> "_Z", 62 -> "_10", ...: base 62 after an underscore (one or two
+    characters for every tensor of a CIFAR ResNet; no clash with layer or graph names)."""
+    digits = ""
+    while True:
+        i, r = divmod(i, len(_NAME_CHARS))
+        digits = _NAME_CHARS[r] + digits
+        if not i:
+            return "_" + digits
+
+
 class ShortenNames(Transformation):
-    """Short names: t0, t1, ... for intermediate tensors and c0, c1, ... for initializers,
-    except graph inputs/outputs and the initializers in ``keep`` (the packed weights, named
-    by layer); node names, doc strings and value_info are dropped. Saves ~10 % of a ternary
-    ResNet20 file."""
+    """Short names (``_short_name``) for initializers and intermediate tensors, except graph
+    inputs/outputs and the initializers in ``keep`` (the packed weights, named by layer); node
+    names, doc strings and value_info are dropped. Saves ~10 % of a ternary ResNet20 file."""
 
     def __init__(self, keep: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -280,14 +390,14 @@ class ShortenNames(Transformation):
         g = model.graph
         keep = set(self.keep) | {t.name for t in g.input} | {t.name for t in g.output}
         rename: dict[str, str] = {}
-        for i, t in enumerate(g.initializer):
+        for t in g.initializer:
             if t.name not in keep:
-                rename[t.name] = f"c{i}"
+                rename[t.name] = _short_name(len(rename))
                 t.name = rename[t.name]
         for node in g.node:
             for i, out in enumerate(node.output):
                 if out and out not in keep:
-                    rename.setdefault(out, f"t{len(rename)}")
+                    rename.setdefault(out, _short_name(len(rename)))
                     node.output[i] = rename[out]
         for node in g.node:
             node.input[:] = [rename.get(x, x) for x in node.input]

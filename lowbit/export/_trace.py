@@ -56,9 +56,11 @@ class _ActQuantFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, act: Act):
-        return g.op(f"{DOMAIN}::ActQuant", x, name_s=act.name, bits_i=act.bits,
-                    signed_i=int(act.signed), scale_f=act.scale.reshape(-1).tolist(),
-                    zero_point_i=act.zero_point.reshape(-1).astype(int).tolist())
+        out = g.op(f"{DOMAIN}::ActQuant", x, name_s=act.name, bits_i=act.bits,
+                   signed_i=int(act.signed), scale_f=act.scale.reshape(-1).tolist(),
+                   zero_point_i=act.zero_point.reshape(-1).astype(int).tolist())
+        out.setType(x.type())  # same type and shape as x (else the exporter warns per node)
+        return out
 
 
 class ActQuant(nn.Module):

@@ -42,11 +42,12 @@ class FootprintError(ValueError):
 
 @dataclass(frozen=True)
 class Param:
-    """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias."""
+    """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias|table;
+    ``bits`` per element may be fractional (trits: five ternary codes per byte, 1.6)."""
 
     role: str
     elements: int
-    bits: int
+    bits: float
 
     @property
     def nbytes(self) -> int:
@@ -141,6 +142,8 @@ def fuse(source: str, ops: list[Op], outputs: list[str]) -> Graph:
             if not any(p.role == "bias" for p in src["params"]):
                 src["params"].append(Param("bias", out_channels(src["kind"], src["shape"]),
                                            FP32))
+            if op.bits is not None:  # a quantizer on the folded output (residual-add input)
+                src["act_bits"] = min(src["act_bits"], op.bits)
         else:
             new_layer(op, ins, list(op.params))
     outs = tuple(resolve(t) for t in outputs)

@@ -6,7 +6,9 @@ INT8 = 8; FLOAT = 32), so the weight bytes reported are the bytes the file holds
 weight initializers are everything constant that feeds its weight and bias inputs (through
 DequantizeLinear, Cast, Reshape, ...): the largest is the weight codes, other floats are scales,
 other integers zero points. An initializer shared by several layers is counted once. Constants
-that feed activation quantizers (their scale and zero point) are not weights.
+that feed activation quantizers (their scale and zero point) are not weights, nor are int64
+shape constants. Trit-packed ternary weights (lowbit's default) count 1.6 bits per code, and
+their shared decoding table once, at the first layer that uses it.
 An activation tensor's bits are those of the narrowest QuantizeLinear applied to it in place
 (an integer Clip to constant bounds [lo, hi] narrows it to ceil(log2(hi - lo + 1)) bits),
 otherwise its own element type (32 for float).
@@ -20,6 +22,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .._onnx_meta import TRITS_BITS, TRITS_TABLE
 from ._graph import (
     ADD,
     AFFINE,
@@ -55,10 +58,11 @@ _UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSw
 _VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
          "ReduceMax"}
-_BINARY = {"Add", "Sub", "Mul", "Div"}
+_BINARY = {"Add", "Sub", "Mul", "Div", "Sum"}  # Sum: lowbit writes residual adds as Sum
 _META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
+_CONST_ONLY = {"Gather", "Slice"}  # accepted where they compute constants (trits decoding)
 SUPPORTED = sorted({"Conv", "Gemm", "MatMul", "BatchNormalization", "Concat", "Constant",
-                    *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META})
+                    *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
 
 
 def load(model: str | Path | onnx.ModelProto,
@@ -160,6 +164,10 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
                 consts[t] = (_dims(types.get(t)) or (), _elem(types.get(t)))
     inits = {i.name for i in g.initializer} | {n.output[0] for n in g.node
                                                if n.op_type == "Constant"}
+    # scales / zero points / clip bounds of activation quantizers (a layer's int32 bias scale
+    # reuses its input quantizer's scale): not weights
+    act_consts = {t for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip")
+                  and n.input[0] not in consts for t in n.input[1:] if t in inits}
     claimed: set[str] = set()
 
     def sources(t: str) -> list[str]:
@@ -171,14 +179,23 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
 
     def params(t: str, main: str) -> list[Param]:
         """Parameters stored for a weight (main="weight") or bias (main="bias") input."""
-        found = [s for s in dict.fromkeys(sources(t)) if s not in claimed]
+        everything = list(dict.fromkeys(sources(t)))
+        # int64 initializers are shapes and indices (graph plumbing), not weight data
+        found = [s for s in everything if s not in claimed and s != TRITS_TABLE
+                 and s not in act_consts and consts[s][1] != TensorProto.INT64]
         claimed.update(found)
         found.sort(key=lambda s: -math.prod(consts[s][0]))
         out = []
         for i, s in enumerate(found):
             dims, elem = consts[s]
             role = main if i == 0 else ("scale" if elem in _FLOATS else "zero_point")
-            out.append(Param(role, math.prod(dims), _BITS.get(elem, FP32)))
+            if i == 0 and TRITS_TABLE in everything:  # trit bytes: count the codes they hold
+                out.append(Param(role, math.prod(consts[t][0]), TRITS_BITS))
+            else:
+                out.append(Param(role, math.prod(dims), _BITS.get(elem, FP32)))
+        if TRITS_TABLE in everything and TRITS_TABLE not in claimed:
+            claimed.add(TRITS_TABLE)
+            out.append(Param("table", math.prod(consts[TRITS_TABLE][0]), 8))
         return out
 
     def shape(t: str) -> tuple[int, ...] | None:
@@ -194,6 +211,9 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
         acts = [t for t in n.input if t and t not in consts and t not in meta]
         if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in meta:
             continue
+        if n.op_type in _CONST_ONLY:
+            raise FootprintError(f"{source}: {n.op_type} on activations ({n.output[0]}) is not "
+                                 f"accounted; only constant {n.op_type} (weight decoding) is")
         out = n.output[0]
         out_shape = shape(out)
         if out_shape is None:

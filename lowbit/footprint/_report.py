@@ -60,7 +60,7 @@ class LayerFootprint:
     shape: tuple[int, ...]
     params: int  # weight + bias elements (scales and zero points excluded)
     weight_elements: int  # weight elements alone (what qonnx's mem_w counts)
-    weight_bits: int | None  # bits of the weight codes; None for layers without weights
+    weight_bits: float | None  # bits per weight code as stored (1.6 for trits); None: none
     weight_bytes: int  # codes + scales + zero points + bias
     weight_bytes_fp32: int
     act_bits: int

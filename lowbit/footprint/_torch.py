@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._onnx_meta import TRITS_BITS, TRITS_TABLE_ELEMENTS
 from ._graph import (
     ADD,
     AFFINE,
@@ -98,6 +99,9 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         kind, name, params, macs, bits = _classify(node, modules, weight_bits, act_bits, shape)
         if kind is None or shape is None:  # shape queries and other non-tensor results
             continue
+        if weight_bits.get(name) == TRITS_BITS and not any(
+                p.role == "table" for op in ops for p in op.params):
+            params = [*params, Param("table", TRITS_TABLE_ELEMENTS, 8)]  # decoding table, once
         ops.append(Op(name, kind, [a for a in _nodes((node.args, node.kwargs)) if a in shapes],
                       node.name, shape, params, macs, bits))
     return fuse(source, ops, outputs)
@@ -110,14 +114,15 @@ def _nodes(args) -> list[str]:
     return found
 
 
-def _quant_bits(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+def _quant_bits(model: nn.Module) -> tuple[dict[str, float], dict[str, int]]:
     """Weight bits per conv/linear and bits per activation quantizer of a lowbit student."""
     if getattr(model, "lowbit_quant", None) is None:
         return {}, {}
     from ..quant import act_quants, quant_layers
 
-    return ({q.name: q.weight_bits for q in quant_layers(model)},
-            {a.name: a.bits for a in act_quants(model)})
+    # ternary weights are exported as trits (lowbit.export's default): 1.6 bits per code
+    return ({q.name: TRITS_BITS if q.weight_bits == 2 else q.weight_bits
+             for q in quant_layers(model)}, {a.name: a.bits for a in act_quants(model)})
 
 
 def _shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...],
@@ -158,10 +163,13 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[st
         if name in act_bits:
             return UNARY, name, [], 0, act_bits[name]
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            return _weighted(name, m, weight_bits.get(name), shape)
+            return (*_weighted(name, m, weight_bits.get(name), shape)[:4],
+                    act_bits.get(name + ".output_quant"))
         if isinstance(m, _BN_MODULES):
             c = m.num_features
-            return AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0, None
+            # a residual-add input: lowbit.quant's output_quant hook (unseen by fx) sets its bits
+            return (AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0,
+                    act_bits.get(name + ".output_quant"))
         if isinstance(m, _UNARY_MODULES):
             return UNARY, name, [], 0, None
         if isinstance(m, _POOL_MODULES):
@@ -183,7 +191,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[st
 
 
 def _weighted(name: str, m: nn.Module, bits: int | None, shape: tuple[int, ...] | None) -> tuple:
-    """Params and MACs of a conv/linear; ``bits`` None means a float layer."""
+    """(kind, name, params, MACs) of a conv/linear; ``bits`` None means a float layer."""
     n_out = m.weight.shape[0]
     params = [Param("weight", m.weight.numel(), bits or FP32)]
     if bits is not None:
@@ -193,4 +201,4 @@ def _weighted(name: str, m: nn.Module, bits: int | None, shape: tuple[int, ...] 
     out = math.prod(shape) if shape else 0
     fan_in = math.prod(m.weight.shape[1:])  # C_in / groups * kernel, or in_features
     kind = LINEAR if isinstance(m, nn.Linear) else CONV
-    return kind, name, params, out * fan_in, None
+    return kind, name, params, out * fan_in

@@ -2,12 +2,14 @@
 
 ``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
 exporter's contract, see ``_inspect``); ``calibrate`` sets activation ranges from data for
-post-training quantization.
+post-training quantization; ``bake_integer_bias`` folds the eval-mode integer-bias
+rounding into plain biases for tracing.
 """
 
+from ._brevitas import bake_integer_bias
 from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers
 from ._quantize import calibrate, quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
 __all__ = ["ACT_BITS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo", "QuantLayerInfo",
-           "QuantSpec", "act_quants", "calibrate", "quant_layers", "quantize"]
+           "QuantSpec", "act_quants", "bake_integer_bias", "calibrate", "quant_layers", "quantize"]

@@ -25,6 +25,8 @@ Rounding everywhere is ``torch.round`` (round half to even); zero points are 0.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -102,12 +104,9 @@ class LearnedRange(nn.Module):
                 n = int(self.seen)
                 lo, hi = torch.aminmax(x.detach())
                 batch_max = torch.maximum(hi, -lo).float()
-                if dist.is_available() and dist.is_initialized():  # same range on every rank
-                    dist.all_reduce(batch_max)
-                    batch_max /= dist.get_world_size()
-                if torch.distributed.is_initialized():
+                if dist.is_available() and dist.is_initialized():
                     # DDP syncs gradients only: take the global batch's max so replicas agree
-                    torch.distributed.all_reduce(batch_max, torch.distributed.ReduceOp.MAX)
+                    dist.all_reduce(batch_max, dist.ReduceOp.MAX)
                 self.value.mul_(n / (n + 1)).add_(batch_max / (n + 1))
                 self.seen += 1
         return self.value.clamp_min(_MIN_SCALE) / threshold
@@ -252,9 +251,82 @@ def quant_relu(bits: int) -> QuantReLU:
     return QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits))
 
 
-def input_quant(bits: int) -> QuantIdentity:
-    """Signed ``bits``-bit quantization of the (normalised) network input."""
+def signed_quant(bits: int) -> QuantIdentity:
+    """Signed ``bits``-bit quantization with a learned per-tensor range: the (normalised)
+    network input, and each residual-add input that no other quantizer covers."""
     return QuantIdentity(act_quant=_SignedAct.let(bit_width=bits))
+
+
+# -------------------------------------------------------------------- integer bias (deploy)
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class IntegerBias:
+    """Forward hook: in eval mode the layer's bias is what an integer kernel adds.
+
+    A conv/linear that consumes an activation quantizer's codes runs in onnxruntime as an
+    integer kernel (QLinearConv, QGemm): its bias, with the following BatchNorm folded in, is
+    stored as int32 codes at scale s_in * s_w[c] (lowbit's ``QuantizeBias`` rewrite; without
+    it onnxruntime rounds it the same way). Registered on the layer or on the BatchNorm after
+    it, this hook adds round(b / step) * step - b per channel to the eval output, so
+    evaluation, the export gate and the deployed model compute the same numbers; training
+    keeps the float bias (the difference is under half an accumulator step).
+    """
+
+    def __init__(self, act: nn.Module, layer: nn.Module, bn: nn.Module | None) -> None:
+        self.act, self.layer, self.bn = act, layer, bn
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if module.training:
+            return out
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return out + self.correction().to(out.dtype).view(shape)
+
+    @torch.no_grad()
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float64 bias with BatchNorm folded in, float32 integer step s_in * s_w per channel),
+        computed as the exporter does: folding in float64, stored values in float32."""
+        codes, s_w, _ = weight_codes(self.layer)
+        bias = self.layer.bias
+        b = torch.zeros_like(s_w, dtype=torch.float64) if bias is None else bias.double()
+        s = s_w.double()
+        if self.bn is not None:
+            bn = self.bn
+            f = (bn.running_var.double() + bn.eps).rsqrt()
+            if bn.weight is not None:
+                f = f * bn.weight.double()
+            b = (b - bn.running_mean.double()) * f
+            if bn.bias is not None:
+                b = b + bn.bias.double()
+            s = s * f
+        dead = codes.flatten(1).eq(0).all(1)  # no code: the exporter stores scale 1
+        s = torch.where(dead, 1.0, s.abs()).float()
+        s_in = act_scale(self.act)
+        return b.float().double(), s_in * s
+
+    def correction(self) -> torch.Tensor:
+        """round(b / step) * step - b per output channel (float64)."""
+        b, step = self.folded()
+        step = step.double()
+        return torch.round(b / step).clamp(INT32_MIN, INT32_MAX) * step - b
+
+
+def bake_integer_bias(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose eval forward needs no :class:`IntegerBias` hook: each hook's
+    correction is added to the bias of the module it sits on (BatchNorm beta or layer bias)."""
+    baked = copy.deepcopy(model).eval()
+    for m in baked.modules():
+        for key, hook in list(m._forward_hooks.items()):
+            if isinstance(hook, IntegerBias):
+                delta = hook.correction().float()
+                del m._forward_hooks[key]
+                with torch.no_grad():
+                    if m.bias is None:
+                        m.bias = nn.Parameter(delta)
+                    else:
+                        m.bias.add_(delta.to(m.bias.dtype))
+    return baked
 
 
 # ------------------------------------------------------------------------------- read-back
@@ -282,16 +354,26 @@ def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.
         layer.train(was_training)
 
 
+def _act_tensor_quant(m: QuantReLU | QuantIdentity) -> FakeQuantAct:
+    return m.act_quant.fused_activation_quant_proxy.tensor_quant
+
+
+@torch.no_grad()
+def act_scale(m: QuantReLU | QuantIdentity) -> torch.Tensor:
+    """Float32 scalar scale of an activation quantizer, read without running it (running it
+    would feed a dummy input to a range that is still being calibrated)."""
+    tq = _act_tensor_quant(m)
+    return (tq.scaling_impl.value.clamp_min(_MIN_SCALE) / tq.threshold).float().reshape(())
+
+
 @torch.no_grad()
 def act_params(m: QuantReLU | QuantIdentity) -> tuple[int, bool, torch.Tensor, torch.Tensor]:
-    """Eval-mode (bits, signed, float32 scalar scale, zero point) of an activation quantizer."""
-    proxy = m.act_quant
-    scale = proxy.scale(force_eval=True).detach().float().reshape(())
-    zero_point = proxy.zero_point(force_eval=True).detach().float().reshape(())
-    return int(proxy.bit_width(force_eval=True)), bool(proxy.is_signed), scale, zero_point
+    """Eval-mode (bits, signed, float32 scalar scale, zero point 0) of an activation quantizer."""
+    tq = _act_tensor_quant(m)
+    bits = int(tq.msb_clamp_bit_width_impl())
+    return bits, tq.qmin < 0, act_scale(m), torch.zeros(())
 
 
 def act_ranges(model: nn.Module) -> list[LearnedRange]:
     """The learned activation ranges of a student (what ``calibrate`` initialises)."""
-    return [m.act_quant.fused_activation_quant_proxy.tensor_quant.scaling_impl
-            for m in model.modules() if is_act_quant(m)]
+    return [_act_tensor_quant(m).scaling_impl for m in model.modules() if is_act_quant(m)]

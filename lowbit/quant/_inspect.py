@@ -11,6 +11,12 @@ to 1e-5 relative:
   ``round`` = ``torch.round`` (round half to even), ``x / scale`` a float32 division,
   qmin, qmax = 0, 2^bits - 1 when unsigned and -2^(bits-1), 2^(bits-1) - 1 when signed;
   a ReLU's quantizer sees ReLU(x) (the same thing for unsigned codes);
+- a residual-add input from a module ``m`` passes through the signed quantizer
+  ``m.output_quant`` (listed with the others) after ``m``;
+- a layer with ``bias_input`` set consumes that quantizer's codes and runs as an integer
+  kernel: its bias b (the following BatchNorm folded in, in float64, then float32) becomes
+  round(b / step) * step with step = s_in * s_w[c] in float32 (s_w[c] = |scale * BN factor|,
+  1 for a channel without codes), clamped to int32;
 - scales are per tensor (float32 scalars) for activations and per output channel (float32
   [out_channels]) for weights; every zero point is 0.
 """
@@ -34,7 +40,8 @@ class QuantLayerInfo:
     weight_bits: int  # 2 (ternary), 4 or 8
     int_weight: torch.Tensor  # int8 codes shaped like the weight; ternary {-1,0,1}, 4-bit [-7,7]
     scale: torch.Tensor  # float32 [out_channels]: weight = int_weight * scale.view(-1, 1, ...)
-    bias: torch.Tensor | None  # float32 [out_channels], not quantized
+    bias: torch.Tensor | None  # float32 [out_channels], float in training
+    bias_input: str | None = None  # quantizer feeding the layer: integer bias (module doc)
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,13 @@ class ActQuantInfo:
 def quant_layers(model: nn.Module) -> list[QuantLayerInfo]:
     """Every quantized conv/linear of a student, in module order, with eval-mode values."""
     infos = []
+    bias_inputs = getattr(model, "lowbit_bias_inputs", {})
     for name, m in model.named_modules():
         if _brevitas.is_quant_layer(m):
             codes, scale, bits = _brevitas.weight_codes(m)
             bias = None if m.bias is None else m.bias.detach().float().clone()
             infos.append(QuantLayerInfo(name, "linear" if isinstance(m, nn.Linear) else "conv",
-                                        bits, codes, scale, bias))
+                                        bits, codes, scale, bias, bias_inputs.get(name)))
     return infos
 
 

@@ -25,6 +25,9 @@ class QuantSpec:
         papers keep them wider; default 8). ``None`` means "same as weight_bits".
     scale_rule: ternary threshold/scale rule: "twn" (delta = 0.7 mean|w|, alpha = mean |w|
         above delta, per channel) or "learned" (a trained per-channel scale).
+    residual_bits: signed bits of the quantizer on each residual-add input that comes from a
+        conv/BatchNorm (8 lets onnxruntime run the conv and the add as integer kernels);
+        ``None`` leaves those inputs float (the exported model then runs them in float).
     overrides: (layer name, weight bits) pairs that win over everything else.
     """
 
@@ -34,6 +37,7 @@ class QuantSpec:
     first_bits: int | None = 8
     last_bits: int | None = 8
     scale_rule: str = "twn"
+    residual_bits: int | None = 8
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -48,6 +52,9 @@ class QuantSpec:
                              f"supported: {', '.join(map(str, ACT_BITS))}")
         if self.input_bits != 8:
             raise ValueError(f"input_bits: only 8-bit inputs are supported, got {self.input_bits}")
+        if self.residual_bits not in (None, 8):
+            raise ValueError(f"residual_bits: only 8 (or None: float) is supported, got "
+                             f"{self.residual_bits}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
 
@@ -73,4 +80,6 @@ class QuantSpec:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown QuantSpec fields: {', '.join(sorted(unknown))}")
+        # specs written before residual quantizers existed describe students without them
+        d = {"residual_bits": None, **d}
         return cls(**{**d, "overrides": tuple(tuple(o) for o in d.get("overrides", ()))})

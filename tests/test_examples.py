@@ -1,0 +1,109 @@
+"""Every example and ``lowbit demo`` run as written, in their shortest setting (offline digits).
+
+Each runs in a fresh process with this Python on real components (training, export,
+onnxruntime); the checks read what a user would look at: printed accuracies, written files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``args`` in ``cwd``; fail with the end of its output if it exits non-zero."""
+    res = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{args} exited {res.returncode}:\n{res.stdout[-3000:]}\n" \
+                                f"{res.stderr[-3000:]}"
+    return res
+
+
+def percent(pattern: str, text: str) -> float:
+    """The percentage following ``pattern`` in ``text`` (e.g. 'accuracy 98.61%' -> 98.61)."""
+    match = re.search(pattern + r"\s*([\d.]+)%", text)
+    assert match, f"no {pattern!r} percentage in:\n{text[-2000:]}"
+    return float(match.group(1))
+
+
+def test_quickstart(tmp_path: Path) -> None:
+    res = run([sys.executable, str(EXAMPLES / "quickstart.py")], tmp_path)
+    assert percent("onnxruntime accuracy", res.stdout) > 90
+    assert percent("ternary student", res.stdout) > 90
+    assert (tmp_path / "digits_ternary.onnx").stat().st_size > 0
+
+
+def test_shin_recipe_tiny(tmp_path: Path) -> None:
+    res = run([sys.executable, str(EXAMPLES / "shin_recipe.py"), "--budget", "tiny",
+               "--out", str(tmp_path / "shin")], tmp_path)
+    result = json.loads((tmp_path / "shin" / "shin_recipe.json").read_text())
+    rows = result["rows"]
+    # 2 float teachers, the labels-only student, per teacher 2 temperatures + 1 GSLR run
+    assert len(rows) == 2 + 1 + 2 * (2 + 1)
+    assert sum(r.get("gslr", False) for r in rows) == 2
+    assert {r["temperature"] for r in rows if r.get("teacher")} == {1.0, 4.0}
+    assert all(0 <= r["test_acc"] <= 1 for r in rows)
+    assert "92.7%" in res.stdout and (tmp_path / "shin" / "shin_recipe.md").is_file()
+
+
+def test_apprentice_schemes(tmp_path: Path) -> None:
+    res = run([sys.executable, str(EXAMPLES / "apprentice_schemes.py"), "--epochs", "2",
+               "--out", str(tmp_path / "app")], tmp_path)
+    result = json.loads((tmp_path / "app" / "apprentice_schemes.json").read_text())
+    accs = {r["scheme"]: r["test_acc"] for r in result["rows"]}
+    assert set(accs) == {"-", "A", "B", "C"}
+    assert accs["-"] > 0.9 and accs["C"] > 0.8  # scheme C starts from the trained weights
+    assert result["rows"][1]["teacher_acc"] is not None  # scheme A's jointly trained teacher
+    assert "| C |" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or not (ROOT / ".venv/bin/lowbit").exists(),
+                    reason="needs bash and the full install in .venv (make demo)")
+def test_edge_deploy(tmp_path: Path) -> None:
+    res = run(["bash", str(EXAMPLES / "edge_deploy.sh"), "--min-agreement", "0.95",
+               str(tmp_path)], ROOT)
+    assert "edge install OK: no torch, same accuracy" in res.stdout
+    assert percent("edge install: model.onnx: top-1 accuracy", res.stdout) > 50
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.ort").is_file()
+
+
+def test_demo(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = run([sys.executable, "-m", "lowbit.cli", "demo", "--out", str(out)], tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == "digits" and summary["test_images"] == 359
+    assert summary["teacher"]["test_acc"] > 0.95
+    for student in summary["students"].values():
+        assert student["test_acc"] > 0.9
+        assert len(student["history"]) == summary["budget"]["epochs"]
+    assert summary["students"]["kd_gslr"]["history"][-1]["soft_weight"] == 0.0  # GSLR's end
+    onnx, qonnx = summary["export"]["onnx"], summary["export"]["qonnx"]
+    assert onnx["verification"]["passed"] and qonnx["verification"]["passed"]
+    assert onnx["ort_acc"] > 0.9 and onnx["bits_per_weight"] < 4 < qonnx["bits_per_weight"]
+    assert [t["batch"] for t in onnx["latency"]] == [1, 8]
+    fp32, ternary = summary["footprint"]["fp32"], summary["footprint"]["ternary (exported)"]
+    assert ternary["weight_bytes"] * 8 < fp32["weight_bytes"]
+    assert set(ternary["peak_activation_bytes"]) == {"1", "8"}
+    for name in ("student.onnx", "student.qonnx.onnx", "teacher.pt", "student_kd_gslr.pt"):
+        assert (out / name).is_file(), name
+    for png in summary["plots"].values():
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "in onnxruntime" in res.stdout and "bits/w" in res.stdout
+
+
+@pytest.mark.parametrize("spec", ["cifar10:{tmp}/missing", "mnist"])
+def test_demo_bad_data(tmp_path: Path, spec: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "lowbit.cli", "demo", "--out",
+                          str(tmp_path / "demo"), "--data", spec.format(tmp=tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error:"), res.stderr
