@@ -243,6 +243,28 @@ def test_resnet20_export_agrees(tmp_path, bits, min_agreement):
     assert all(by_name[name] == packed for name in stored)
 
 
+def test_residual_add_forms(tmp_path):
+    """float: residual adds as Sum (onnxruntime leaves them unfused); integer: Add (fused into
+    QLinearAdd); 21 convs read quantized codes and get int32 biases either way."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 32, 32)
+    student = _student(models.create("resnet20").eval(), 2, x)
+    gate = Thresholds(min_agreement=0.0, max_steps=1e9)  # random net: structure only
+    ops = {}
+    for form in ("float", "integer"):
+        export(student, tmp_path / f"{form}.onnx", example_input=x[:1], formats=("onnx",),
+               verify=x, thresholds=gate, residual_add=form)
+        proto = onnx.load(str(tmp_path / f"{form}.onnx"))
+        ops[form] = [n.op_type for n in proto.graph.node]
+        int32 = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.INT32}
+        assert sum(n.op_type == "DequantizeLinear" and n.input[0] in int32
+                   for n in proto.graph.node) == 21  # (equal zero biases share bytes)
+    assert ops["float"].count("Sum") == ops["integer"].count("Add") == 9
+    assert "Add" not in ops["float"] and "Sum" not in ops["integer"]
+    with pytest.raises(ExportError, match="residual_add"):
+        export(student, tmp_path / "x.onnx", example_input=x[:1], residual_add="fast")
+
+
 class _DepthwiseNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
