@@ -206,12 +206,7 @@ def test_resnet_student_front_ends_agree(tmp_path):
     from lowbit.export import Thresholds, export
     from lowbit.quant import calibrate, quantize
 
-    torch.manual_seed(0)
-    model = models.create("resnet20")
-    for m in model.modules():  # init BatchNorms fold to equal zero biases the file shares
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.bias.data.normal_(0, 0.2)
+    model = _randomize_bn(models.create("resnet20"))  # init BNs fold to shared zero biases
     x = torch.randn(8, 3, 32, 32)
     student = calibrate(quantize(model), [x]).eval()
     path = tmp_path / "r.onnx"

@@ -159,13 +159,12 @@ def _onnx_runner(proto: onnx.ModelProto, optimization: str):
 
 def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
                weight_form: str = "cast", ternary_storage: str = "trits",
-               residual_add: str = "float",
                ) -> tuple[onnx.ModelProto, dict[str, str], list, list[Act]]:
-    """The packed standard-ONNX graph of ``student`` (unverified, no metadata), with the
-    weight storage per layer and the student's layer and activation infos."""
-    from ..quant import act_quants, bake_integer_bias, quant_layers
+    """The packed standard-ONNX graph of a baked ``student`` (``bake_integer_bias``: no
+    eval-mode hooks to trace), unverified and without metadata, with the weight storage per
+    layer and the student's layer and activation infos. Residual adds stay ``Add``."""
+    from ..quant import act_quants, quant_layers
 
-    student = bake_integer_bias(student)  # integer biases as plain biases: traceable
     layers = quant_layers(student)
     acts = [Act(a.name, a.bits, a.signed, a.scale.detach().float().numpy(),
                 a.zero_point.detach().numpy().round().astype(np.int64))
@@ -189,7 +188,6 @@ def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAUL
     for rewrite in (RemoveStaticGraphInputs(), FoldBatchNorm(),
                     PackWeights(codes, cast=weight_form == "cast"), QuantizeBias(bias_inputs),
                     QuantizeActivations(),
-                    *([FloatResidualAdds()] if residual_add == "float" else []),
                     SetOpset(opset, min(opset, TRACE_OPSET))):
         model = model.transform(rewrite)
     keep = frozenset([*storage, meta.TRITS_TABLE])  # layer-named weights, the shared trit table
@@ -274,31 +272,40 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     student, notes = _student(model, bits, calib)
     inputs, source = _verify_inputs(verify, data, example)
 
+    from ..quant import bake_integer_bias
+
     built: dict[str, tuple[Path, onnx.ModelProto]] = {}
     checks: dict[str, Verification] = {}
-    # "auto": the faster integer adds, unless they miss the gate where float adds pass
-    forms = ["integer", "float"] if residual_add == "auto" else [residual_add]
-    for form in forms:
-        proto, storage, layers, acts = build_onnx(student, example, opset=opset,
-                                                  weight_form=weight_form,
-                                                  ternary_storage=ternary_storage,
-                                                  residual_add=form)
-        step = _output_step(layers, acts)
-        if "onnx" not in formats:
-            break
+    baked = bake_integer_bias(student)  # integer biases as plain biases: traceable
+    proto, storage, layers, acts = build_onnx(baked, example, opset=opset,
+                                              weight_form=weight_form,
+                                              ternary_storage=ternary_storage)
+    step = _output_step(layers, acts)
+
+    def float_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return ModelWrapper(proto).transform(FloatResidualAdds(), cleanup=False).model
+
+    def check_onnx(proto: onnx.ModelProto) -> None:
         checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto, "basic"),
                                  inputs, step, thresholds)
         checks["onnx-int"] = compare("onnx-int", source, student, _onnx_runner(proto, "all"),
                                      inputs, step, thresholds)
+
+    if "onnx" in formats:
+        if residual_add == "float":
+            proto = float_adds(proto)
+        check_onnx(proto)
+        # "auto": the faster integer adds, unless they miss the gate where float adds pass
+        if residual_add == "auto" and checks["onnx"].passed and not checks["onnx-int"].passed:
+            notes.append(f"integer residual adds (onnxruntime's QLinearAdd) agreed on "
+                         f"{checks['onnx-int'].agreement:.2%} only; residual adds kept in float")
+            proto = float_adds(proto)
+            check_onnx(proto)
         built["onnx"] = (path, proto)
-        if checks["onnx-int"].passed or form == forms[-1] or not checks["onnx"].passed:
-            break
-        notes.append(f"integer residual adds (onnxruntime's QLinearAdd) agreed on "
-                     f"{checks['onnx-int'].agreement:.2%} only; residual adds kept in float")
     if "qonnx" in formats:
         from ._qonnx import build_qonnx, qonnx_runner
 
-        qproto = build_qonnx(student, example)
+        qproto = build_qonnx(baked, example)
         # qonnx's Python executor is slow: a subset of the verification inputs suffices for
         # the QONNX graph, which runs Brevitas' own quantizer math.
         checks["qonnx"] = compare("qonnx", source, student, qonnx_runner(qproto),

@@ -70,13 +70,13 @@ class SnapWeightsToCodes(Transformation):
 
 
 def build_qonnx(student: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
-    """Brevitas ``export_qonnx`` of ``student``, qonnx's ``cleanup_model``, weights snapped."""
+    """Brevitas ``export_qonnx`` of a baked ``student`` (``bake_integer_bias``: integer biases
+    as plain float biases), qonnx's ``cleanup_model``, weights snapped."""
     from brevitas.export import export_qonnx
     from qonnx.util.cleanup import cleanup_model
 
-    from ..quant import bake_integer_bias, quant_layers
+    from ..quant import quant_layers
 
-    student = bake_integer_bias(student)  # integer biases as plain (rounded) float biases
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

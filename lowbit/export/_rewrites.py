@@ -4,9 +4,9 @@ Each is a qonnx ``Transformation``: ``apply(model) -> (model, changed)`` over a 
 ``ModelWrapper``, run with ``model.transform(Rewrite(...))`` until nothing changes. Applied in
 order by :func:`lowbit.export.export`: ``RemoveStaticGraphInputs`` (qonnx) ->
 :class:`FoldBatchNorm` -> :class:`PackWeights` -> :class:`QuantizeBias` ->
-:class:`QuantizeActivations` -> :class:`FloatResidualAdds` ->
-:class:`SetOpset` -> :class:`ShareConstants` -> :class:`DropDefaultAttributes` ->
-:class:`ShortenNames`.
+:class:`QuantizeActivations` -> :class:`SetOpset` -> :class:`ShareConstants` ->
+:class:`DropDefaultAttributes` -> :class:`ShortenNames`; then, where residual adds are kept in
+float, :class:`FloatResidualAdds` on the finished graph.
 """
 
 from __future__ import annotations

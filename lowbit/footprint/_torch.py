@@ -86,6 +86,7 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     input_bits = act_bits.get("input_quant", FP32) if "input_quant" not in called else FP32
     ops, outputs = [], []
+    table_counted = False  # the trits' decoding table is stored once per model
     for node in graph.nodes:
         if node.op == "output":
             outputs = _nodes(node.args)
@@ -99,9 +100,9 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         kind, name, params, macs, bits = _classify(node, modules, weight_bits, act_bits, shape)
         if kind is None or shape is None:  # shape queries and other non-tensor results
             continue
-        if weight_bits.get(name) == TRITS_BITS and not any(
-                p.role == "table" for op in ops for p in op.params):
+        if weight_bits.get(name) == TRITS_BITS and not table_counted:
             params = [*params, Param("table", TRITS_TABLE_ELEMENTS, 8)]  # decoding table, once
+            table_counted = True
         ops.append(Op(name, kind, [a for a in _nodes((node.args, node.kwargs)) if a in shapes],
                       node.name, shape, params, macs, bits))
     return fuse(source, ops, outputs)

@@ -35,7 +35,7 @@ from brevitas.core.function_wrapper import TensorClamp
 from brevitas.inject import value
 from brevitas.inject.enum import RestrictValueType, ScalingPerOutputType
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
-from brevitas.quant.base import IntQuant, NarrowIntQuant, UintQuant
+from brevitas.quant.base import NarrowIntQuant, UintQuant
 from brevitas.quant.scaled_int import Int8WeightPerChannelFloat
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 
@@ -194,13 +194,8 @@ class _UnsignedAct(UintQuant, ActQuantSolver):
     init_steps = ACT_INIT_STEPS
 
 
-class _SignedAct(IntQuant, ActQuantSolver):
-    tensor_quant = FakeQuantAct
-    scaling_impl = LearnedRange
-    scaling_per_output_type = ScalingPerOutputType.TENSOR
-    restrict_scaling_type = RestrictValueType.FP
-    range_shape = ()
-    init_steps = ACT_INIT_STEPS
+class _SignedAct(_UnsignedAct):
+    signed = True  # Brevitas' IntQuant differs from UintQuant by this alone
 
 
 # ------------------------------------------------------------------------ layer constructors

@@ -22,6 +22,7 @@ torch.fx trace of the float model; a model fx cannot trace gets neither):
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import operator
@@ -210,15 +211,15 @@ def _roles(model: nn.Module, residual: bool) -> _Roles:
             return node.target + ".output_quant"
         return None
 
-    uses = [n.target for n in calls]
+    uses = collections.Counter(n.target for n in calls)
     for node in calls:
-        if node.target not in layers or uses.count(node.target) != 1:
+        if node.target not in layers or uses[node.target] != 1:
             continue
         act = quantizer(node.args[0])
         users = list(node.users)
         bn = users[0].target if len(users) == 1 and users[0].op == "call_module" and \
             isinstance(mods[users[0].target], _BATCHNORM) and \
-            uses.count(users[0].target) == 1 else None
+            uses[users[0].target] == 1 else None
         if act is not None and (bn is not None or mods[node.target].bias is not None):
             roles.bias_inputs[node.target] = (act, bn)
     return roles
