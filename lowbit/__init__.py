@@ -28,6 +28,7 @@ _API = {
     "convert_ort": "lowbit.runtime",
     "load_model": "lowbit._checkpoint",
     "save_checkpoint": "lowbit._checkpoint",
+    "LowbitError": "lowbit.errors",
 }
 _RENAMED = {"save_checkpoint": "save"}
 

@@ -24,13 +24,10 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write
+from .errors import CheckpointError
 
 FORMAT = "lowbit.checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A file is not a loadable lowbit checkpoint."""
 
 
 def data_info(data) -> dict[str, Any]:

@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A dataset is missing, truncated, corrupt or in the wrong format."""
+from .errors import DataError
 
 
 @dataclass(frozen=True)

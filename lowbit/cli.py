@@ -10,7 +10,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
+from .errors import LowbitError
+
+ERRORS: tuple[type[Exception], ...] = (LowbitError, ValueError, OSError)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -555,19 +557,11 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _
                                                                      _add_footprint, _add_export]
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """ERRORS plus ``TrainingError`` once ``lowbit.distill`` is loaded: looked up, not imported,
-    so the torch-free subcommands (run, bench, convert-ort) work in an install without torch.
-    lowbit's other user-facing errors (DataError, CheckpointError, ...) are ValueErrors."""
-    distill = sys.modules.get("lowbit.distill")
-    return ERRORS + ((distill.TrainingError,) if distill is not None else ())
-
-
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except _user_errors() as exc:  # evaluated after func ran: sees the modules it imported
+    except ERRORS as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

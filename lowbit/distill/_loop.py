@@ -24,11 +24,8 @@ from tqdm.auto import tqdm
 from .. import _checkpoint
 from .._io import write_json
 from ..data import Dataset, Loader
+from ..errors import TrainingError
 from . import _dist
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, mismatched resume state)."""
 
 
 @dataclass(frozen=True)

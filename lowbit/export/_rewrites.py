@@ -18,12 +18,9 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
 from .. import _onnx_meta as meta
+from ..errors import ExportError
 from ._pack import make_tensor, trits_table
 from ._trace import DOMAIN
-
-
-class ExportError(ValueError):
-    """The model cannot be exported as asked, or the export failed verification."""
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:

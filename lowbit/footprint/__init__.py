@@ -16,7 +16,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from ._graph import FootprintError, Graph
+from ..errors import FootprintError
+from ._graph import Graph
 from ._report import PRECISIONS, Footprint, LayerFootprint, check_batch_sizes, check_bits
 
 __all__ = ["PRECISIONS", "Footprint", "FootprintError", "LayerFootprint", "footprint", "plot"]

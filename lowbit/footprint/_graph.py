@@ -36,10 +36,6 @@ POOL = "pool"
 WEIGHTED = (CONV, LINEAR)
 
 
-class FootprintError(ValueError):
-    """A model the analyzer cannot account for (unknown ops, no shapes, bad settings)."""
-
-
 @dataclass(frozen=True)
 class Param:
     """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias|table;

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from ._graph import FP32, INPUT, WEIGHTED, FootprintError, Graph, Layer, with_bits
+from ..errors import FootprintError
+from ._graph import FP32, INPUT, WEIGHTED, Graph, Layer, with_bits
 
 MAX_BATCH = 1 << 30  # crossover search bound
 

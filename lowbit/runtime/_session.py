@@ -21,6 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from .. import _datafiles
 from .. import _onnx_meta as meta
+from ..errors import InputError, ModelError
 from ._bench import Timing, time_calls
 
 # Every exception class onnxruntime raises from C++ (none derives from a Python built-in).
@@ -36,14 +37,6 @@ OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,  # + QDQ -> QLinearConv etc.
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,  # + layout (NCHWc) transforms
 }
-
-
-class ModelError(ValueError):
-    """A model file is missing, not ONNX/ORT, or not an image classifier lowbit can drive."""
-
-
-class InputError(ValueError):
-    """An input batch does not match the model (shape, dtype, size)."""
 
 
 def ort_message(exc: Exception) -> str:
