@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE
+from ..errors import FootprintError
 from ._graph import (
     ADD,
     AFFINE,
@@ -34,7 +35,6 @@ from ._graph import (
     POOL,
     UNARY,
     VIEW,
-    FootprintError,
     Graph,
     Op,
     Param,

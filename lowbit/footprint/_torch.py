@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE_ELEMENTS
+from ..errors import FootprintError
 from ._graph import (
     ADD,
     AFFINE,
@@ -30,7 +31,6 @@ from ._graph import (
     POOL,
     UNARY,
     VIEW,
-    FootprintError,
     Graph,
     Op,
     Param,
