@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import _checkpoint, data, models
 from ._io import atomic_write, write_json
 from .distill import GSLR, distill, evaluate, train
+from .errors import UsageError
 from .export import export
 from .footprint import footprint, plot
 from .quant import quantize
@@ -65,7 +66,7 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
     out = Path(out_dir)
     kind = data_spec.partition(":")[0]
     if kind not in BUDGETS:
-        raise ValueError(f"lowbit demo runs on digits or cifar10:DIR (the shipped teacher is "
+        raise UsageError(f"lowbit demo runs on digits or cifar10:DIR (the shipped teacher is "
                          f"a CIFAR-10 ResNet20), got --data {data_spec!r}")
     budget = BUDGETS[kind]
     budget = replace(budget, **{k: v for k, v in {"epochs": epochs, "limit": limit,

@@ -13,7 +13,8 @@ integer type (the opset ladder):
     8            INT8          INT8     INT8
 
 Every file is built and verified in memory first and written only if it passes the gate, by
-``lowbit._io.atomic_write`` (temp file + rename): a failed export leaves no file behind.
+``lowbit._io.atomic_write_all`` (temp files + renames, the files as a pair): a failed
+export leaves no file behind.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 
 from .. import __version__
 from .. import _onnx_meta as meta
-from .._io import atomic_write
+from .._io import atomic_write_all
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -318,10 +319,12 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     if failed:
         raise ExportError("verification failed, nothing written: " + "; ".join(failed))
     num_classes = len(step)
+    writes = {}
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
         _set_metadata(p, _metadata(student, data, storage, ran, num_classes))
-        atomic_write(out, lambda tmp, p=p: onnx.save(p, tmp))
+        writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
+    atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
                         student.lowbit_quant, tuple(notes))
 

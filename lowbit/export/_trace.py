@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import _onnx_meta as meta
+from ..errors import ExportError
 
 DOMAIN = "lowbit"
 TRACE_OPSET = 18  # TorchScript export opset; SetOpset moves the graph to the target opset
@@ -97,8 +98,8 @@ def _float_layer(old: nn.Module, info) -> nn.Module:
     elif isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, old.out_features, bias)
     else:
-        raise TypeError(f"{info.name}: cannot export a quantized {type(old).__name__} "
-                        f"(supported: Conv2d, Linear)")
+        raise ExportError(f"{info.name}: cannot export a quantized {type(old).__name__} "
+                          f"(supported: Conv2d, Linear)")
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias:

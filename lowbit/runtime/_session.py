@@ -21,7 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from .. import _datafiles
 from .. import _onnx_meta as meta
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, UsageError
 from ._bench import Timing, time_calls
 
 # Every exception class onnxruntime raises from C++ (none derives from a Python built-in).
@@ -49,10 +49,11 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
     """CPU session options: ``threads`` intra-op threads (None: onnxruntime's default, one per
     physical core), sequential execution, graph optimisation level by name."""
     if optimization not in OPTIMIZATION:
-        raise ValueError(f"unknown optimization {optimization!r}; expected one of "
+        raise UsageError(f"unknown optimization {optimization!r}; expected one of "
                          f"{', '.join(OPTIMIZATION)}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 (or None for onnxruntime's default), got {threads}")
+        raise UsageError(f"threads must be >= 1 (or None for onnxruntime's default), got "
+                         f"{threads}")
     so = ort.SessionOptions()
     so.graph_optimization_level = OPTIMIZATION[optimization]
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -163,7 +164,7 @@ class Session:
     def __init__(self, path: str | Path, threads: int | None = None, *,
                  optimization: str = "all", max_batch: int = 256) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise UsageError(f"max_batch must be >= 1, got {max_batch}")
         self.path = Path(path).expanduser()
         self.threads, self.optimization, self.max_batch = threads, optimization, max_batch
         self._ort = load_session(self.path, session_options(threads, optimization))
