@@ -118,7 +118,7 @@ def load(path: str | Path) -> dict[str, Any]:
     _check_kind(path)
     try:
         with warnings.catch_warnings():  # torch's notes on refused pickles: the error says it
-            warnings.filterwarnings("ignore", module=r"torch\.serialization")
+            warnings.filterwarnings("ignore", module=r"torch\.(serialization|_weights_only)")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -213,8 +213,8 @@ def build(ckpt: dict[str, Any], where: str = "checkpoint") -> nn.Module:
     need = sum(t.numel() for t in probe.state_dict().values())
     have = sum(t.numel() for t in ckpt["state_dict"].values())
     if need > have:
-        raise CheckpointError(f"{where}: {name} with {kwargs} has {need:,} parameters but the "
-                              f"checkpoint stores {have:,} values; the file is inconsistent")
+        raise CheckpointError(f"{where}: state dict does not fit {name} with {kwargs}: that "
+                              f"needs {need:,} values, the checkpoint stores {have:,}")
     model = models.create(name, **kwargs)
     if ckpt.get("quant") is not None:
         from .quant import QuantSpec, quantize

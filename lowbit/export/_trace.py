@@ -125,7 +125,10 @@ def trace(model: nn.Module, example: torch.Tensor, opset: int = TRACE_OPSET) -> 
     """TorchScript ONNX export with BatchNorm kept, named parameters and a dynamic batch."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # legacy-exporter deprecation, custom-op shape notes
+        # the TorchScript exporter's own notes (its deprecation, tracer and shape notes)
+        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         # keep_initializers_as_inputs: no de-duplication of equal parameters (it would wire
         # them through Identity nodes); do_constant_folding=False: BatchNorm stays for
         # FoldBatchNorm and parameters keep their module names.

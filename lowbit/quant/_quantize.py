@@ -149,11 +149,22 @@ def calibrate(student: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
 
 def _check_supported(model: nn.Module) -> None:
     for name, m in model.named_modules():
+        _check_batchnorm(name, m)
         if isinstance(m, _QUANTIZED + _FLOAT_OK) or next(m.parameters(recurse=False), None) is None:
             continue
         raise QuantizeError(f"layer {name!r} is a {type(m).__module__}.{type(m).__name__} holding "
                             f"weights lowbit cannot quantize; supported: Conv2d (incl. grouped/"
                             f"depthwise) and Linear, with float BatchNorm1d/2d")
+
+
+def _check_batchnorm(name: str, m: nn.Module) -> None:
+    """A BatchNorm without running statistics normalises by batch statistics in eval mode
+    too: it cannot be folded into the integer convolution before it, and the student's eval
+    forward fails. Refused here, before any training."""
+    if isinstance(m, _FLOAT_OK) and not m.track_running_stats:
+        raise QuantizeError(f"layer {name!r} is a {type(m).__name__}(track_running_stats=False): "
+                            f"it has no running statistics to fold into the layer before it; "
+                            f"build it with track_running_stats=True")
 
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
