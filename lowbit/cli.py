@@ -286,7 +286,8 @@ def _progress(total: int, desc: str):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
+                disable=None)  # None: no bar when stderr is not a terminal
 
 
 def _runtime_run(args: argparse.Namespace) -> None:

@@ -172,6 +172,8 @@ def load_session(path: str | Path, so: ort.SessionOptions) -> ort.InferenceSessi
         return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
         msg = ort_message(exc)
+        if "Unsupported model IR version" in msg:  # drop onnxruntime's source location
+            msg = "Unsupported model IR version" + msg.split("Unsupported model IR version")[-1]
         raise ModelError(f"{p}: not a model onnxruntime {ort.__version__} can load; expected an "
                          f"ONNX or ORT-format file ({msg}){_newer_runtime_hint(msg)}") from None
 
