@@ -468,7 +468,7 @@ def _add_footprint(sub: argparse._SubParsersAction) -> None:
         "name (float, with --input-shape). BatchNorm is counted folded into the preceding "
         "conv (as exported); ReLU/quantizers run in place.")
     p.add_argument("model", metavar="MODEL", help=".onnx file, lowbit checkpoint or model name")
-    p.add_argument("--batch", type=_positive, nargs="+", default=[1, 8, 64], metavar="N",
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], metavar="N",
                    help="batch sizes (default: 1 8 64)")
     p.add_argument("--bits", nargs="+", default=None, metavar="W[/A]",
                    help="what-if precisions: W-bit weights and A-bit activations (A defaults "
