@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> None:
         kwargs["width"] = args.width
     model = models.create(args.arch, **kwargs)
     _, record = train(model, train_set, test_set, _train_config(args), out=args.output,
-                      resume=args.resume)
+                      resume=args.resume, progress=not args.quiet)
     print(f"{args.arch} on {train_set.name}: test accuracy {record['val_acc']:.2%} "
           f"-> {args.output}")
 
@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace) -> None:
     model, ckpt = _checkpoint.load_model(args.checkpoint)
     test_set = data.load(args.data, train=False)
     _checkpoint.check_data(ckpt, test_set, args.checkpoint, args.data)
-    acc = evaluate(model, test_set)
+    acc = evaluate(model, test_set, progress=not args.quiet)
     print(f"{args.checkpoint}: {ckpt['arch']['name']} top-1 accuracy {acc:.2%} on "
           f"{len(test_set)} {test_set.name} test images")
 
@@ -174,7 +174,8 @@ def _distill(args: argparse.Namespace) -> None:
                   lam=args.lam, alpha=args.alpha, beta=args.beta, gamma=args.gamma, gslr=gslr,
                   teacher_grad=args.teacher_grad, teacher_precision=args.teacher_precision)
     _, record = distill(student, teacher, train_set, test_set, kd, _train_config(args),
-                        out=args.output, resume=args.resume, teacher_out=args.teacher_out)
+                        out=args.output, resume=args.resume, teacher_out=args.teacher_out,
+                        progress=not args.quiet)
     print(f"{arch} student ({args.bits}-bit weights, {args.act_bits}-bit activations, scheme "
           f"{args.scheme}) on {train_set.name}: test accuracy {record['val_acc']:.2%} "
           f"-> {args.output}")
@@ -297,7 +298,7 @@ def _runtime_run(args: argparse.Namespace) -> None:
     session = Session(args.model, threads=args.threads, max_batch=args.batch_size)
     test = _datafiles.load(args.data, train=False)
     n = min(len(test.labels), args.limit) if args.limit else len(test.labels)
-    bar = _progress(n, "evaluating")
+    bar = None if args.quiet else _progress(n, "evaluating")
     acc = session.evaluate(test, limit=n, progress=bar.update if bar else None)
     if bar:
         bar.close()
@@ -528,11 +529,11 @@ def _export(args: argparse.Namespace) -> None:
         result = export(model, out, bits=args.bits, formats=formats, opset=args.opset,
                         verify=verify, calib=calib, data=info, weight_form=args.weight_form,
                         thresholds=thresholds, ternary_storage=args.ternary_storage,
-                        residual_add=args.residual_add)
-    for check in result.verification.values():
+                        residual_add=args.residual_add, progress=not args.quiet)
+    for check in result.verification.values() if not args.quiet else ():
         print(check)
-    for note in result.notes[1 if calib is not None else 0:]:  # the PTQ note is said above
-        print(f"note: {note}")
+    for note in result.notes[1 if calib is not None else 0:] if not args.quiet else ():
+        print(f"note: {note}")  # (the PTQ note is said above)
     kinds = sorted(set(result.storage.values()))
     for fmt, path in result.paths.items():
         print(f"{fmt}: {path} ({path.stat().st_size:,} bytes; weights stored as "
@@ -634,6 +635,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the result (and errors): no progress bars, per-epoch "
+                   "lines or verification details (bars are never shown off a terminal)")
+
+
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
@@ -662,6 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    for name in ("train", "distill", "eval", "run", "export"):
+        _add_quiet(sub.choices[name])
     return _run(parser, argv)
 
 
@@ -670,6 +679,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowbit-export`` (same as ``lowbit export``)."""
     parser = argparse.ArgumentParser(prog="lowbit-export", description=_EXPORT_DESCRIPTION)
     _export_arguments(parser)
+    _add_quiet(parser)
     return _run(parser, argv)
 
 

@@ -226,6 +226,22 @@ def test_quantize_refuses_batchnorm_without_running_stats():
         quantize(model, weight_bits=2)
 
 
+def test_quiet_prints_only_the_result_and_no_bar_off_a_terminal(tmp_path, student, capsys):
+    out = tmp_path / "t.pt"
+    assert main(["train", *TINY, "--epochs", "2", "--limit", "256", "-o", str(out)]) == 0
+    loud = capsys.readouterr()
+    assert "epoch=1" in loud.out + loud.err and "%|" not in loud.err  # lines, but no bar
+    assert main(["train", *TINY, "--epochs", "2", "--limit", "256", "-o", str(out),
+                 "--overwrite", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and len(quiet.out.splitlines()) == 1 and "test accuracy" in quiet.out
+    assert export_main([str(student), "--format", "onnx", "-o", str(tmp_path / "m.onnx"),
+                        "-q"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out.splitlines() == [
+        line for line in quiet.out.splitlines() if line.startswith("onnx: ")] and quiet.out
+
+
 # ------------------------------------------------------------------ one line, not a traceback
 
 

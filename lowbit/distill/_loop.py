@@ -85,12 +85,15 @@ class Run:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation)."""
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500,
+             progress: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation); ``progress``: a
+    bar on stderr while it runs (on a terminal only)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for x, y in Loader(data, batch_size):
+    for x, y in tqdm(Loader(data, batch_size), desc="evaluating", leave=False,
+                     disable=None if progress else True):
         logits = model(x.contiguous(memory_format=torch.channels_last))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
@@ -179,7 +182,7 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
         if val_data is not None:
             entry["val_acc"] = record["val_acc"] = evaluate(model, val_data)
         record["history"].append(entry)
-        if rank == 0:
+        if rank == 0 and progress:  # progress=False (--quiet): the final record only
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in entry.items()))
         save(step, finished=epoch + 1 == cfg.epochs)

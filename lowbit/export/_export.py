@@ -234,7 +234,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
            bits: int | None = None, formats: Sequence[str] = FORMATS, opset: int | None = None,
            verify: Any = None, calib: Iterable[torch.Tensor] | None = None, data: Any = None,
            thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast",
-           ternary_storage: str = "trits", residual_add: str = "auto") -> ExportResult:
+           ternary_storage: str = "trits", residual_add: str = "auto",
+           progress: bool = True) -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
@@ -249,8 +250,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     ladder below it). ``residual_add``: "integer" (onnxruntime fuses residual adds into
     QLinearAdd: fastest, but it rounds slightly differently, see ``FloatResidualAdds``),
     "float" (they run in float between the integer convolutions: exact) or "auto" (integer
-    when it passes the gate, else float, with a note). Raises ExportError, writing nothing,
-    when the gate fails.
+    when it passes the gate, else float, with a note). ``progress``: bars while the gate runs
+    (on a terminal only). Raises ExportError, writing nothing, when the gate fails.
     """
     path = Path(path)
     formats = tuple(dict.fromkeys(formats))
@@ -291,9 +292,9 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
 
     def check_onnx(proto: onnx.ModelProto) -> None:
         checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto, "basic"),
-                                 inputs, step, thresholds)
+                                 inputs, step, thresholds, progress=progress)
         checks["onnx-int"] = compare("onnx-int", source, student, _onnx_runner(proto, "all"),
-                                     inputs, step, thresholds)
+                                     inputs, step, thresholds, progress=progress)
 
     if "onnx" in formats:
         if residual_add == "float":
@@ -313,7 +314,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         # qonnx's Python executor is slow: a subset of the verification inputs suffices for
         # the QONNX graph, which runs Brevitas' own quantizer math.
         checks["qonnx"] = compare("qonnx", source, student, qonnx_runner(qproto),
-                                  inputs[:32], step, thresholds, batch_size=8)
+                                  inputs[:32], step, thresholds, batch_size=8,
+                                  progress=progress)
         built["qonnx"] = (path if formats == ("qonnx",) else qonnx_path(path), qproto)
     failed = [str(v) for v in checks.values() if not v.passed]
     if failed:
