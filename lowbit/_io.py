@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -77,13 +77,13 @@ def atomic_write_all(writes: Mapping[str | Path, Writer]) -> list[Path]:
     try:
         for path, write in zip(paths, writes.values(), strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmps.append(Path(tmp))
-            write(Path(tmp))
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+            # O_EXCL: never an existing file; mode 0o666 less the umask, as open() gives
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            tmps.append(tmp)
+            write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         for tmp, path in zip(tmps, paths, strict=True):
             os.replace(tmp, path)
     except BaseException:
@@ -91,12 +91,6 @@ def atomic_write_all(writes: Mapping[str | Path, Writer]) -> list[Path]:
             tmp.unlink(missing_ok=True)
         raise
     return paths
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str | Path, obj: object) -> Path:

@@ -517,8 +517,11 @@ def _export(args: argparse.Namespace) -> None:
                              f"needs calibration images; pass --verify-data (its training split "
                              f"calibrates)")
         calib_set = data.load(source, train=True).subset(args.calib)
-        calib = [data.normalize(calib_set.images[i:i + 128], calib_set.mean, calib_set.std)
-                 for i in range(0, len(calib_set), 128)]
+        from tqdm.auto import tqdm
+
+        calib = tqdm([data.normalize(calib_set.images[i:i + 128], calib_set.mean, calib_set.std)
+                      for i in range(0, len(calib_set), 128)], desc="calibrating",
+                     unit="batch", leave=False, disable=True if args.quiet else None)
         prog = getattr(args, "prog", "lowbit-export")
         print(f"{prog}: warning: {args.model} is a float model; quantizing it "
               f"post-training to {args.bits}-bit weights with {len(calib_set)} calibration "
