@@ -187,7 +187,11 @@ def _check_structure(path: Path, ckpt: dict[str, Any]) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()),
         "'state_dict' must map names to tensors")
     need(isinstance(ckpt["record"], dict), "'record' must be a dict")
-    need(isinstance(ckpt.get("resume", {}), dict), "'resume' must be a dict")
+    resume = ckpt.get("resume")
+    need(resume is None or (isinstance(resume, dict) and isinstance(resume.get("step"), int)
+                            and isinstance(resume.get("optimizer"), dict)
+                            and isinstance(resume.get("extra"), dict)),
+         "'resume' must be {'step': int, 'optimizer': dict, 'extra': dict}")
 
 
 def _first_line(exc: BaseException) -> str:

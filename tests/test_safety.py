@@ -258,6 +258,7 @@ def _crafted(tmp_path: Path, teacher: Path, name: str, edit) -> Path:
     ("no_shape.pt", lambda c: c["data"].pop("input_shape"), "input_shape"),
     ("huge.pt", lambda c: c["arch"]["kwargs"].update(width=10**6), "does not fit"),
     ("unknown.pt", lambda c: c["arch"].update(name="nope"), "cannot build"),
+    ("resume.pt", lambda c: c.update(resume={"step": "3"}), "'resume' must be"),
 ])
 def test_crafted_checkpoints_give_one_line(tmp_path, teacher, capsys, name, edit, words):
     path = _crafted(tmp_path, teacher, name, edit)
