@@ -2,7 +2,8 @@
 # Edge deployment: train and export with the full install, run the model where only numpy and
 # onnxruntime are installed (`pip install .` without extras: no torch, no onnx).
 #
-#   examples/edge_deploy.sh [--data digits|cifar10:DIR] [--bits 2|4] [--min-agreement F] [WORKDIR]
+#   examples/edge_deploy.sh [--data digits|cifar10:DIR] [--bits 2|4] [--min-agreement F]
+#                           [--no-oldest] [WORKDIR]
 #
 # 1. Full install (.venv, `make demo` creates it): a float teacher (digits: trained here in
 #    seconds; CIFAR-10: the shipped ResNet20), a ternary (or 4-bit) student distilled from it,
@@ -11,19 +12,23 @@
 # 3. The edge install evaluates and benchmarks the .onnx, converts it to onnxruntime's .ort
 #    format and evaluates that too, from the command line and from Python; the script fails
 #    unless all three accuracies equal the full install's.
+# 4. The oldest onnxruntime pyproject admits replaces the edge install's and runs the .onnx
+#    again, with the same accuracy (--no-oldest skips it).
 # tests/edge_install.sh (CI) runs this script on digits.
 set -euo pipefail
-DATA=digits BITS=2 MIN_AGREEMENT=0.999 WORK=""
+DATA=digits BITS=2 MIN_AGREEMENT=0.999 WORK="" OLDEST=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) DATA="$2"; shift 2 ;;
         --bits) BITS="$2"; shift 2 ;;
         --min-agreement) MIN_AGREEMENT="$2"; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --no-oldest) OLDEST=0; shift ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) WORK="$1"; shift ;;
     esac
 done
 cd "$(dirname "$0")/.."
+SRC="$PWD"
 FULL=.venv/bin
 EDGE=.venv-edge
 WORK="${WORK:-$(mktemp -d)}"
@@ -77,10 +82,20 @@ session = Session("model.onnx", threads=1)
 print(f"python API: accuracy {session.evaluate(sys.argv[1]):.2%}, classes {session.classes}")
 assert "torch" not in sys.modules
 PY
+# 4. The oldest admitted onnxruntime (pyproject's floor) on the same file.
+OLD_ACC="$EDGE_ACC"
+if [ "$OLDEST" = 1 ]; then
+    FLOOR=$(sed -n 's/.*"onnxruntime>=\([0-9.]*\)".*/\1/p' "$SRC/pyproject.toml" | head -1)
+    "$EDGE_BIN/python" -m pip install -q "onnxruntime==$FLOOR"
+    OLD_ACC=$("$EDGE_BIN/lowbit" run model.onnx --data "$TEST" --threads 1)
+    "$EDGE_BIN/python" -m pip install -q --upgrade -c "$SRC/constraints.txt" onnxruntime
+fi
 echo "full install: $FULL_ACC"
 echo "edge install: $EDGE_ACC"
 echo "edge (.ort):  $ORT_ACC"
+echo "oldest onnxruntime ${FLOOR:-(skipped)}: $OLD_ACC"
 [ "${FULL_ACC#*accuracy}" = "${EDGE_ACC#*accuracy}" ] \
     && [ "${EDGE_ACC#*accuracy}" = "${ORT_ACC#*accuracy}" ] \
+    && [ "${EDGE_ACC#*accuracy}" = "${OLD_ACC#*accuracy}" ] \
     || { echo "edge-install accuracy differs from the full install" >&2; exit 1; }
 echo "edge install OK: no torch, same accuracy ($WORK/model.onnx)"

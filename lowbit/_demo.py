@@ -9,7 +9,6 @@ summary.json, the checkpoints, the exported files, curves.png and footprint.png.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from . import _checkpoint, data, models
 from ._io import atomic_write, write_json
 from .distill import GSLR, distill, evaluate, train
+from .errors import UsageError
 from .export import export
 from .footprint import footprint, plot
 from .quant import quantize
@@ -65,7 +65,7 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
     out = Path(out_dir)
     kind = data_spec.partition(":")[0]
     if kind not in BUDGETS:
-        raise ValueError(f"lowbit demo runs on digits or cifar10:DIR (the shipped teacher is "
+        raise UsageError(f"lowbit demo runs on digits or cifar10:DIR (the shipped teacher is "
                          f"a CIFAR-10 ResNet20), got --data {data_spec!r}")
     budget = BUDGETS[kind]
     budget = replace(budget, **{k: v for k, v in {"epochs": epochs, "limit": limit,
@@ -110,10 +110,8 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
     save()
 
     _stage(3, "export the KD student: packed ONNX + QONNX, verified against PyTorch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer chatter; the verification says what matters
-        result = export(students["kd_gslr"], out / "student.onnx", formats=("onnx", "qonnx"),
-                        verify=test_set, data=train_set)
+    result = export(students["kd_gslr"], out / "student.onnx", formats=("onnx", "qonnx"),
+                    verify=test_set, data=train_set)
     for check in result.verification.values():
         print(f"  {check}")
     fp = footprint(result.paths["onnx"], BATCHES)
@@ -190,16 +188,14 @@ def _memory(fp) -> dict[str, Any]:
 
 def _plot_curves(summary: dict[str, Any], path: Path) -> Path:
     """Test accuracy, training loss and the KD soft weight per epoch of every trained model."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen, no global state
     from matplotlib.ticker import MaxNLocator
 
     runs = {f"student, {s['label']}": s["history"] for s in summary["students"].values()}
     if "history" in summary["teacher"]:
         runs = {"float teacher": summary["teacher"]["history"], **runs}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for i, (label, history) in enumerate(runs.items()):
         epochs = [h["epoch"] for h in history]
         style = {"marker": ".", "color": f"C{i}", "label": label}
@@ -216,10 +212,7 @@ def _plot_curves(summary: dict[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=7, frameon=False)
     fig.suptitle(f"lowbit demo on {summary['data']}", fontsize=10)
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
 
 
 def _table(summary: dict[str, Any]) -> str:

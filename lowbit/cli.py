@@ -1,24 +1,68 @@
 """Command line: ``lowbit train|eval|...`` and ``lowbit-export``.
 
 Each subcommand parses strings, calls the library function, prints. Errors the user can fix
-(bad paths, wrong files, bad settings) print one line and exit with status 2.
+(bad paths, wrong files, bad settings: a :class:`~lowbit.errors.LowbitError`) print one line
+and exit with status 2; anything else is a bug in lowbit and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 
-from .errors import LowbitError
+from ._io import check_outputs
+from .errors import LowbitError, UsageError
 
-ERRORS: tuple[type[Exception], ...] = (LowbitError, ValueError, OSError)
+
+def _number(kind: type, least: float, name: str) -> Callable[[str], float]:
+    """An argparse ``type=`` that parses ``kind`` and refuses values below ``least``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if not value >= least:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+_positive = _number(int, 1, "an integer >= 1")
+_non_negative = _number(int, 0, "an integer >= 0")
+_non_negative_float = _number(float, 0.0, "a number >= 0")
+
+
+def _check_run_outputs(args: argparse.Namespace, *inputs: object) -> None:
+    """``train``/``distill``: -o (and its .json record, --teacher-out) must not replace an
+    input, and replaces an existing checkpoint only with --overwrite (or continues it with
+    --resume)."""
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.suffix == ".json":
+        raise UsageError(f"-o {out}: the checkpoint needs another suffix than .json (its "
+                         f"training record is written beside it as {out.stem}.json)")
+    outputs = [out, out.with_suffix(".json"), getattr(args, "teacher_out", None)]
+    check_outputs(outputs, [p for p in inputs if isinstance(p, str) and Path(p).exists()])
+    if args.resume or args.overwrite:
+        return
+    check_outputs(outputs[:1], overwrite=False,
+                  hint="continue an unfinished run with --resume, or pass --overwrite to "
+                  "start over and replace it")
 
 
 def _train(args: argparse.Namespace) -> None:
     from . import data, models
     from .distill import train
 
+    _check_run_outputs(args, args.data.partition(":")[2] or args.data)
     train_set, test_set = data.load(args.data, train=True), data.load(args.data, train=False)
     if args.limit:
         train_set = train_set.subset(args.limit)
@@ -27,7 +71,7 @@ def _train(args: argparse.Namespace) -> None:
         kwargs["width"] = args.width
     model = models.create(args.arch, **kwargs)
     _, record = train(model, train_set, test_set, _train_config(args), out=args.output,
-                      resume=args.resume)
+                      resume=args.resume, progress=not args.quiet)
     print(f"{args.arch} on {train_set.name}: test accuracy {record['val_acc']:.2%} "
           f"-> {args.output}")
 
@@ -39,7 +83,7 @@ def _eval(args: argparse.Namespace) -> None:
     model, ckpt = _checkpoint.load_model(args.checkpoint)
     test_set = data.load(args.data, train=False)
     _checkpoint.check_data(ckpt, test_set, args.checkpoint, args.data)
-    acc = evaluate(model, test_set)
+    acc = evaluate(model, test_set, progress=not args.quiet)
     print(f"{args.checkpoint}: {ckpt['arch']['name']} top-1 accuracy {acc:.2%} on "
           f"{len(test_set)} {test_set.name} test images")
 
@@ -50,7 +94,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        "schedule. Writes a self-describing checkpoint every epoch; --resume "
                        "continues an interrupted run from it.")
     p.add_argument("--arch", default="resnet20", help="registered model name (lowbit models)")
-    p.add_argument("--width", type=int, default=None, help="channel multiplier (wide_resnet20)")
+    p.add_argument("--width", type=_positive, default=None,
+                   help="channel multiplier (wide_resnet20)")
     p.add_argument("--data", default="digits", help="cifar10:DIR, cifar100:DIR or digits")
     _add_training_options(p, lr=0.1)
     p.set_defaults(func=_train)
@@ -58,19 +103,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_training_options(p: argparse.ArgumentParser, lr: float) -> None:
     """SGD and run options shared by ``train`` and ``distill`` (fields of ``TrainConfig``)."""
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=_positive, default=200)
+    p.add_argument("--batch-size", type=_positive, default=128)
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
-    p.add_argument("--warmup", type=float, default=0.0, help="warm-up epochs (linear)")
+    p.add_argument("--warmup", type=_non_negative_float, default=0.0,
+                   help="warm-up epochs (linear)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 autocast: ~2.5x faster on CPUs with AMX/AVX512-BF16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+    p.add_argument("--checkpoint-every", type=_non_negative, default=0, metavar="STEPS",
                    help="also checkpoint every N steps (default: each epoch)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--limit", type=_non_negative, default=0,
+                   help="use only the first N training images")
     p.add_argument("--resume", action="store_true", help="continue the run saved in -o")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at -o (default: refuse)")
     p.add_argument("-o", "--output", required=True, help="checkpoint path (.pt)")
 
 
@@ -89,6 +138,7 @@ def _distill(args: argparse.Namespace) -> None:
     from . import _checkpoint, data, models
     from .distill import GSLR, KDConfig, distill, student_for
 
+    _check_run_outputs(args, args.teacher, args.init, args.data.partition(":")[2] or args.data)
     train_set, test_set = data.load(args.data, train=True), data.load(args.data, train=False)
     if args.limit:
         train_set = train_set.subset(args.limit)
@@ -106,11 +156,11 @@ def _distill(args: argparse.Namespace) -> None:
         elif arch == teacher_arch:
             init, _ = _checkpoint.load_model(args.teacher)
         else:
-            raise ValueError(f"scheme C starts the {arch} student from trained float weights: "
+            raise UsageError(f"scheme C starts the {arch} student from trained float weights: "
                              f"pass --init FLOAT.pt (a {arch} checkpoint) or --arch "
                              f"{teacher_arch}")
         if init.lowbit_arch["name"] != arch:
-            raise ValueError(f"--init {args.init} is a {init.lowbit_arch['name']}, not {arch}")
+            raise UsageError(f"--init {args.init} is a {init.lowbit_arch['name']}, not {arch}")
     else:
         init = models.create(arch, **kwargs)
     student = student_for(args.scheme, init, weight_bits=args.bits, act_bits=args.act_bits)
@@ -118,13 +168,14 @@ def _distill(args: argparse.Namespace) -> None:
     if args.gslr:
         start, sep, end = args.gslr.partition(":")
         if not (sep and start.isdigit() and end.isdigit()):
-            raise ValueError(f"--gslr expects START:END epochs (e.g. 0:30), got {args.gslr!r}")
+            raise UsageError(f"--gslr expects START:END epochs (e.g. 0:30), got {args.gslr!r}")
         gslr = GSLR(int(start), int(end), end_value=args.gslr_to, shape=args.gslr_shape)
     kd = KDConfig(scheme=args.scheme, loss=args.loss, temperature=args.temperature,
                   lam=args.lam, alpha=args.alpha, beta=args.beta, gamma=args.gamma, gslr=gslr,
                   teacher_grad=args.teacher_grad, teacher_precision=args.teacher_precision)
     _, record = distill(student, teacher, train_set, test_set, kd, _train_config(args),
-                        out=args.output, resume=args.resume, teacher_out=args.teacher_out)
+                        out=args.output, resume=args.resume, teacher_out=args.teacher_out,
+                        progress=not args.quiet)
     print(f"{arch} student ({args.bits}-bit weights, {args.act_bits}-bit activations, scheme "
           f"{args.scheme}) on {train_set.name}: test accuracy {record['val_acc']:.2%} "
           f"-> {args.output}")
@@ -207,13 +258,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "images per student; change it with --epochs/--limit).")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--data", default="digits", help="digits (default) or cifar10:DIR")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=_positive, default=None,
                    help="epochs per student (default: digits 8, cifar10 2)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=_non_negative, default=None,
                    help="training images (default: digits all, cifar10 5000; 0: all)")
-    p.add_argument("--test-limit", type=int, default=None,
+    p.add_argument("--test-limit", type=_non_negative, default=None,
                    help="test images for every accuracy and the export check (default: all)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="onnxruntime intra-op threads (default: one per physical core)")
 
     def run(args: argparse.Namespace) -> None:
@@ -236,7 +287,8 @@ def _progress(total: int, desc: str):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="img", leave=False, file=sys.stderr,
+                disable=None)  # None: no bar when stderr is not a terminal
 
 
 def _runtime_run(args: argparse.Namespace) -> None:
@@ -246,7 +298,7 @@ def _runtime_run(args: argparse.Namespace) -> None:
     session = Session(args.model, threads=args.threads, max_batch=args.batch_size)
     test = _datafiles.load(args.data, train=False)
     n = min(len(test.labels), args.limit) if args.limit else len(test.labels)
-    bar = _progress(n, "evaluating")
+    bar = None if args.quiet else _progress(n, "evaluating")
     acc = session.evaluate(test, limit=n, progress=bar.update if bar else None)
     if bar:
         bar.close()
@@ -261,10 +313,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        "stored in the file, and the top-1 test accuracy is printed.")
     p.add_argument("model", help="exported .onnx or .ort file")
     p.add_argument("--data", required=True, help=_DATA_HELP)
-    p.add_argument("--limit", type=int, default=0, help="use only the first N test images")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--limit", type=_non_negative, default=0,
+                   help="use only the first N test images")
+    p.add_argument("--threads", type=_positive, default=None,
                    help="intra-op threads (default: onnxruntime's, one per physical core)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per onnxruntime call")
+    p.add_argument("--batch-size", type=_positive, default=256, help="images per onnxruntime call")
     p.set_defaults(func=_runtime_run)
 
 
@@ -272,6 +325,7 @@ def _runtime_bench(args: argparse.Namespace) -> None:
     from ._io import write_json
     from .runtime import Session, markdown_table, resident_bytes
 
+    check_outputs([args.json], [args.model])
     before = resident_bytes()
     session = Session(args.model, threads=args.threads)
     loaded = resident_bytes()
@@ -294,13 +348,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        "(median and p90 latency, images/s) and report resident memory after "
                        "loading the model.")
     p.add_argument("model", help="exported .onnx or .ort file")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], metavar="N",
+    p.add_argument("--batch", type=_positive, nargs="+", default=[1, 8, 64], metavar="N",
                    help="batch sizes (default: 1 8 64)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive, default=None,
                    help="intra-op threads (default: onnxruntime's, one per physical core)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per batch size")
-    p.add_argument("--repeat", type=int, default=20, help="minimum timed runs per batch size")
-    p.add_argument("--min-time", type=float, default=0.5,
+    p.add_argument("--warmup", type=_non_negative, default=5, help="untimed runs per batch size")
+    p.add_argument("--repeat", type=_positive, default=20, help="minimum timed runs per batch size")
+    p.add_argument("--min-time", type=_non_negative_float, default=0.5,
                    help="minimum seconds of timed runs per batch size")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     p.set_defaults(func=_runtime_bench)
@@ -343,7 +397,7 @@ def _precision(text: str) -> tuple[str, tuple[int, int]]:
         return text, PRECISIONS[text]
     w, _, a = text.partition("/")
     if not (w.isdigit() and (a.isdigit() or not a)):
-        raise ValueError(f"--bits expects W or W/A (e.g. 4, 2/4) or one of "
+        raise UsageError(f"--bits expects W or W/A (e.g. 4, 2/4) or one of "
                          f"{', '.join(PRECISIONS)}, got {text!r}")
     return text, (int(w), int(a or w))
 
@@ -356,14 +410,15 @@ def _footprint(args: argparse.Namespace) -> None:
     from .footprint import PRECISIONS, footprint, plot
 
     model = args.model
+    check_outputs([None if args.json == "-" else args.json, args.plot], [model])
     if not Path(model).exists() and "." not in Path(model).name:
         from . import models
 
         if model not in models.list():
-            raise ValueError(f"{model}: no such file and not a registered model "
+            raise UsageError(f"{model}: no such file and not a registered model "
                              f"({', '.join(models.list())})")
         if args.input_shape is None:
-            raise ValueError(f"a registered model needs --input-shape C H W (e.g. 3 32 32 for "
+            raise UsageError(f"a registered model needs --input-shape C H W (e.g. 3 32 32 for "
                              f"CIFAR, 1 8 8 for digits); {model} has no data attached")
         model = models.create(model, in_channels=args.input_shape[0])
     base = footprint(model, args.batch, input_shape=args.input_shape)
@@ -420,7 +475,7 @@ def _add_footprint(sub: argparse._SubParsersAction) -> None:
                    help="what-if precisions: W-bit weights and A-bit activations (A defaults "
                    "to W), or fp32|8-bit|4-bit|ternary; the table shows the first. Default: "
                    "the model's own bits, compared with fp32, 8-bit, 4-bit, ternary (2/4)")
-    p.add_argument("--input-shape", type=int, nargs="+", default=None, metavar="D",
+    p.add_argument("--input-shape", type=_positive, nargs="+", default=None, metavar="D",
                    help="input C H W (needed for a model name or an ONNX file with symbolic "
                    "spatial dims)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
@@ -436,15 +491,18 @@ def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from . import _checkpoint, data
-    from .export import Thresholds, export
+    from .export import Thresholds, export, qonnx_path
 
     thresholds = Thresholds(args.min_agreement, args.max_steps)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notes on refused pickles: the error says it
-        model, ckpt = _checkpoint.load_model(args.model)
+    model, ckpt = _checkpoint.load_model(args.model)
     info = ckpt["data"]
-    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     formats = {"onnx": ("onnx",), "qonnx": ("qonnx",), "both": ("onnx", "qonnx")}[args.format]
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    if not args.output and formats == ("qonnx",):
+        out = qonnx_path(out)  # MODEL.qonnx.onnx, as with --format both
+    outputs = [out, qonnx_path(out) if len(formats) == 2 else None,
+               out.with_suffix(".ort") if args.ort and "onnx" in formats else None]
+    check_outputs(outputs, [args.model, args.verify_data.partition(":")[2] or args.verify_data])
     verify = calib = None
     if args.verify_data != "random":
         verify = data.load(args.verify_data, train=False)
@@ -455,26 +513,30 @@ def _export(args: argparse.Namespace) -> None:
         source = args.verify_data if verify is not None else \
             ("digits" if info["name"] == "digits" else None)
         if source is None:
-            raise ValueError(f"{args.model} is a float checkpoint: post-training quantization "
+            raise UsageError(f"{args.model} is a float checkpoint: post-training quantization "
                              f"needs calibration images; pass --verify-data (its training split "
                              f"calibrates)")
         calib_set = data.load(source, train=True).subset(args.calib)
-        calib = [data.normalize(calib_set.images[i:i + 128], calib_set.mean, calib_set.std)
-                 for i in range(0, len(calib_set), 128)]
+        from tqdm.auto import tqdm
+
+        calib = tqdm([data.normalize(calib_set.images[i:i + 128], calib_set.mean, calib_set.std)
+                      for i in range(0, len(calib_set), 128)], desc="calibrating",
+                     unit="batch", leave=False, disable=True if args.quiet else None)
         prog = getattr(args, "prog", "lowbit-export")
         print(f"{prog}: warning: {args.model} is a float model; quantizing it "
               f"post-training to {args.bits}-bit weights with {len(calib_set)} calibration "
               f"images. Expect an accuracy drop: 'lowbit distill' recovers it.", file=sys.stderr)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the PTQ warning is printed above; library chatter
+        # the PTQ warning is printed above in the CLI's words
+        warnings.filterwarnings("ignore", message="float model quantized post-training")
         result = export(model, out, bits=args.bits, formats=formats, opset=args.opset,
                         verify=verify, calib=calib, data=info, weight_form=args.weight_form,
                         thresholds=thresholds, ternary_storage=args.ternary_storage,
-                        residual_add=args.residual_add)
-    for check in result.verification.values():
+                        residual_add=args.residual_add, progress=not args.quiet)
+    for check in result.verification.values() if not args.quiet else ():
         print(check)
-    for note in result.notes[1 if calib is not None else 0:]:  # the PTQ note is said above
-        print(f"note: {note}")
+    for note in result.notes[1 if calib is not None else 0:] if not args.quiet else ():
+        print(f"note: {note}")  # (the PTQ note is said above)
     kinds = sorted(set(result.storage.values()))
     for fmt, path in result.paths.items():
         print(f"{fmt}: {path} ({path.stat().st_size:,} bytes; weights stored as "
@@ -508,9 +570,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-data", default="random", metavar="cifar10:DIR|digits|random",
                    help="test images for the verification gate (default: 256 random inputs); "
                    "its training split also calibrates a float checkpoint")
-    p.add_argument("--verify-limit", type=int, default=0, metavar="N",
+    p.add_argument("--verify-limit", type=_non_negative, default=0, metavar="N",
                    help="verify on the first N test images only (default: all)")
-    p.add_argument("--calib", type=int, default=512, metavar="N",
+    p.add_argument("--calib", type=_positive, default=512, metavar="N",
                    help="calibration images for a float checkpoint (default 512)")
     p.add_argument("--min-agreement", type=float, default=0.999, metavar="FRACTION",
                    help="gate: least top-1 agreement with the PyTorch student (default 0.999)")
@@ -525,7 +587,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    "(INT2 at opset 25, INT4 at 21-24, INT8 below)")
     p.add_argument("--ort", action="store_true",
                    help="also write MODEL.ort (onnxruntime's ORT format, as lowbit convert-ort)")
-    p.add_argument("--max-steps", type=float, default=4.0, metavar="STEPS",
+    p.add_argument("--max-steps", type=_non_negative_float, default=4.0, metavar="STEPS",
                    help="gate: largest logit difference in output quantization steps (one "
                    "flipped code of the last activation times the largest last-layer weight; "
                    "default 4)")
@@ -557,16 +619,49 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _
                                                                      _add_footprint, _add_export]
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM (``kill``, a scheduler's time limit) unwind like Ctrl-C, so the temp files
+    of an unfinished write are removed; the previous handler is restored afterwards."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the result (and errors): no progress bars, per-epoch "
+                   "lines or verification details (bars are never shown off a terminal)")
+
+
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except ERRORS as exc:
+        with _terminate_as_interrupt():
+            args.func(args)
+    except LowbitError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001  (a bug: show it as one, with its traceback)
+        from . import __version__
+
+        traceback.print_exc()
+        print(f"{parser.prog}: internal error in lowbit {__version__}: this is a bug, please "
+              f"report it with the traceback above and the command line", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -577,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    for name in ("train", "distill", "eval", "run", "export"):
+        _add_quiet(sub.choices[name])
     return _run(parser, argv)
 
 
@@ -585,6 +682,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowbit-export`` (same as ``lowbit export``)."""
     parser = argparse.ArgumentParser(prog="lowbit-export", description=_EXPORT_DESCRIPTION)
     _export_arguments(parser)
+    _add_quiet(parser)
     return _run(parser, argv)
 
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.general import RemoveStaticGraphInputs
 
-from lowbit import _checkpoint, models
+from lowbit import _checkpoint, data, models
 from lowbit import _onnx_meta as meta
 from lowbit.cli import export_main
 from lowbit.data import normalize
@@ -161,7 +161,7 @@ def _check_file(path, n_in: tuple[int, ...]) -> onnx.ModelProto:
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    assert proto.ir_version <= 13  # what onnxruntime 1.2x-1.31 loads
+    assert proto.ir_version <= 13  # what onnxruntime 1.24.1 (pyproject's floor) loads
     assert [i.name for i in proto.graph.input] == [meta.INPUT_NAME]
     assert [o.name for o in proto.graph.output] == [meta.OUTPUT_NAME]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
@@ -208,28 +208,19 @@ def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, ternar
     assert (_ort(proto, x.numpy()).argmax(1) == ref.argmax(1)).mean() >= 0.98
 
 
-# Random-init ResNet20 on random inputs has near-tied logits and amplifies tiny differences
-# (perturbing one BatchNorm variance by 1e-6 moves its logits by ~0.3): float rounding alone
-# flips a few percent of its top-1, and at 4 bits the integer kernels' requantization a
-# quarter. This test checks the file's structure and the numeric bound (max_steps); agreement
-# on trained models is tested on digits above and on CIFAR-10 with the shipped students.
-@pytest.mark.parametrize("bits,min_agreement", [(2, 0.95), (4, 0.5)])
-def test_resnet20_export_agrees(tmp_path, bits, min_agreement):
-    torch.manual_seed(0)
-    model = models.create("resnet20").eval()
-    for m in model.modules():  # statistics like a trained network's (init ones make ties)
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
-    x = torch.randn(32, 3, 32, 32)
-    student = _student(model, bits, x)
-    result = export(student, tmp_path / "r.onnx", example_input=x[:1], formats=("onnx",),
-                    verify=torch.randn(64, 3, 32, 32),
-                    thresholds=Thresholds(min_agreement=min_agreement))
+# The shipped CIFAR-10 students pass the default gate on CIFAR-10 test images: 99.9% top-1
+# agreement, logits within 4 output steps (on random noise, or with random-init weights,
+# near-tied logits make float rounding alone flip a few percent).
+@pytest.mark.parametrize("name,bits", [("resnet20_cifar10_ternary", 2), ("resnet20_cifar10_w4", 4)])
+def test_resnet20_export_agrees(tmp_path, cifar10_dir, name, bits):
+    student, ckpt = _checkpoint.load_model(models.pretrained(name))
+    assert student.lowbit_quant.weight_bits == bits
+    test = data.load(f"cifar10:{cifar10_dir}", train=False).subset(1000)
+    result = export(student, tmp_path / "r.onnx", data=ckpt["data"], formats=("onnx",),
+                    verify=test)
     check = result.verification["onnx"]
-    assert check.passed and check.max_steps <= 4.0 and check.n == 64
+    assert check.passed and check.agreement >= 0.999 and check.max_steps <= 4.0
+    assert check.n == 1000 and result.verification["onnx-int"].passed
     proto = _check_file(tmp_path / "r.onnx", (3, 32, 32))
     n_weights = sum(p.numel() for n, p in student.named_parameters() if n.endswith("weight")
                     and p.ndim > 1)
@@ -248,8 +239,8 @@ def test_residual_add_forms(tmp_path):
     QLinearAdd); 21 convs read quantized codes and get int32 biases either way."""
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32)
-    student = _student(models.create("resnet20").eval(), 2, x)
-    gate = Thresholds(min_agreement=0.0, max_steps=1e9)  # random net: structure only
+    student = _checkpoint.load_model(models.pretrained("resnet20_cifar10_ternary"))[0]
+    gate = Thresholds(min_agreement=0.9)  # integer adds round differently (see FloatResidualAdds)
     ops = {}
     for form in ("float", "integer"):
         export(student, tmp_path / f"{form}.onnx", example_input=x[:1], formats=("onnx",),
@@ -327,8 +318,6 @@ def test_opset_ladder(digits_float, digits_split, tmp_path):
 def test_qonnx_executes_like_pytorch(digits_float, digits_split, tmp_path):
     from qonnx.core.onnx_exec import execute_onnx
 
-    from lowbit.export._qonnx import _ort_loadable_ir
-
     train, test = digits_split
     student = _student(digits_float, 2, normalize(train.images[:256], train.mean, train.std))
     result = export(student, tmp_path / "d.onnx", data=test, verify=test,
@@ -338,9 +327,8 @@ def test_qonnx_executes_like_pytorch(digits_float, digits_split, tmp_path):
     model = ModelWrapper(str(result.paths["qonnx"]))
     assert model.get_nodes_by_op_type("Quant")
     x = normalize(test.images[:3], test.mean, test.std)
-    with _ort_loadable_ir():
-        got = np.concatenate([execute_onnx(model, {model.graph.input[0].name: x[i:i + 1].numpy()}
-                                           )[model.graph.output[0].name] for i in range(3)])
+    got = np.concatenate([execute_onnx(model, {model.graph.input[0].name: x[i:i + 1].numpy()}
+                                       )[model.graph.output[0].name] for i in range(3)])
     np.testing.assert_allclose(got, student(x).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -395,10 +383,9 @@ def test_cli_float_checkpoint_is_quantized_with_warning(checkpoints, tmp_path, c
     code, stdout, err = _cli(capsys, checkpoints / "float.pt", "--bits", "8", "-o", out,
                              "--format", "onnx", "--calib", "256")
     assert "lowbit distill" in err and "post-training" in err
-    if code == 0:
-        assert out.is_file()
-    else:  # a post-training student may miss the gate; then nothing is written
-        assert "verification failed" in err and not out.exists()
+    assert code == 0, err  # the file reproduces the post-training student: it passes the gate
+    assert out.is_file() and stdout.count("-> passed") == 2
+    _check_file(out, (1, 8, 8))
 
 
 def _bad_files(root, good):

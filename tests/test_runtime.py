@@ -13,6 +13,7 @@ import torch
 from lowbit import _datafiles, _onnx_meta, data, models
 from lowbit.cli import main
 from lowbit.distill import evaluate, train
+from lowbit.errors import OutputError
 from lowbit.runtime import InputError, ModelError, Session, convert_ort, markdown_table
 
 
@@ -88,7 +89,7 @@ def test_ort_format_gives_identical_outputs(digits_model, digits_split, tmp_path
     assert b.info == a.info  # metadata survives the conversion
     x = digits_split[1].images.numpy()
     np.testing.assert_allclose(b.run(x), a.run(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="overwrite the input"):
+    with pytest.raises(OutputError, match="overwrite the input"):
         convert_ort(out, out)
 
 
@@ -177,7 +178,7 @@ def test_cli_run_bench_convert(digits_model, digits_split, tmp_path, capsys):
     (["run", "{missing}", "--data", "digits"], "missing.onnx: not found"),
     (["run", "{junk}", "--data", "digits"], "not a model onnxruntime"),
     (["run", "{model}", "--data", "mnist"], "unknown data spec 'mnist'"),
-    (["bench", "{model}", "--batch", "0"], "batch size must be >= 1"),
+    (["bench", "{model}", "--json", "{model}"], "would overwrite the input"),
     (["convert-ort", "{junk}"], "not a model onnxruntime"),
 ])
 def test_cli_errors_exit_2_with_one_line(digits_model, tmp_path, capsys, argv, message):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .. import _checkpoint
 from ..data import Dataset, Loader
+from ..errors import DataError, UsageError
 from . import _dist
 from ._loop import Run, TrainConfig, fit
 
@@ -58,14 +59,14 @@ class GSLR:
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_epoch < self.end_epoch:
-            raise ValueError(f"GSLR needs 0 <= start_epoch < end_epoch, got start_epoch="
+            raise UsageError(f"GSLR needs 0 <= start_epoch < end_epoch, got start_epoch="
                              f"{self.start_epoch}, end_epoch={self.end_epoch}")
         if self.shape not in SHAPES:
-            raise ValueError(f"GSLR shape must be one of {SHAPES}, got {self.shape!r}")
+            raise UsageError(f"GSLR shape must be one of {SHAPES}, got {self.shape!r}")
         for name in ("start_value", "end_value"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"GSLR {name} must be a finite number >= 0, got {value}")
+                raise UsageError(f"GSLR {name} must be a finite number >= 0, got {value}")
 
     def value(self, epoch: int, start_value: float) -> float:
         """Soft weight at (0-based) ``epoch``; ``start_value`` stands in for ``None``."""
@@ -101,29 +102,29 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+            raise UsageError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise UsageError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.lam <= 1:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+            raise UsageError(f"lam must be in [0, 1], got {self.lam}")
         for name in ("alpha", "beta", "gamma"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if isinstance(self.gslr, dict):
             object.__setattr__(self, "gslr", GSLR(**self.gslr))
         if self.loss == "hinton" and self.gslr is not None and \
                 max(self.gslr.start_value or 0, self.gslr.end_value) > 1:
-            raise ValueError("GSLR values are hinton's lam here and must be in [0, 1]")
+            raise UsageError("GSLR values are hinton's lam here and must be in [0, 1]")
         if self.teacher_precision not in (None, "fp32", "bf16"):
-            raise ValueError(f"teacher_precision must be 'fp32', 'bf16' or None, got "
+            raise UsageError(f"teacher_precision must be 'fp32', 'bf16' or None, got "
                              f"{self.teacher_precision!r}")
         if self.teacher_precision is not None and self.scheme == "A":
-            raise ValueError("teacher_precision applies to a frozen teacher (schemes B, C); "
+            raise UsageError("teacher_precision applies to a frozen teacher (schemes B, C); "
                              "scheme A trains the teacher at the training precision")
         if self.teacher_grad and self.scheme != "A":
-            raise ValueError(f"teacher_grad needs scheme 'A' (a jointly trained teacher); "
+            raise UsageError(f"teacher_grad needs scheme 'A' (a jointly trained teacher); "
                              f"scheme {self.scheme!r} freezes the teacher")
 
     def soft_weight(self, epoch: int) -> float:
@@ -230,14 +231,14 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Dataset) -> Non
         try:
             out = model(x)
         except RuntimeError as exc:
-            raise ValueError(f"the {role} cannot run on {data.name} inputs of shape "
-                             f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"the {role} cannot run on {data.name} inputs of shape "
+                            f"{tuple(x.shape[1:])}: {str(exc).splitlines()[0]}") from None
         finally:
             model.train(was_training)
         sizes[role] = tuple(out.shape[1:])
     if sizes["student"] != sizes["teacher"]:
-        raise ValueError(f"teacher outputs {sizes['teacher']} per example but the student "
-                         f"outputs {sizes['student']}; distillation needs the same classes")
+        raise DataError(f"teacher outputs {sizes['teacher']} per example but the student "
+                        f"outputs {sizes['student']}; distillation needs the same classes")
 
 
 def student_for(scheme: str, model: nn.Module, spec=None, **spec_fields: Any) -> nn.Module:
@@ -247,7 +248,7 @@ def student_for(scheme: str, model: nn.Module, spec=None, **spec_fields: Any) ->
     its architecture, freshly initialised. ``spec``/``spec_fields``: a ``QuantSpec``.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        raise UsageError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     from ..quant import quantize
 
     return quantize(model, spec, copy_weights=scheme == "C", **spec_fields)
@@ -276,18 +277,18 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dat
     """
     unknown = set(overrides) - _KD_FIELDS - _TRAIN_FIELDS
     if unknown:
-        raise ValueError(f"unknown distill settings: {', '.join(sorted(unknown))}")
+        raise UsageError(f"unknown distill settings: {', '.join(sorted(unknown))}")
     kd = KDConfig(**{**(asdict(kd) if kd else {}),
                      **{k: v for k, v in overrides.items() if k in _KD_FIELDS}})
     cfg = TrainConfig(**{**(config.__dict__ if config else {}),
                          **{k: v for k, v in overrides.items()
                             if k in _TRAIN_FIELDS and k not in _KD_FIELDS}})
     if teacher_out is not None and kd.scheme != "A":
-        raise ValueError(f"teacher_out saves a jointly trained teacher (scheme A); scheme "
+        raise UsageError(f"teacher_out saves a jointly trained teacher (scheme A); scheme "
                          f"{kd.scheme!r} leaves the teacher unchanged")
     teacher, teacher_info = _load_teacher(teacher)
     if teacher is student:
-        raise ValueError("the teacher and the student are the same module")
+        raise UsageError("the teacher and the student are the same module")
     _check_outputs(student, teacher, train_data)
     teacher = teacher.to(memory_format=torch.channels_last)
     extra = {}

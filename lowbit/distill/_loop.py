@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import _checkpoint
 from .._io import write_json
 from ..data import Dataset, Loader
-from ..errors import TrainingError
+from ..errors import TrainingError, UsageError
 from . import _dist
 
 
@@ -48,13 +48,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise UsageError("epochs and batch_size must be >= 1")
         if self.schedule not in ("cosine", "step"):
-            raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
+            raise UsageError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+            raise UsageError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0 and weight_decay >= 0")
+            raise UsageError("lr must be > 0 and weight_decay >= 0")
         object.__setattr__(self, "milestones", tuple(self.milestones))
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
@@ -85,12 +85,15 @@ class Run:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation)."""
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500,
+             progress: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation); ``progress``: a
+    bar on stderr while it runs (on a terminal only)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for x, y in Loader(data, batch_size):
+    for x, y in tqdm(Loader(data, batch_size), desc="evaluating", leave=False,
+                     disable=None if progress else True):
         logits = model(x.contiguous(memory_format=torch.channels_last))
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
@@ -120,7 +123,7 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
     data_info = _checkpoint.data_info(train_data)
     start_step, opt_state = 0, None
     if resume:  # before the optimiser is built: Brevitas re-creates quantizer parameters on load
-        start_step, record, opt_state = _restore(out, modules, record)
+        start_step, record, opt_state = _restore(out, modules, record, data_info)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
@@ -179,7 +182,7 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
         if val_data is not None:
             entry["val_acc"] = record["val_acc"] = evaluate(model, val_data)
         record["history"].append(entry)
-        if rank == 0:
+        if rank == 0 and progress:  # progress=False (--quiet): the final record only
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in entry.items()))
         save(step, finished=epoch + 1 == cfg.epochs)
@@ -187,14 +190,15 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
     return record
 
 
-def _restore(out: str | Path | None, modules: dict[str, nn.Module],
-             record: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]]:
+def _restore(out: str | Path | None, modules: dict[str, nn.Module], record: dict[str, Any],
+             data_info: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Load the model and extra modules from an unfinished checkpoint at ``out``.
 
     Returns the step to go on from, the record so far and the optimiser state to load.
 
-    Refuses a checkpoint whose settings (training config and every other entry of ``record``,
-    e.g. the distillation config and teacher) differ from this run's.
+    Refuses a checkpoint whose settings (architecture, quantization, data, training config
+    and every other entry of ``record``, e.g. the distillation config and teacher) differ
+    from this run's (``_checkpoint.check_resume``).
     """
     if out is None or not Path(out).exists():
         raise TrainingError(f"cannot resume: no checkpoint at {out}")
@@ -202,24 +206,11 @@ def _restore(out: str | Path | None, modules: dict[str, nn.Module],
     state = ckpt.get("resume")
     if state is None:
         raise TrainingError(f"cannot resume: {out} holds a finished run")
-    stored = ckpt["record"]
-    for key, value in record.items():
-        if key != "history" and _plain(stored.get(key)) != _plain(value):
-            raise TrainingError(f"cannot resume: {out} was trained with other settings "
-                                f"({key}: {stored.get(key)} here {value})")
+    _checkpoint.check_resume(out, ckpt, modules["model"], data_info, record)
     modules["model"].load_state_dict(ckpt["state_dict"])
     for k, sd in state["extra"].items():
         modules[k].load_state_dict(sd)
     return int(state["step"]), ckpt["record"], state["optimizer"]
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with tuples as lists, so settings read back from a checkpoint compare equal."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):

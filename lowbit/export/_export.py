@@ -13,7 +13,8 @@ integer type (the opset ladder):
     8            INT8          INT8     INT8
 
 Every file is built and verified in memory first and written only if it passes the gate, by
-``lowbit._io.atomic_write`` (temp file + rename): a failed export leaves no file behind.
+``lowbit._io.atomic_write_all`` (temp files + renames, the files as a pair): a failed
+export leaves no file behind.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 
 from .. import __version__
 from .. import _onnx_meta as meta
-from .._io import atomic_write
+from .._io import atomic_write_all
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -233,7 +234,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
            bits: int | None = None, formats: Sequence[str] = FORMATS, opset: int | None = None,
            verify: Any = None, calib: Iterable[torch.Tensor] | None = None, data: Any = None,
            thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast",
-           ternary_storage: str = "trits", residual_add: str = "auto") -> ExportResult:
+           ternary_storage: str = "trits", residual_add: str = "auto",
+           progress: bool = True) -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
@@ -248,8 +250,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     ladder below it). ``residual_add``: "integer" (onnxruntime fuses residual adds into
     QLinearAdd: fastest, but it rounds slightly differently, see ``FloatResidualAdds``),
     "float" (they run in float between the integer convolutions: exact) or "auto" (integer
-    when it passes the gate, else float, with a note). Raises ExportError, writing nothing,
-    when the gate fails.
+    when it passes the gate, else float, with a note). ``progress``: bars while the gate runs
+    (on a terminal only). Raises ExportError, writing nothing, when the gate fails.
     """
     path = Path(path)
     formats = tuple(dict.fromkeys(formats))
@@ -290,9 +292,9 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
 
     def check_onnx(proto: onnx.ModelProto) -> None:
         checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto, "basic"),
-                                 inputs, step, thresholds)
+                                 inputs, step, thresholds, progress=progress)
         checks["onnx-int"] = compare("onnx-int", source, student, _onnx_runner(proto, "all"),
-                                     inputs, step, thresholds)
+                                     inputs, step, thresholds, progress=progress)
 
     if "onnx" in formats:
         if residual_add == "float":
@@ -312,16 +314,19 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         # qonnx's Python executor is slow: a subset of the verification inputs suffices for
         # the QONNX graph, which runs Brevitas' own quantizer math.
         checks["qonnx"] = compare("qonnx", source, student, qonnx_runner(qproto),
-                                  inputs[:32], step, thresholds, batch_size=8)
+                                  inputs[:32], step, thresholds, batch_size=8,
+                                  progress=progress)
         built["qonnx"] = (path if formats == ("qonnx",) else qonnx_path(path), qproto)
     failed = [str(v) for v in checks.values() if not v.passed]
     if failed:
         raise ExportError("verification failed, nothing written: " + "; ".join(failed))
     num_classes = len(step)
+    writes = {}
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
         _set_metadata(p, _metadata(student, data, storage, ran, num_classes))
-        atomic_write(out, lambda tmp, p=p: onnx.save(p, tmp))
+        writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
+    atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
                         student.lowbit_quant, tuple(notes))
 

@@ -3,17 +3,21 @@
 QONNX keeps quantizers as ``Quant`` nodes (scale, zero point, bit width per tensor), the
 format FINN and other dataflow compilers read; it stores weights as float32, so it is the
 interchange file, not the small one (that is the standard ONNX export).
+
+qonnx runs standard nodes one by one in onnxruntime, in models that ``onnx.helper.make_model``
+stamps with ``onnx.IR_VERSION`` (14 with onnx 1.23), which onnxruntime loads from 1.32: the
+``train`` extra pins that pair, so the file runs in qonnx's own ``execute_onnx`` and
+``inference_cost`` as any qonnx user calls them, with nothing patched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torch.nn as nn
 from qonnx.core.modelwrapper import ModelWrapper
@@ -22,19 +26,7 @@ from qonnx.transformation.base import Transformation
 from .. import _onnx_meta as meta
 from ._rewrites import ExportError
 
-ORT_MAX_IR = 13  # highest ONNX IR version the supported onnxruntime (1.2x-1.31) loads
-
-
-@contextlib.contextmanager
-def _ort_loadable_ir() -> Iterator[None]:
-    """qonnx builds one-node models with ``onnx.helper.make_model``, which stamps
-    ``onnx.IR_VERSION`` (14 with onnx 1.23) that onnxruntime refuses; cap it meanwhile."""
-    saved = onnx.IR_VERSION
-    onnx.IR_VERSION = min(saved, ORT_MAX_IR)
-    try:
-        yield
-    finally:
-        onnx.IR_VERSION = saved
+ORT_MAX_IR = 13  # the file's own IR version: onnxruntime >= 1.24 (pyproject's floor) loads it
 
 
 class SnapWeightsToCodes(Transformation):
@@ -72,22 +64,32 @@ class SnapWeightsToCodes(Transformation):
 def build_qonnx(student: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     """Brevitas ``export_qonnx`` of a baked ``student`` (``bake_integer_bias``: integer biases
     as plain float biases), qonnx's ``cleanup_model``, weights snapped."""
-    from brevitas.export import export_qonnx
     from qonnx.util.cleanup import cleanup_model
 
     from ..quant import quant_layers
 
+    with warnings.catch_warnings():  # import-time notes of Brevitas modules lowbit does not use
+        warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+        warnings.filterwarnings("ignore", message="brevitas.fx is deprecated")
+        from brevitas.export.onnx.qonnx.manager import QONNXManager
+
+    class Manager(QONNXManager):
+        # Brevitas' onnxoptimizer pass cannot parse IR-14 models and says so on stderr; qonnx's
+        # cleanup below does its work (constants to initializers, unused tensors removed).
+        run_onnx_passes = False
+
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            export_qonnx(student.eval(), args=example, export_path=buf, dynamo=False,
-                         input_names=[meta.INPUT_NAME], output_names=[meta.OUTPUT_NAME])
+    with torch.no_grad():
+        try:  # Brevitas silences the exporter's own warnings (disable_warnings=True)
+            Manager.export(student.eval(), args=example, export_path=buf, dynamo=False,
+                           input_names=[meta.INPUT_NAME], output_names=[meta.OUTPUT_NAME])
         except Exception as exc:  # noqa: BLE001  (Brevitas raises many types; report one line)
             raise ExportError(f"Brevitas QONNX export failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    with _ort_loadable_ir():
+    try:
         model = cleanup_model(ModelWrapper(onnx.load_from_string(buf.getvalue())))
+    except Exception as exc:  # noqa: BLE001  (qonnx folds constants in onnxruntime)
+        raise ExportError(_qonnx_runtime_message(exc)) from None
     model = model.transform(SnapWeightsToCodes(quant_layers(student)))
     model.model.ir_version = min(model.model.ir_version, ORT_MAX_IR)
     return model.model
@@ -103,9 +105,23 @@ def qonnx_runner(proto: onnx.ModelProto):
 
     def run(x: np.ndarray) -> np.ndarray:
         # the export has a fixed batch of 1 (qonnx cleanup fixes shapes): run row by row
-        with _ort_loadable_ir():
+        try:
             rows = [execute_onnx(model, {iname: x[i:i + 1].reshape(shape)})[oname]
                     for i in range(len(x))]
+        except Exception as exc:  # noqa: BLE001  (onnxruntime's errors derive from Exception)
+            raise ExportError(_qonnx_runtime_message(exc)) from None
         return np.concatenate(rows).reshape(len(x), -1)
 
     return run
+
+
+def _qonnx_runtime_message(exc: Exception) -> str:
+    """One line for qonnx failing in onnxruntime, naming the version pair when that is why."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "IR version" in text:
+        text = "Unsupported model IR version" + text.split("Unsupported model IR version")[-1]
+        return (f"qonnx runs nodes in IR-{onnx.IR_VERSION} models (onnx {onnx.__version__}) "
+                f"that onnxruntime {ort.__version__} cannot load; install the versions "
+                f"lowbit's train extra pins (onnxruntime>=1.32), or export --format onnx "
+                f"({text})")
+    return f"qonnx could not run the QONNX graph: {text[:200]}"

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import _onnx_meta as meta
+from ..errors import ExportError
 
 DOMAIN = "lowbit"
 TRACE_OPSET = 18  # TorchScript export opset; SetOpset moves the graph to the target opset
@@ -97,8 +98,8 @@ def _float_layer(old: nn.Module, info) -> nn.Module:
     elif isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, old.out_features, bias)
     else:
-        raise TypeError(f"{info.name}: cannot export a quantized {type(old).__name__} "
-                        f"(supported: Conv2d, Linear)")
+        raise ExportError(f"{info.name}: cannot export a quantized {type(old).__name__} "
+                          f"(supported: Conv2d, Linear)")
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias:
@@ -124,7 +125,10 @@ def trace(model: nn.Module, example: torch.Tensor, opset: int = TRACE_OPSET) -> 
     """TorchScript ONNX export with BatchNorm kept, named parameters and a dynamic batch."""
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # legacy-exporter deprecation, custom-op shape notes
+        # the TorchScript exporter's own notes (its deprecation, tracer and shape notes)
+        for category in (DeprecationWarning, FutureWarning, torch.jit.TracerWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         # keep_initializers_as_inputs: no de-duplication of equal parameters (it would wire
         # them through Identity nodes); do_constant_folding=False: BatchNorm stays for
         # FoldBatchNorm and parameters keep their module names.

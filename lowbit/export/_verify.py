@@ -13,6 +13,10 @@ kernels (QLinearConv, and QLinearAdd unless residual adds are kept in float) tha
 requantize on their own. Measured on the shipped ternary and 4-bit ResNet20 students over the
 CIFAR-10 test set: 100 % and 100 %; QLinearAdd dropped the second to 99.4 % on one 1-epoch
 student, where ``residual_add="auto"`` keeps the adds in float (``FloatResidualAdds``).
+
+A non-finite logit on either side (NaN or inf, e.g. from a NaN BatchNorm statistic) fails the
+gate, whatever the agreement: NaN compares as neither larger nor smaller, so without this
+rule two all-NaN rows would "agree" and a NaN difference would vanish in ``max``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from ..errors import ExportError, UsageError
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,9 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+            raise UsageError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+        if not self.max_steps >= 0:
+            raise UsageError(f"max_steps must be >= 0, got {self.max_steps}")
 
 
 @dataclass(frozen=True)
@@ -49,35 +56,55 @@ class Verification:
     max_diff: float
     max_steps: float
     passed: bool
+    nonfinite: int = 0  # inputs with a NaN/inf logit from the exported model
+    nonfinite_student: int = 0  # ... from the PyTorch student
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
+        bad = [f"{n} from the {side}" for n, side in ((self.nonfinite, "exported model"),
+                                                      (self.nonfinite_student, "student")) if n]
+        why = f" (non-finite logits on {', '.join(bad)} of the inputs)" if bad else ""
         return (f"{self.format}: top-1 agreement {self.agreement:.2%} on {self.n} {self.source} "
                 f"inputs, max logit diff {self.max_diff:.3g} ({self.max_steps:.2f} output steps)"
-                f" -> {verdict}")
+                f" -> {verdict}{why}")
 
 
 def compare(fmt: str, source: str, student: torch.nn.Module,
             run: Callable[[np.ndarray], np.ndarray], inputs: torch.Tensor, step: np.ndarray,
-            thresholds: Thresholds, batch_size: int = 256) -> Verification:
-    """Run the student and ``run`` (the exported graph) on ``inputs`` batch by batch."""
-    agree, max_diff, max_steps = 0, 0.0, 0.0
-    with torch.no_grad():
+            thresholds: Thresholds, batch_size: int = 256, progress: bool = True,
+            ) -> Verification:
+    """Run the student and ``run`` (the exported graph) on ``inputs`` batch by batch.
+
+    ``progress``: a bar on stderr while it runs (only on a terminal).
+    """
+    agree, max_diff, max_steps, bad_out, bad_ref = 0, 0.0, 0.0, 0, 0
+    step = np.asarray(step, np.float64)
+    if not (np.isfinite(step).all() and (step > 0).all()):  # e.g. a NaN activation scale
+        max_steps = np.inf
+    bar = tqdm(total=len(inputs), desc=f"verifying {fmt}", unit="img", leave=False,
+               disable=None if progress else True)  # None: no bar when not a terminal
+    with torch.no_grad(), bar:
         for i in range(0, len(inputs), batch_size):
             x = inputs[i:i + batch_size]
             ref = student(x).float().numpy()
             out = run(x.numpy())
             if out.shape != ref.shape:
-                raise ValueError(f"{fmt}: output shape {out.shape}, student gives {ref.shape}")
+                raise ExportError(f"{fmt}: output shape {out.shape}, student gives {ref.shape}")
+            finite_out, finite_ref = np.isfinite(out).all(1), np.isfinite(ref).all(1)
+            bad_out += int((~finite_out).sum())
+            bad_ref += int((~finite_ref).sum())
+            same = (out.argmax(1) == ref.argmax(1)) & finite_out & finite_ref
+            agree += int(same.sum())
             diff = np.abs(out.astype(np.float64) - ref)
-            diff[~np.isfinite(diff)] = np.inf  # a NaN output must fail the gate
-            agree += int((out.argmax(1) == ref.argmax(1)).sum())
+            diff[~np.isfinite(diff)] = np.inf
             max_diff = max(max_diff, float(diff.max(initial=0)))
             max_steps = max(max_steps, float((diff / step).max(initial=0)))
+            bar.update(len(x))
     n = len(inputs)
     agreement = agree / n if n else 1.0
-    passed = agreement >= thresholds.min_agreement and max_steps <= thresholds.max_steps
-    return Verification(fmt, source, n, agreement, max_diff, max_steps, passed)
+    passed = (bad_out == 0 and bad_ref == 0 and agreement >= thresholds.min_agreement
+              and max_steps <= thresholds.max_steps)
+    return Verification(fmt, source, n, agreement, max_diff, max_steps, passed, bad_out, bad_ref)

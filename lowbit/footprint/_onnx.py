@@ -85,7 +85,7 @@ def load(model: str | Path | onnx.ModelProto,
 def _read(path: str | Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FootprintError(f"{path}: no such file")
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, external data OSError, ...

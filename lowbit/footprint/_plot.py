@@ -14,15 +14,13 @@ from ._report import Footprint
 
 def plot(reports: dict[str, Footprint], path: str | Path) -> Path:
     """Write the figure for ``{label: footprint}`` to ``path`` (png/pdf/svg by suffix)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen, no global state
 
     labels = list(reports)
     batches = next(iter(reports.values())).batch_sizes
     width = 0.8 / len(batches)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels) * max(1, len(batches) / 2), 4.2))
+    fig = Figure(figsize=(1.6 + 1.4 * len(labels) * max(1, len(batches) / 2), 4.2))
+    ax = fig.subplots()
     mib = 2.0**20
     for j, b in enumerate(batches):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
@@ -43,10 +41,7 @@ def plot(reports: dict[str, Footprint], path: str | Path) -> Path:
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     fmt = Path(path).suffix.lstrip(".") or "png"
-    try:
-        return atomic_write(path, lambda p: fig.savefig(p, dpi=150, format=fmt))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda p: fig.savefig(p, dpi=150, format=fmt))
 
 
 def _shade(j: int, n: int) -> tuple[float, float, float]:

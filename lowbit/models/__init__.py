@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UsageError
 from . import _digits, _resnet  # noqa: F401  (registers the models)
 from ._registry import create, list_models, register_model
 
@@ -26,7 +27,7 @@ def pretrained(name: str) -> Path:
     teacher), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students distilled from
     it: ternary and 4-bit weights, 4-bit activations)."""
     if name not in PRETRAINED:
-        raise ValueError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
+        raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
     return PRETRAINED[name]
 
 

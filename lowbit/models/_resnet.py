@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from ._registry import register_model
 
 
@@ -42,7 +43,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, width: int = 1, in_channels: int = 3):
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise UsageError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         c = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, c[0], 3, 1, 1, bias=False)
@@ -95,5 +96,5 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 def wide_resnet20(num_classes: int = 10, width: int = 2, in_channels: int = 3) -> CifarResNet:
     """ResNet20xN: ResNet20 with every channel count multiplied by ``width`` (Shin et al.)."""
     if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+        raise UsageError(f"width must be >= 1, got {width}")
     return CifarResNet(20, num_classes, width, in_channels)

@@ -33,6 +33,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from ..errors import QuantizeError
 from . import _brevitas
 from ._spec import QuantSpec
 
@@ -60,17 +61,17 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
     elif spec_fields:
         spec = dataclasses.replace(spec, **spec_fields)
     if getattr(model, "lowbit_quant", None) is not None:
-        raise ValueError("model is already a quantized student (it carries lowbit_quant); "
-                         "quantize its float model instead")
+        raise QuantizeError("model is already a quantized student (it carries lowbit_quant); "
+                            "quantize its float model instead")
     _check_supported(model)
     roles = _roles(model, residual=spec.residual_bits is not None)
     order = roles.order
     if not order:
-        raise ValueError("model has no Conv2d or Linear layer to quantize")
+        raise QuantizeError("model has no Conv2d or Linear layer to quantize")
     unknown = [name for name, _ in spec.overrides if name not in order]
     if unknown:
-        raise ValueError(f"overrides name layers the model does not have: {', '.join(unknown)}; "
-                         f"quantizable layers: {', '.join(order)}")
+        raise QuantizeError(f"overrides name layers the model does not have: {', '.join(unknown)}; "
+                            f"quantizable layers: {', '.join(order)}")
 
     student = copy.deepcopy(model)
     replaced: dict[int, nn.Module] = {}  # a module reachable under two names is replaced once
@@ -148,11 +149,22 @@ def calibrate(student: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
 
 def _check_supported(model: nn.Module) -> None:
     for name, m in model.named_modules():
+        _check_batchnorm(name, m)
         if isinstance(m, _QUANTIZED + _FLOAT_OK) or next(m.parameters(recurse=False), None) is None:
             continue
-        raise ValueError(f"layer {name!r} is a {type(m).__module__}.{type(m).__name__} holding "
-                         f"weights lowbit cannot quantize; supported: Conv2d (incl. grouped/"
-                         f"depthwise) and Linear, with float BatchNorm1d/2d")
+        raise QuantizeError(f"layer {name!r} is a {type(m).__module__}.{type(m).__name__} holding "
+                            f"weights lowbit cannot quantize; supported: Conv2d (incl. grouped/"
+                            f"depthwise) and Linear, with float BatchNorm1d/2d")
+
+
+def _check_batchnorm(name: str, m: nn.Module) -> None:
+    """A BatchNorm without running statistics normalises by batch statistics in eval mode
+    too: it cannot be folded into the integer convolution before it, and the student's eval
+    forward fails. Refused here, before any training."""
+    if isinstance(m, _FLOAT_OK) and not m.track_running_stats:
+        raise QuantizeError(f"layer {name!r} is a {type(m).__name__}(track_running_stats=False): "
+                            f"it has no running statistics to fold into the layer before it; "
+                            f"build it with track_running_stats=True")
 
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)

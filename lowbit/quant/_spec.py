@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import QuantizeError
+
 WEIGHT_BITS = (2, 4, 8)  # 2 = ternary {-1, 0, +1} * alpha (narrow range)
 ACT_BITS = (2, 4, 8)
 SCALE_RULES = ("twn", "learned")
@@ -45,18 +47,20 @@ class QuantSpec:
         for name, bits in [("weight_bits", self.weight_bits), ("first_bits", self.first_bits),
                            ("last_bits", self.last_bits), *self.overrides]:
             if bits is not None and bits not in WEIGHT_BITS:
-                raise ValueError(f"{name}: {bits}-bit weights are not supported; supported "
-                                 f"weight bits: {', '.join(map(str, WEIGHT_BITS))} (2 = ternary)")
+                raise QuantizeError(f"{name}: {bits}-bit weights are not supported; supported "
+                                    f"weight bits: {', '.join(map(str, WEIGHT_BITS))} "
+                                    f"(2 = ternary)")
         if self.act_bits not in ACT_BITS:
-            raise ValueError(f"act_bits: {self.act_bits}-bit activations are not supported; "
-                             f"supported: {', '.join(map(str, ACT_BITS))}")
+            raise QuantizeError(f"act_bits: {self.act_bits}-bit activations are not supported; "
+                                f"supported: {', '.join(map(str, ACT_BITS))}")
         if self.input_bits != 8:
-            raise ValueError(f"input_bits: only 8-bit inputs are supported, got {self.input_bits}")
+            raise QuantizeError(f"input_bits: only 8-bit inputs are supported, got "
+                                f"{self.input_bits}")
         if self.residual_bits not in (None, 8):
-            raise ValueError(f"residual_bits: only 8 (or None: float) is supported, got "
-                             f"{self.residual_bits}")
+            raise QuantizeError(f"residual_bits: only 8 (or None: float) is supported, got "
+                                f"{self.residual_bits}")
         if self.scale_rule not in SCALE_RULES:
-            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
+            raise QuantizeError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
 
     def bits_for(self, name: str, *, first: bool = False, last: bool = False) -> int:
         """Weight bits of layer ``name`` under this policy."""
@@ -79,7 +83,7 @@ class QuantSpec:
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown QuantSpec fields: {', '.join(sorted(unknown))}")
+            raise QuantizeError(f"unknown QuantSpec fields: {', '.join(sorted(unknown))}")
         # specs written before residual quantizers existed describe students without them
         d = {"residual_bits": None, **d}
         return cls(**{**d, "overrides": tuple(tuple(o) for o in d.get("overrides", ()))})

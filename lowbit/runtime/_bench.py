@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..errors import UsageError
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -35,7 +37,7 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 20,
     """Seconds per call of ``fn``: ``warmup`` untimed calls, then at least ``repeat`` timed
     calls and at least ``min_time`` seconds in all (short calls get more samples)."""
     if warmup < 0 or repeat < 1 or min_time < 0:
-        raise ValueError(f"expected warmup >= 0, repeat >= 1, min_time >= 0; got {warmup}, "
+        raise UsageError(f"expected warmup >= 0, repeat >= 1, min_time >= 0; got {warmup}, "
                          f"{repeat}, {min_time}")
     for _ in range(warmup):
         fn()

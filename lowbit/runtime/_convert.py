@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .._io import atomic_write
+from .._io import atomic_write, check_outputs
 from ._session import ORT_ERRORS, ModelError, load_session, ort_message, session_options
 
 
@@ -26,8 +26,7 @@ def convert_ort(src: str | Path, dst: str | Path | None = None, *,
     """
     src = Path(src).expanduser()
     dst = Path(dst).expanduser() if dst is not None else src.with_suffix(".ort")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"{dst}: output would overwrite the input model; choose another path")
+    check_outputs([dst], [src])
     load_session(src, session_options(1, "disable"))  # one-line ModelError for a bad input
 
     def write(tmp: Path) -> None:

@@ -21,7 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from .. import _datafiles
 from .. import _onnx_meta as meta
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, UsageError
 from ._bench import Timing, time_calls
 
 # Every exception class onnxruntime raises from C++ (none derives from a Python built-in).
@@ -49,10 +49,11 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
     """CPU session options: ``threads`` intra-op threads (None: onnxruntime's default, one per
     physical core), sequential execution, graph optimisation level by name."""
     if optimization not in OPTIMIZATION:
-        raise ValueError(f"unknown optimization {optimization!r}; expected one of "
+        raise UsageError(f"unknown optimization {optimization!r}; expected one of "
                          f"{', '.join(OPTIMIZATION)}")
     if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1 (or None for onnxruntime's default), got {threads}")
+        raise UsageError(f"threads must be >= 1 (or None for onnxruntime's default), got "
+                         f"{threads}")
     so = ort.SessionOptions()
     so.graph_optimization_level = OPTIMIZATION[optimization]
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -139,17 +140,42 @@ def _model_info(sess: ort.InferenceSession, path: Path) -> ModelInfo:
         act_bits=_json_meta(props, meta.ACT_BITS, path), metadata=props)
 
 
+# The oldest onnxruntime that loads lowbit's default export (opset 25, IR 13, INT2 weights),
+# measured with each release from 1.20; pyproject's floor. --opset 21 files (IR 10, INT4)
+# load from 1.23, --opset 20 files (INT8 weights, ternary trits) from 1.20.
+MIN_ORT_DEFAULT_EXPORT = "1.24.1"
+_NEWER_RUNTIME = ("IR version", "opset", "Could not find an implementation", "not supported")
+
+
+def _newer_runtime_hint(message: str) -> str:
+    """For a file written for a newer onnxruntime: which one, and how to export for this one."""
+    if not any(k in message for k in _NEWER_RUNTIME):
+        return ""
+    return (f"; lowbit's default export (opset 25) needs onnxruntime >= "
+            f"{MIN_ORT_DEFAULT_EXPORT}: upgrade onnxruntime, or export for "
+            f"{ort.__version__} with 'lowbit-export --opset 21' (onnxruntime 1.23) or "
+            f"'--opset 20' (1.20-1.22)")
+
+
 def load_session(path: str | Path, so: ort.SessionOptions) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``path`` (.onnx or .ort); one-line :class:`ModelError`s."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ModelError(f"{p}: {'is a directory' if p.is_dir() else 'not found'}; expected an "
                          f".onnx or .ort model file (lowbit-export writes one)")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" or p.suffix in (".pt", ".pth"):
+        raise ModelError(f"{p}: is a PyTorch checkpoint, not an exported model; export it with "
+                         f"'lowbit-export {p}' and run the .onnx file")
     try:
         return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
+        msg = ort_message(exc)
+        if "Unsupported model IR version" in msg:  # drop onnxruntime's source location
+            msg = "Unsupported model IR version" + msg.split("Unsupported model IR version")[-1]
         raise ModelError(f"{p}: not a model onnxruntime {ort.__version__} can load; expected an "
-                         f"ONNX or ORT-format file ({ort_message(exc)})") from None
+                         f"ONNX or ORT-format file ({msg}){_newer_runtime_hint(msg)}") from None
 
 
 class Session:
@@ -157,15 +183,19 @@ class Session:
 
     ``run`` normalises uint8 ``[N, C, H, W]`` pixels with the file's ``mean``/``std``
     (``x = (pixels - mean) / std`` per channel, 0..255 scale) and feeds batches of at most
-    ``max_batch`` images; float32 input is taken as already normalised.
+    ``max_batch`` images; float32 input is taken as already normalised. Float input with a
+    NaN or inf is refused (:class:`InputError`): the quantized graph would map NaN to code 0
+    and return a confident class; ``allow_nonfinite=True`` passes it through unchanged.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, *,
-                 optimization: str = "all", max_batch: int = 256) -> None:
+                 optimization: str = "all", max_batch: int = 256,
+                 allow_nonfinite: bool = False) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise UsageError(f"max_batch must be >= 1, got {max_batch}")
         self.path = Path(path).expanduser()
         self.threads, self.optimization, self.max_batch = threads, optimization, max_batch
+        self.allow_nonfinite = allow_nonfinite
         self._ort = load_session(self.path, session_options(threads, optimization))
         self.info = _model_info(self._ort, self.path)
         self._output = self._ort.get_outputs()[0].name
@@ -200,6 +230,11 @@ class Session:
         if x.dtype not in (np.uint8, np.float32):
             raise InputError(f"{self.path.name}: expected images {self._expected()}, got dtype "
                              f"{x.dtype}")
+        if x.dtype == np.float32 and not self.allow_nonfinite and not np.isfinite(x).all():
+            bad = int((~np.isfinite(x.reshape(len(x), -1))).any(1).sum())
+            raise InputError(f"{self.path.name}: {bad} of {len(x)} images contain NaN or inf "
+                             f"values; expected finite pixels (pass allow_nonfinite=True to run "
+                             f"them anyway)")
         return x
 
     def normalize(self, images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,365 @@
+"""Nothing lost, nothing broken passed as good (issue 13): through the CLI where users hit it.
+
+Outputs never replace inputs, links or devices; finished runs need --overwrite; interrupted
+writes leave no temp files; --resume refuses changed settings; the gate fails non-finite
+outputs; crafted or wrong files give one-line errors; bugs show as bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+from lowbit import _checkpoint, cli, models
+from lowbit._io import atomic_write_all
+from lowbit.cli import export_main, main
+from lowbit.errors import InputError, ModelError, OutputError, QuantizeError, TrainingError
+from lowbit.export import Thresholds
+from lowbit.export._verify import compare
+from lowbit.quant import quantize
+from lowbit.runtime import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "digits_cnn", "--width", "4", "--data", "digits", "--batch-size", "64"]
+
+
+def _one_line_error(capsys, prog: str = "lowbit") -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err
+    return err[0]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-W", "always", "-m", "lowbit.cli", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "t.pt"
+    assert main(["train", *TINY, "--epochs", "2", "--lr", "0.05", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, teacher) -> Path:
+    out = tmp_path_factory.mktemp("student") / "s.pt"
+    assert main(["distill", "--teacher", str(teacher), "--data", "digits", "--epochs", "1",
+                 "--batch-size", "64", "-o", str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------ data loss
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "qonnx", "both"])
+def test_export_never_overwrites_its_checkpoint(tmp_path, student, capsys, fmt):
+    before = student.read_bytes()
+    other_spelling = student.parent / "sub" / ".." / student.name
+    (student.parent / "sub").mkdir(exist_ok=True)
+    assert export_main([str(student), "--format", fmt, "-o", str(other_spelling)]) == 2
+    assert "would overwrite the input" in _one_line_error(capsys, "lowbit-export")
+    assert student.read_bytes() == before
+
+
+def test_distill_never_overwrites_its_teacher(teacher, capsys):
+    before = teacher.read_bytes()
+    assert main(["distill", "--teacher", str(teacher), "--epochs", "1", "-o", str(teacher)]) == 2
+    assert "would overwrite the input" in _one_line_error(capsys)
+    assert teacher.read_bytes() == before
+
+
+def test_train_over_a_finished_run_needs_overwrite(tmp_path, teacher, capsys):
+    out = tmp_path / "t.pt"
+    out.write_bytes(teacher.read_bytes())
+    args = ["train", *TINY, "--epochs", "1", "--limit", "128", "-o", str(out)]
+    assert main(args) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+    assert out.read_bytes() == teacher.read_bytes()
+    assert main([*args, "--overwrite"]) == 0
+    assert len(_checkpoint.load(out)["record"]["history"]) == 1
+
+
+def test_qonnx_only_export_defaults_beside_the_checkpoint(tmp_path, student):
+    src = tmp_path / "student.pt"
+    src.write_bytes(student.read_bytes())
+    assert export_main([str(src), "--format", "qonnx"]) == 0
+    assert (tmp_path / "student.qonnx.onnx").is_file() and not (tmp_path / "student.onnx").exists()
+    assert src.read_bytes() == student.read_bytes()
+
+
+def test_output_link_or_device_is_refused(tmp_path, student, capsys):
+    target = tmp_path / "real.onnx"
+    target.write_bytes(b"keep")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(target)
+    assert export_main([str(student), "--format", "onnx", "-o", str(link)]) == 2
+    assert "symbolic link" in _one_line_error(capsys, "lowbit-export")
+    assert link.is_symlink() and target.read_bytes() == b"keep"
+    assert export_main([str(student), "--format", "onnx", "-o", os.devnull]) == 2
+    assert "not a regular file" in _one_line_error(capsys, "lowbit-export")
+
+
+def test_failed_pair_write_keeps_old_files_and_leaves_no_temp(tmp_path):
+    a, b = tmp_path / "m.onnx", tmp_path / "m.qonnx.onnx"
+    a.write_text("old a")
+    b.write_text("old b")
+
+    def interrupted(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_all({a: lambda tmp: tmp.write_text("new a"), b: interrupted})
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.qonnx.onnx"]
+    with pytest.raises(OutputError, match="symbolic link"):
+        link = tmp_path / "l"
+        link.symlink_to(a)
+        atomic_write_all({link: lambda tmp: tmp.write_text("x")})
+
+
+def _killed_run(tmp_path: Path, *args: str) -> tuple[Path, subprocess.Popen]:
+    """Start a long run that checkpoints every step; SIGTERM it once a checkpoint exists."""
+    out = tmp_path / "run.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", *args, "--checkpoint-every",
+                             "1", "-o", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it be in the middle of some step or write
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    return out, proc
+
+
+def test_killed_run_leaves_no_temp_and_resume_refuses_changed_settings(tmp_path, capsys):
+    def run(width: str = "4", limit: str = "256", lr: str = "0.1") -> list[str]:
+        return ["train", "--arch", "digits_cnn", "--width", width, "--data", "digits",
+                "--batch-size", "64", "--epochs", "3000", "--limit", limit, "--lr", lr]
+
+    out, proc = _killed_run(tmp_path, *run())
+    assert proc.returncode == 130, proc.stderr.read()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert "resume" in _checkpoint.load(out)
+    for args, field in ((run(limit="128"), "data.examples"), (run(width="8"), "arch.kwargs"),
+                        (run(lr="0.2"), "config.lr")):
+        assert main([*args, "--checkpoint-every", "1", "-o", str(out), "--resume"]) == 2
+        assert field in _one_line_error(capsys)
+
+
+def test_resume_refuses_changed_bits(tmp_path, teacher, capsys):
+    run = ["distill", "--teacher", str(teacher), "--data", "digits", "--bits", "2",
+           "--epochs", "3000", "--limit", "256", "--batch-size", "64"]
+    out, proc = _killed_run(tmp_path, *run)
+    assert proc.returncode == 130
+    assert main([*run[:5], "--bits", "4", *run[7:], "--checkpoint-every", "1", "-o", str(out),
+                 "--resume"]) == 2
+    assert "quant.weight_bits: 2 in the checkpoint, 4 now" in _one_line_error(capsys)
+
+
+def test_checkpoint_without_new_fields_still_resumes(tmp_path, teacher):
+    ckpt = _checkpoint.load(teacher)
+    model = _checkpoint.build(ckpt)
+    data = dict(ckpt["data"], examples=1797)
+    old = dict(ckpt, data={k: v for k, v in ckpt["data"].items() if k != "examples"})
+    _checkpoint.check_resume(teacher, old, model, data, {"kind": "train"})  # no error
+    with pytest.raises(TrainingError, match="data.examples"):
+        _checkpoint.check_resume(teacher, dict(ckpt, data=dict(data, examples=5)), model, data,
+                                 {})
+
+
+# -------------------------------------------------------------------- broken passed as good
+
+
+def test_gate_fails_nan_batchnorm_and_writes_nothing(tmp_path, student, capsys):
+    model, ckpt = _checkpoint.load_model(student)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_var[0] = float("nan")
+    bad = _checkpoint.save(tmp_path / "bad.pt", model, data=ckpt["data"], record={})
+    assert export_main([str(bad), "--format", "onnx", "-o", str(tmp_path / "bad.onnx")]) == 2
+    line = _one_line_error(capsys, "lowbit-export")
+    assert "FAILED" in line and "non-finite" in line
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_gate_all_nan_rows_do_not_agree():
+    student = nn.Linear(3, 4)
+    x = torch.randn(8, 3)
+    nan = compare("onnx", "given", student, lambda a: np.full((len(a), 4), np.nan, np.float32),
+                  x, np.full(4, float("nan")), Thresholds(), progress=False)
+    assert not nan.passed and nan.nonfinite == 8 and "non-finite" in str(nan)
+    same = compare("onnx", "given", student, lambda a: student(torch.from_numpy(a)).detach()
+                   .numpy(), x, np.ones(4), Thresholds(), progress=False)
+    assert same.passed
+
+
+def test_session_refuses_non_finite_input(tmp_path, student):
+    out = tmp_path / "m.onnx"
+    assert export_main([str(student), "--format", "onnx", "-o", str(out)]) == 0
+    session = Session(out)
+    images = np.full((2, *session.info.input_shape), np.nan, np.float32)
+    with pytest.raises(InputError, match="NaN or inf"):
+        session.run(images)
+    assert Session(out, allow_nonfinite=True).run(images).shape == (2, 10)
+
+
+def test_quantize_refuses_batchnorm_without_running_stats():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    with pytest.raises(QuantizeError, match="track_running_stats"):
+        quantize(model, weight_bits=2)
+
+
+def test_quiet_prints_only_the_result_and_no_bar_off_a_terminal(tmp_path, student, capsys):
+    out = tmp_path / "t.pt"
+    assert main(["train", *TINY, "--epochs", "2", "--limit", "256", "-o", str(out)]) == 0
+    loud = capsys.readouterr()
+    assert "epoch=1" in loud.out + loud.err and "%|" not in loud.err  # lines, but no bar
+    assert main(["train", *TINY, "--epochs", "2", "--limit", "256", "-o", str(out),
+                 "--overwrite", "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and len(quiet.out.splitlines()) == 1 and "test accuracy" in quiet.out
+    assert export_main([str(student), "--format", "onnx", "-o", str(tmp_path / "m.onnx"),
+                        "-q"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out.splitlines() == [
+        line for line in quiet.out.splitlines() if line.startswith("onnx: ")] and quiet.out
+
+
+# ------------------------------------------------------------------ one line, not a traceback
+
+
+def _crafted(tmp_path: Path, teacher: Path, name: str, edit) -> Path:
+    ckpt = _checkpoint.load(teacher)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("name,edit,words", [
+    ("kwargs.pt", lambda c: c["arch"]["kwargs"].update(bogus=1), "cannot build"),
+    ("arch_str.pt", lambda c: c.update(arch="digits_cnn"), "'arch' must be"),
+    ("no_shape.pt", lambda c: c["data"].pop("input_shape"), "input_shape"),
+    ("huge.pt", lambda c: c["arch"]["kwargs"].update(width=10**6), "does not fit"),
+    ("unknown.pt", lambda c: c["arch"].update(name="nope"), "cannot build"),
+    ("resume.pt", lambda c: c.update(resume={"step": "3"}), "'resume' must be"),
+])
+def test_crafted_checkpoints_give_one_line(tmp_path, teacher, capsys, name, edit, words):
+    path = _crafted(tmp_path, teacher, name, edit)
+    assert main(["eval", str(path)]) == 2
+    assert words in _one_line_error(capsys)
+    assert export_main([str(path)]) == 2
+    assert words in _one_line_error(capsys, "lowbit-export")
+
+
+def test_wrong_files_give_one_line(tmp_path, student, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    assert main(["eval", str(empty)]) == 2
+    assert "empty file" in _one_line_error(capsys)
+    onnx_file = tmp_path / "m.onnx"
+    assert export_main([str(student), "--format", "onnx", "-o", str(onnx_file)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(onnx_file)]) == 2
+    assert "lowbit run" in _one_line_error(capsys)
+    assert export_main([str(onnx_file)]) == 2
+    assert "not a lowbit checkpoint" in _one_line_error(capsys, "lowbit-export")
+    assert main(["run", str(student), "--data", "digits"]) == 2
+    assert "PyTorch checkpoint" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--width", "0", "-o", "x.pt"],
+    ["train", "--limit", "-1", "-o", "x.pt"],
+    ["train", "--warmup", "-1", "-o", "x.pt"],
+    ["export", "s.pt", "--verify-limit", "-5"],
+    ["export", "s.pt", "--calib", "-1"],
+    ["run", "m.onnx", "--data", "digits", "--limit", "-1"],
+])
+def test_negative_counts_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert "expected an integer >= " in err or "expected a number >= 0" in err, err
+
+
+def test_a_bug_is_shown_as_a_bug(capsys):
+    parser = argparse.ArgumentParser(prog="lowbit")
+
+    def buggy(_: argparse.Namespace) -> None:
+        raise ValueError("an internal invariant broke")  # not a LowbitError: a bug
+
+    parser.set_defaults(func=buggy)
+    assert cli._run(parser, []) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "please" in err and "report" in err
+
+
+# -------------------------------------------------- files that load where the README says
+
+
+def test_floor_is_pyprojects_and_newer_files_say_how_to_export(tmp_path):
+    from lowbit.runtime._session import MIN_ORT_DEFAULT_EXPORT
+
+    assert f'"onnxruntime>={MIN_ORT_DEFAULT_EXPORT}"' in (ROOT / "pyproject.toml").read_text()
+    x = onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 1, 2, 2])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 1, 2, 2])
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["input"], ["logits"])], "g", [x], [y]))
+    model.ir_version = 99  # a file from a runtime newer than this one
+    onnx.save(model, tmp_path / "future.onnx")
+    with pytest.raises(ModelError, match=r"needs onnxruntime >= .*--opset 21"):
+        Session(tmp_path / "future.onnx")
+
+
+def test_qonnx_file_runs_in_qonnx_without_patching(tmp_path, student):
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.inference_cost import inference_cost
+
+    ir, filters = onnx.IR_VERSION, list(warnings.filters)
+    out = tmp_path / "m.onnx"
+    assert export_main([str(student), "-o", str(out)]) == 0
+    assert onnx.IR_VERSION == ir and warnings.filters == filters  # no global state changed
+    qmodel = ModelWrapper(str(tmp_path / "m.qonnx.onnx"))
+    iname = qmodel.graph.input[0].name
+    x = np.random.default_rng(0).standard_normal(qmodel.get_tensor_shape(iname), np.float32)
+    got = execute_onnx(qmodel, {iname: x})[qmodel.graph.output[0].name]
+    model, _ = _checkpoint.load_model(student)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    cost = inference_cost(str(tmp_path / "m.qonnx.onnx"), output_json=None, output_onnx=None)
+    assert cost["total_cost"]["total_macs"] > 0
+
+
+def test_export_says_nothing_that_is_not_the_users_business(tmp_path, student):
+    res = _cli("export", str(student), "-o", str(tmp_path / "m.onnx"))
+    assert res.returncode == 0, res.stderr
+    for chatter in ("onnx optimizer", "fast_hadamard_transform", "Warning", "warn"):
+        assert chatter not in res.stderr, res.stderr
+
+
+def test_models_registry_is_untouched_by_crafted_checkpoints(tmp_path, teacher):
+    before = models.list()
+    path = _crafted(tmp_path, teacher, "x.pt", lambda c: c["arch"].update(name="os.system"))
+    with pytest.raises(ValueError, match="cannot build"):
+        _checkpoint.load_model(path)
+    assert models.list() == before
