@@ -94,7 +94,8 @@ def main() -> None:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = [{"kind": k, "precision": pr, "img_per_s": best[k, pr],
              "vs_float_same_precision": best[k, pr] / best["float", pr],
-             "vs_float_fp32": best[k, pr] / best["float", "fp32"]} for k, pr in configs]
+             "vs_float_fp32": best[k, pr] / best["float", "fp32"]
+             if ("float", "fp32") in best else None} for k, pr in configs]
     result = {"arch": "resnet20", "student": "ternary weights, 4-bit activations (scheme C)",
               "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps,
               "rounds": args.rounds, "data": train_set.name, "torch": torch.__version__,
@@ -104,7 +105,9 @@ def main() -> None:
     lines = ["| training | precision | img/s | vs float (same precision) | vs float fp32 |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['precision']} | {r['img_per_s']:.0f} | "
-              f"{r['vs_float_same_precision']:.2f}x | {r['vs_float_fp32']:.2f}x |" for r in rows]
+              f"{r['vs_float_same_precision']:.2f}x | "
+              f"{'-' if r['vs_float_fp32'] is None else format(r['vs_float_fp32'], '.2f') + 'x'} |"
+              for r in rows]
     table = "\n".join(lines)
     atomic_write(f"{args.out}.md", lambda path: path.write_text(
         f"ResNet20, batch {args.batch_size}, {args.threads} threads, best of {args.rounds} "

@@ -292,7 +292,7 @@ def test_resume_is_exact(tmp_path, teacher_ckpt, small, scheme, stop_step):
             teacher = models.create("digits_cnn", width=8)
         student = student_for(scheme, teacher, weight_bits=2, act_bits=4)
         if interrupt:
-            teacher.register_forward_hook(interrupt)
+            student.register_forward_hook(interrupt)
         distill(student, teacher, small, None, scheme=scheme, lam=lam, temperature=2.0,
                 gslr=GSLR(0, 2), epochs=2, batch_size=32, checkpoint_every=3, out=out,
                 resume=resume, progress=False)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -41,20 +42,36 @@ def test_quickstart(tmp_path: Path) -> None:
     assert (tmp_path / "digits_ternary.onnx").stat().st_size > 0
 
 
-def test_shin_recipe_tiny(tmp_path: Path) -> None:
-    res = run([sys.executable, str(EXAMPLES / "shin_recipe.py"), "--budget", "tiny",
-               "--out", str(tmp_path / "shin")], tmp_path)
-    result = json.loads((tmp_path / "shin" / "shin_recipe.json").read_text())
-    rows = result["rows"]
-    # 2 float teachers, the labels-only student, per teacher 2 temperatures + 1 GSLR run
-    assert len(rows) == 2 + 1 + 2 * (2 + 1)
-    assert sum(r.get("gslr", False) for r in rows) == 2
-    assert {r["temperature"] for r in rows if r.get("teacher")} == {1.0, 4.0}
-    # the table printed and written is the measured one, row by row
+def test_shin_recipe_runs_each_step_once_and_continues_where_it_stopped(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(EXAMPLES / "shin_recipe.py"), "--budget", "tiny", "--out",
+           str(tmp_path / "shin")]
+    first = run(cmd, tmp_path)
+    log = json.loads((tmp_path / "shin" / "shin_recipe.json").read_text())["steps"]
+    assert list(log) == ["resnet20_teacher", "ternary_a4_labels", "ternary_a4_kd_resnet20_T1",
+                         "ternary_a4_kd_resnet20_T4", f"ternary_a4_kd_gslr_{_best(log)}"]
+    assert all(len(s["pieces"]) == 1 and s["epochs"] == 2 for s in log.values())
+    # GSLR: the soft weight is lam in the first epoch and 0 in the last
+    gslr = torch.load(tmp_path / "shin" / f"ternary_a4_kd_gslr_{_best(log)}.pt",
+                      weights_only=True)["record"]["history"]
+    assert [h["soft_weight"] for h in gslr] == [0.7, 0.0]
+    # the table printed and written is the measured one, step by step
     report = (tmp_path / "shin" / "shin_recipe.md").read_text()
-    for r in rows:
-        assert f"| {r['student']} | {r['test_acc']:.2%} |" in report
-        assert f"| {r['student']} | {r['test_acc']:.2%} |" in res.stdout
+    for name, step in log.items():
+        assert f"| {name} | {step['test_acc']:.2%} |" in report
+        assert f"| {name} | {step['test_acc']:.2%} |" in first.stdout
+    # a second run trains nothing (every step is finished) and reports the same table
+    second = run(cmd, tmp_path)
+    again = json.loads((tmp_path / "shin" / "shin_recipe.json").read_text())["steps"]
+    assert all(len(s["pieces"]) == 1 for s in again.values())
+    assert "starting" not in second.stdout and "resuming" not in second.stdout
+    table = first.stdout[first.stdout.index("| step |"):]
+    assert second.stdout.endswith(table)
+
+
+def _best(log: dict) -> str:
+    """``resnet20_T<best>``: the KD step of the sweep with the highest test accuracy."""
+    t1, t4 = log["ternary_a4_kd_resnet20_T1"], log["ternary_a4_kd_resnet20_T4"]
+    return "resnet20_T1" if t1["test_acc"] >= t4["test_acc"] else "resnet20_T4"
 
 
 def test_apprentice_schemes(tmp_path: Path) -> None:

@@ -1,0 +1,83 @@
+"""Fused fake-quantization kernels for QAT: one pass over an activation instead of ten.
+
+An activation quantizer runs ``round(x / s)``, a clamp and a multiply forward, and a handful
+of comparisons, a ``where`` and a reduction backward; in eager PyTorch each is a full pass
+over the tensor, and together they cost more than the convolutions of a CPU QAT step.
+``torch.compile`` (inductor) fuses each direction into one loop for CIFAR-sized tensors.
+The math is computed in float32 whatever the input dtype (bf16 autocast included) and is
+bit-identical between the compiled and the eager kernels (``tests/test_kernels.py``; only
+the order of the scale gradient's sum differs); where inductor cannot compile (no C++
+compiler, an unsupported platform) the eager kernels run instead, with one log line. Set
+``LOWBIT_EAGER_KERNELS=1`` to skip compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+_log = logging.getLogger("lowbit")
+
+
+def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor,
+                       qmax: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x / s), qmin, qmax) * s in float32, returned in ``x``'s dtype."""
+    return (torch.round(x.float() / scale).clamp(qmin, qmax) * scale).to(x.dtype)
+
+
+def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                        qmin: torch.Tensor, qmax: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSQ gradients (Esser et al. 2020) of :func:`fake_quant_forward` w.r.t. x and s.
+
+    dy/dx = 1 inside [qmin, qmax] (straight-through round), 0 where clipped;
+    dy/ds = round(x/s) - x/s inside, the clipped code (qmin or qmax) outside.
+    """
+    t = x.float() / scale
+    inside = (t >= qmin) & (t <= qmax)
+    g = grad.float()
+    q = torch.round(t).clamp(qmin, qmax)
+    grad_s = (g * torch.where(inside, q - t, q)).sum()
+    return torch.where(inside, g, 0.0).to(x.dtype), grad_s
+
+
+# Below this many elements a pass is cheap and compiling (seconds per process) costs more than
+# it saves: small models (digits, tests) run the eager kernels, CIFAR-sized activations fused.
+FUSE_MIN_ELEMENTS = 1 << 18
+_EAGER = {"forward": fake_quant_forward, "backward": fake_quant_backward}
+_fused: dict[str, Callable] = {}
+
+
+def kernel(name: str, numel: int) -> Callable:
+    """The kernel ``name`` ("forward" | "backward") for a tensor of ``numel`` elements."""
+    return fused(name) if numel >= FUSE_MIN_ELEMENTS else _EAGER[name]
+
+
+def fused(name: str) -> Callable:
+    """The compiled kernel ``name``, or the eager one where inductor is unavailable."""
+    fn = _fused.get(name)
+    if fn is None:
+        eager = _EAGER[name]
+        fn = eager if os.environ.get("LOWBIT_EAGER_KERNELS") == "1" else \
+            _with_fallback(name, torch.compile(eager, dynamic=True), eager)
+        _fused[name] = fn
+    return fn
+
+
+def _with_fallback(name: str, compiled: Callable, eager: Callable) -> Callable:
+    """``compiled``, replaced for good by ``eager`` the first time it fails to compile."""
+
+    def run(*args: torch.Tensor):
+        try:
+            return compiled(*args)
+        except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; eager is exact)
+            _log.warning("lowbit: fused quantizer kernels unavailable (%s: %s); using eager "
+                         "PyTorch kernels (same numbers, slower QAT)", type(exc).__name__,
+                         str(exc).splitlines()[0][:200] if str(exc) else "")
+            _fused[name] = eager
+            return eager(*args)
+
+    return run
