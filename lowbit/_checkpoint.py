@@ -3,20 +3,26 @@
 A checkpoint is a plain dict of strings, numbers, lists, dicts and tensors::
 
     format: "lowbit.checkpoint", version: 1
-    arch: {"name": "resnet20", "kwargs": {"num_classes": 10}}
+    arch: {"name": "resnet20", "kwargs": {"num_classes": 10}}    # a registered model, or
+          {"name": "mypkg.nets:small_cnn", "kwargs": {...}}       # user code (--arch), or
+          {"name": "mypkg.nets:Net", "kwargs": None}              # a module built in Python
     quant: QuantSpec as a dict, or None for a float model
     data: {"name", "classes", "mean", "std", "input_shape"}   # what the model expects
     state_dict: the model's tensors
     record: training record (config, per-epoch history, final accuracy)
     resume: optimiser/scheduler/RNG state while training is unfinished (absent when done)
 
-Nothing else is ever pickled, so loading a checkpoint can never run code.
+Nothing else is ever pickled, so loading a checkpoint can never run code, and building its
+model never imports code the user did not name: a checkpoint naming user code is built only
+when that name is passed again (``--arch``, ``allow=``) or the model itself is given
+(``lowbit.load(path, model=...)``).
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +36,48 @@ FORMAT = "lowbit.checkpoint"
 VERSION = 1
 
 
-def data_info(data) -> dict[str, Any]:
-    """What a model needs to know about its inputs, taken from a :class:`lowbit.data.Dataset`."""
-    return {"name": data.name, "classes": list(data.classes), "mean": list(data.mean),
-            "std": list(data.std), "input_shape": list(data.input_shape)}
+UNKNOWN_DATA = {"name": "unknown", "classes": None, "mean": None, "std": None,
+                "input_shape": None}
 
 
-def check_data(ckpt: dict[str, Any], dataset, model_name: str, data_name: str) -> None:
+def data_info(data: Any) -> dict[str, Any]:
+    """What a model needs to know about its inputs (anything ``lowbit.data.as_data`` takes, or
+    a checkpoint's data dict as it is)."""
+    if isinstance(data, dict):
+        return data
+    from .data import as_data
+
+    return as_data(data).info()
+
+
+def check_data(ckpt: dict[str, Any], dataset: Any, model_name: str, data_name: str) -> None:
     """Refuse ``dataset`` if its input shape or class count differs from the checkpoint's."""
-    info = ckpt["data"]
-    if dataset.input_shape != tuple(info["input_shape"]) or \
-            dataset.num_classes != len(info["classes"]):
-        raise ValueError(f"{model_name} expects {info['name']} inputs "
-                         f"{tuple(info['input_shape'])} with {len(info['classes'])} classes; "
-                         f"{data_name} has {dataset.input_shape}, {dataset.num_classes} classes")
+    from .data import DataError, as_data
+
+    info, dataset = ckpt["data"], as_data(dataset)
+    classes = info.get("classes")
+    shape = info.get("input_shape")
+    theirs = dataset.num_classes
+    if (shape is not None and tuple(dataset.input_shape) != tuple(shape)) or \
+            (classes and theirs is not None and theirs > len(classes)):
+        raise DataError(f"{model_name} expects {info['name']} inputs "
+                        f"{tuple(shape or ())} with {len(classes or ())} classes; "
+                        f"{data_name} has {tuple(dataset.input_shape)}, {theirs} classes")
+
+
+def arch_of(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild ``model``: what ``lowbit.models.create`` recorded, else its class
+    (arguments unknown: loading it needs the model or a factory named by the user)."""
+    arch = getattr(model, "lowbit_arch", None)
+    if arch is not None:
+        return arch
+    return {"name": f"{type(model).__module__}:{type(model).__qualname__}", "kwargs": None}
 
 
 def save(path: str | Path, model: nn.Module, *, data: dict[str, Any], record: dict[str, Any],
          resume: dict[str, Any] | None = None) -> Path:
-    """Atomically write ``model`` (built by ``lowbit.models.create``) as a checkpoint."""
-    arch = getattr(model, "lowbit_arch", None)
-    if arch is None:
-        raise CheckpointError("model was not built by lowbit.models.create; its architecture "
-                              "cannot be recorded")
+    """Atomically write ``model`` (any module; see :func:`arch_of`) as a checkpoint."""
+    arch = arch_of(model)
     spec = getattr(model, "lowbit_quant", None)
     ckpt = {"format": FORMAT, "version": VERSION, "arch": arch,
             "quant": spec.to_dict() if spec is not None else None, "data": data,
@@ -63,9 +88,35 @@ def save(path: str | Path, model: nn.Module, *, data: dict[str, Any], record: di
     return atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
+def save_model(model: nn.Module, path: str | Path, *, data: Any = None,
+               record: dict[str, Any] | None = None) -> Path:
+    """``lowbit.save``: write any model (float or student) as a lowbit checkpoint.
+
+    ``data``: what it takes (a dataset or anything ``lowbit.data.as_data`` takes; recorded as
+    its input shape, classes and normalisation); ``record``: anything JSON-like to keep.
+    """
+    info = UNKNOWN_DATA if data is None else data_info(data)
+    return save(path, model, data=info, record=record or {})
+
+
+def restore(path: str | Path, model: nn.Module | None = None, *,
+            allow: Collection[str] = ()) -> nn.Module:
+    """``lowbit.load``: the model of checkpoint ``path`` (or a shipped checkpoint's name),
+    with its weights, in eval mode.
+
+    A registered lowbit architecture is rebuilt by name. A checkpoint that names user code
+    (``mypkg.nets:small_cnn``) is rebuilt only if that name is in ``allow``; otherwise pass
+    ``model`` (an instance of the float architecture; a student's quantization is applied
+    from the checkpoint) and it is filled in.
+    """
+    return load_model(path, model=model, allow=allow)[0]
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate a checkpoint; any problem is one :class:`CheckpointError` line."""
-    path = Path(path)
+    from . import models
+
+    path = models.locate(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -89,24 +140,57 @@ def load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def build(ckpt: dict[str, Any]) -> nn.Module:
-    """The model a loaded checkpoint describes, with its weights, in eval mode."""
+def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | None,
+                  arch_kwargs: dict[str, Any] | None, where: str) -> nn.Module:
+    """The float model a checkpoint's ``arch`` names, imported only if the user named it."""
     from . import models
 
-    model = models.create(ckpt["arch"]["name"], **ckpt["arch"]["kwargs"])
-    if ckpt.get("quant") is not None:
+    name, kwargs = ckpt["arch"].get("name"), ckpt["arch"].get("kwargs")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{where}: checkpoint has no architecture name")
+    if expect is not None and name != expect:
+        raise CheckpointError(f"{where}: holds a {name} model, not {expect}; pass --arch {name} "
+                              f"(or the checkpoint of a {expect})")
+    if models.is_user_code(name) and name not in allow:
+        raise CheckpointError(f"{where}: names user code {name!r}, which lowbit imports only "
+                              f"when you name it: pass --arch {name} if you trust it (Python: "
+                              f"lowbit.load(path, model=...))")
+    kwargs = arch_kwargs if arch_kwargs is not None else kwargs
+    if kwargs is None:
+        raise CheckpointError(f"{where}: the {name} model was built in Python with unknown "
+                              f"arguments; pass --arch-kwargs JSON (Python: lowbit.load(path, "
+                              f"model=...))")
+    return models.create(name, **kwargs)
+
+
+def build(ckpt: dict[str, Any], *, model: nn.Module | None = None, allow: Collection[str] = (),
+          expect: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+          where: str = "checkpoint") -> nn.Module:
+    """The model a loaded checkpoint describes, with its weights, in eval mode.
+
+    ``model``: the float architecture to fill in (else rebuilt from ``arch``, see
+    :func:`_architecture`: ``allow`` lists the user-code names the user passed, ``expect``
+    the architecture the user said it is, ``arch_kwargs`` replace the recorded arguments).
+    """
+    if model is None:
+        model = _architecture(ckpt, allow, expect, arch_kwargs, where)
+    if ckpt.get("quant") is not None and getattr(model, "lowbit_quant", None) is None:
         from .quant import QuantSpec, quantize
 
         model = quantize(model, QuantSpec.from_dict(ckpt["quant"]), copy_weights=False)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"state dict does not fit {ckpt['arch']['name']}: "
+        raise CheckpointError(f"{where}: state dict does not fit {ckpt['arch'].get('name')}: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.eval()
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint file and build its model: ``(model, checkpoint dict)``."""
+def load_model(path: str | Path, *, model: nn.Module | None = None,
+               allow: Collection[str] = (), expect: str | None = None,
+               arch_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint file and build its model: ``(model, checkpoint dict)`` (see
+    :func:`build` for the keywords)."""
     ckpt = load(path)
-    return build(ckpt), ckpt
+    return build(ckpt, model=model, allow=allow, expect=expect, arch_kwargs=arch_kwargs,
+                 where=str(path)), ckpt
