@@ -74,13 +74,14 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
     return {"name": f"{type(model).__module__}:{type(model).__qualname__}", "kwargs": None}
 
 
-def save(path: str | Path, model: nn.Module, *, data: dict[str, Any], record: dict[str, Any],
+def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any],
          resume: dict[str, Any] | None = None) -> Path:
-    """Atomically write ``model`` (any module; see :func:`arch_of`) as a checkpoint."""
+    """Atomically write ``model`` (any module; see :func:`arch_of`) as a checkpoint; ``data``:
+    a data dict or the data itself (see :func:`data_info`)."""
     arch = arch_of(model)
     spec = getattr(model, "lowbit_quant", None)
     ckpt = {"format": FORMAT, "version": VERSION, "arch": arch,
-            "quant": spec.to_dict() if spec is not None else None, "data": data,
+            "quant": spec.to_dict() if spec is not None else None, "data": data_info(data),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "record": record}
     if resume is not None:

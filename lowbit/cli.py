@@ -147,7 +147,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     model, ckpt = _checkpoint.load_model(args.checkpoint, allow=_allowed(args), expect=args.arch,
                                          arch_kwargs=args.arch_kwargs)
-    test_set = data.load(args.data, train=False)
+    test_set = data.as_data(data.load(args.data, train=False), stats=data.stats_of(ckpt["data"]))
     _checkpoint.check_data(ckpt, test_set, args.checkpoint, args.data)
     acc = evaluate(model, test_set)
     print(f"{args.checkpoint}: {ckpt['arch']['name']} top-1 accuracy {acc:.2%} on "
@@ -745,14 +745,19 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lowbit``."""
-    parser = _Parser(
+def parser() -> argparse.ArgumentParser:
+    """The ``lowbit`` command line (subcommands' options are added when they are used)."""
+    top = _Parser(
         prog="lowbit", description="lowbit: float model -> ternary/4-bit student -> packed ONNX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
-    return _run(parser, argv)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lowbit``."""
+    return _run(parser(), argv)
 
 
 

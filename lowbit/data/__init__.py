@@ -5,9 +5,9 @@ datasets, ``(inputs, labels)`` arrays, torch Datasets and DataLoaders; uint8 ima
 inputs of any rank.
 """
 
-from ._adapt import Data, DataLike, Stream, as_data
+from ._adapt import Data, DataLike, Stream, as_data, stats_of
 from ._datasets import DataError, Dataset, cifar, cifar10, cifar100, digits, load
 from ._loader import Loader, augment, normalize
 
 __all__ = ["Data", "DataError", "DataLike", "Dataset", "Loader", "Stream", "as_data", "augment",
-           "cifar", "cifar10", "cifar100", "digits", "load", "normalize"]
+           "cifar", "cifar10", "cifar100", "digits", "load", "normalize", "stats_of"]

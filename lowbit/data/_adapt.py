@@ -99,30 +99,36 @@ class _StreamLoader:
 
 
 Data = Dataset | Stream
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 DataLike = Any  # anything as_data accepts; see the module docstring
 
 
 def as_data(data: DataLike, *, name: str | None = None, split: str = "validation",
             classes: tuple[str, ...] | None = None, normalize: bool = True,
-            augment: bool | None = None) -> Data:
+            augment: bool | None = None, stats: Stats | None = None) -> Data:
     """``data`` as a :class:`Dataset` (in memory) or :class:`Stream` (a ``DataLoader``).
 
     ``name``/``split``/``classes`` describe data that does not carry them (arrays, torch
-    datasets). ``normalize=False`` feeds uint8 pixels as floats 0..255 (recorded as mean 0,
-    std 1) instead of standardising them with their per-channel statistics. ``augment``:
-    see :class:`Dataset` (``False`` turns lowbit's crop + flip off).
+    datasets). uint8 pixels are standardised with ``stats`` (``(mean, std)`` per channel:
+    the training data's, or a model's, so that validation data is normalised as the model
+    expects), else with their dataset's or their own per-channel statistics;
+    ``normalize=False`` feeds them as floats 0..255 (recorded as mean 0, std 1).
+    ``augment``: see :class:`Dataset` (``False`` turns lowbit's crop + flip off).
     """
     if isinstance(data, str):
         data = load(data)
     elif isinstance(data, _datafiles.Arrays):
         data = Dataset.from_arrays(data)
     if isinstance(data, Dataset):
+        if stats is not None and data.images.dtype == torch.uint8:
+            data = replace(data, mean=stats[0], std=stats[1])
         return data if augment is None else replace(data, augment=augment)
     if isinstance(data, Stream):
         return data
     label = name or type(data).__name__
     if isinstance(data, DataLoader):
-        return Stream(data, name=label, split=split, classes=classes)
+        mean, std = stats if stats is not None else (None, None)
+        return Stream(data, name=label, split=split, classes=classes, mean=mean, std=std)
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
                 for v in data)
@@ -132,7 +138,7 @@ def as_data(data: DataLike, *, name: str | None = None, split: str = "validation
         raise DataError(f"{label}: expected a lowbit Dataset, a data spec (cifar10:DIR, "
                         f"digits, FILE.npz), (inputs, labels) arrays, a torch Dataset of "
                         f"(input, label) pairs or a DataLoader")
-    return _tensors(x, y, label, split, classes, normalize, augment)
+    return _tensors(x, y, label, split, classes, normalize, augment, stats)
 
 
 def _read(dataset: torch.utils.data.Dataset, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +156,8 @@ def _read(dataset: torch.utils.data.Dataset, name: str) -> tuple[torch.Tensor, t
 
 
 def _tensors(x: torch.Tensor, y: torch.Tensor, name: str, split: str,
-             classes: tuple[str, ...] | None, normalize: bool, augment: bool | None) -> Dataset:
+             classes: tuple[str, ...] | None, normalize: bool, augment: bool | None,
+             stats: Stats | None) -> Dataset:
     if y.is_floating_point() or y.ndim != 1:
         raise DataError(f"{name}: labels must be integer class indices [N], got {y.dtype} "
                         f"{tuple(y.shape)}")
@@ -158,8 +165,18 @@ def _tensors(x: torch.Tensor, y: torch.Tensor, name: str, split: str,
         x, mean, std = x.float(), None, None
     elif x.dtype == torch.uint8 and x.ndim >= 2:
         channels = x.shape[1]
-        mean, std = _datafiles.channel_stats(x.numpy()) if normalize else \
-            ((0.0,) * channels, (1.0,) * channels)
+        if not normalize:
+            mean, std = (0.0,) * channels, (1.0,) * channels
+        else:
+            mean, std = stats if stats is not None else _datafiles.channel_stats(x.numpy())
     else:
         raise DataError(f"{name}: inputs must be uint8 raw pixels or floats, got {x.dtype}")
     return Dataset(name, x, y.long(), classes, mean, std, split, augment)
+
+
+def stats_of(data: Data | dict[str, Any]) -> Stats | None:
+    """The ``(mean, std)`` that ``data`` (or a checkpoint's data dict) normalises with, to
+    normalise other data of the same model alike (``None``: inputs used as they are)."""
+    mean, std = (data.get("mean"), data.get("std")) if isinstance(data, dict) else \
+        (data.mean, data.std)
+    return None if mean is None else (tuple(mean), tuple(std))

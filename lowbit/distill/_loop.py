@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import _checkpoint
 from .._io import write_json
-from ..data import DataLike, as_data
+from ..data import DataLike, as_data, stats_of
 from ..errors import TrainingError
 from . import _dist
 
@@ -116,12 +116,13 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
         record: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``run`` for ``cfg.epochs``; checkpoint to ``out`` each epoch; return the record.
 
-    ``record["val_split"]`` names the data ``val_acc`` was measured on.
+    ``record["val_split"]`` names the data ``val_acc`` was measured on. ``progress=False``
+    prints nothing (no bar, no per-epoch line).
     """
     torch.manual_seed(cfg.seed)
     rank, world = _dist.setup()
     train_data = as_data(train_data, split="train")
-    val_data = None if val_data is None else as_data(val_data)
+    val_data = None if val_data is None else as_data(val_data, stats=stats_of(train_data))
     model = run.model.to(memory_format=torch.channels_last)
     modules = {"model": model, **run.extra}
     loader = train_data.loader(cfg.batch_size, train=True, seed=cfg.seed, shard=(rank, world))
@@ -197,7 +198,7 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
         if val_data is not None:
             entry["val_acc"] = record["val_acc"] = evaluate(model, val_data)
         record["history"].append(entry)
-        if rank == 0:
+        if rank == 0 and progress:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in entry.items()))
         save(step, finished=epoch + 1 == cfg.epochs)

@@ -103,7 +103,7 @@ def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
 
 
 def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | None,
-             ptq: PTQConfig) -> tuple[nn.Module, list[str]]:
+             ptq: PTQConfig, data: dict[str, Any]) -> tuple[nn.Module, list[str]]:
     """The model as a quantized student: as trained, or post-training quantized to ``bits``."""
     from ..quant import QuantSpec, calibrate_ranges, quantize
 
@@ -124,7 +124,7 @@ def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | Non
         raise ExportError("post-training quantization of a float model needs calibration "
                           "data (calib=...)")
     spec = QuantSpec(weight_bits=bits, **({} if act_bits is None else {"act_bits": act_bits}))
-    batches = calib_batches(calib, ptq)
+    batches = calib_batches(calib, ptq, data)
     student = calibrate_ranges(quantize(model, spec), batches, ptq.method,
                                ptq.percentile).eval()
     note = (f"float model quantized post-training to {bits}-bit weights and {spec.act_bits}-bit "
@@ -144,30 +144,32 @@ def _output_step(layers, acts: list[Act]) -> np.ndarray:
     return np.maximum(w * s_a, np.finfo(np.float32).tiny)
 
 
-def _verify_inputs(verify: Any, example: torch.Tensor,
+def _verify_inputs(verify: Any, example: torch.Tensor, data: dict[str, Any],
                    ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """(normalised float inputs, labels or None, source name) for the gate."""
+    """(normalised float inputs, labels or None, source name) for the gate; user data is
+    normalised as the model's ``data`` says."""
     if verify is None:
         gen = torch.Generator().manual_seed(0)
         return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), None, "random"
     if isinstance(verify, torch.Tensor):
         return verify.float(), None, "given"
-    from ..data import as_data
+    from ..data import as_data, stats_of
 
-    verify = as_data(verify)
+    verify = as_data(verify, stats=stats_of(data))
     xs, ys = zip(*verify.loader(RANDOM_INPUTS), strict=True)
     return torch.cat(xs), torch.cat(ys), verify.name
 
 
-def calib_batches(calib: Any, ptq: PTQConfig) -> list[torch.Tensor]:
+def calib_batches(calib: Any, ptq: PTQConfig, data: dict[str, Any]) -> list[torch.Tensor]:
     """The first ``ptq.calib`` examples of ``calib`` (a tensor of normalised inputs or anything
-    ``lowbit.data.as_data`` takes) as normalised batches of ``ptq.batch_size``."""
+    ``lowbit.data.as_data`` takes, normalised as ``data`` says) in batches of
+    ``ptq.batch_size``."""
     if isinstance(calib, torch.Tensor):
         x = calib.float()[:ptq.calib]
         return list(x.split(ptq.batch_size))
-    from ..data import Dataset, as_data
+    from ..data import Dataset, as_data, stats_of
 
-    calib = as_data(calib, split="train")
+    calib = as_data(calib, split="train", stats=stats_of(data))
     if isinstance(calib, Dataset):  # lowbit's batches: no augmentation, the first examples
         calib = calib.subset(ptq.calib)
     batches, n = [], 0
@@ -316,8 +318,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     data = _data_info(data, example_input)
     example = example_input if example_input is not None else \
         torch.zeros((1, *data["input_shape"]))
-    student, notes = _student(model, bits, calib, act_bits, ptq)
-    inputs, labels, source = _verify_inputs(verify, example)
+    student, notes = _student(model, bits, calib, act_bits, ptq, data)
+    inputs, labels, source = _verify_inputs(verify, example, data)
 
     from ..quant import bake_integer_bias
 
