@@ -581,6 +581,7 @@ def _export(args: argparse.Namespace) -> None:
     from .export import Thresholds, export
     from .quant import PTQConfig
 
+    prog = getattr(args, "prog", "lowbit-export")
     thresholds = Thresholds(args.min_agreement, args.max_steps)
     ptq = PTQConfig(method=args.calib_method, calib=args.calib, percentile=args.percentile,
                     max_drop=args.max_drop)  # validates --calib >= 1 before any work
@@ -608,7 +609,6 @@ def _export(args: argparse.Namespace) -> None:
                              f"needs calibration data; pass --calib-data or --verify-data (its "
                              f"training split calibrates)")
         calib = data.load(source, train=True)
-        prog = getattr(args, "prog", "lowbit-export")
         print(f"{prog}: warning: {args.model} is a float model; quantizing it post-training "
               f"to {args.bits}-bit weights with {min(len(calib), ptq.calib)} calibration "
               f"examples of {calib.name} ({ptq.method}). Expect an accuracy drop: 'lowbit "
@@ -629,8 +629,13 @@ def _export(args: argparse.Namespace) -> None:
     elif ptq_run:
         print("note: accuracy not measured (random verification inputs); pass --verify-data "
               "to see what post-training quantization costs")
-    for note in result.notes[1 if ptq_run else 0:]:  # the PTQ note is said above
+    notes = list(result.notes[1 if ptq_run else 0:])  # the PTQ note is said above
+    a = result.accuracy
+    too_costly = bool(a) and a["float"] - a["onnx"] > ptq.max_drop  # its warning is last
+    for note in notes[:-1] if too_costly else notes:
         print(f"note: {note}")
+    if too_costly:
+        print(f"{prog}: warning: {notes[-1]}", file=sys.stderr)
     kinds = sorted(set(result.storage.values()))
     for fmt, path in result.paths.items():
         print(f"{fmt}: {path} ({path.stat().st_size:,} bytes; weights stored as "
