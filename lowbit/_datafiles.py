@@ -256,3 +256,26 @@ def load(spec: str, train: bool = True) -> Arrays:
         return npz(spec)
     raise DataError(f"unknown data spec {spec!r}; expected cifar10:DIR, cifar100:DIR, digits "
                     f"or FILE.npz")
+
+
+def as_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, labels)`` as numpy arrays, torch-free, from: an object with ``images`` and
+    ``labels`` (:class:`Arrays`, a lowbit Dataset), an ``(inputs, labels)`` pair, a map-style
+    dataset of ``(input, label)`` items (a torch ``Dataset``; tensors convert through their
+    ``__array__``) or an iterable of ``(inputs, labels)`` batches (a ``DataLoader``)."""
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return np.asarray(data.images), np.asarray(data.labels)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        pairs = [(np.asarray(x)[None], np.asarray(y).reshape(1)) for x, y in items]
+    elif hasattr(data, "__iter__"):
+        pairs = [(np.asarray(x), np.asarray(y).reshape(-1)) for x, y in data]
+    else:
+        raise DataError(f"expected (inputs, labels) arrays, a dataset of (input, label) pairs "
+                        f"or batches of them, got {type(data).__name__}")
+    if not pairs:
+        raise DataError(f"{type(data).__name__}: no examples")
+    return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
+

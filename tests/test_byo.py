@@ -103,6 +103,7 @@ def test_user_cnn_python_tensor_dataset(tmp_path):
     session = lowbit.Session(tmp_path / "s.onnx")  # uint8 pixels in, train statistics inside
     acc = session.evaluate((test.images.numpy(), test.labels.numpy()))
     assert abs(acc - record["val_acc"]) <= 1 / 359 + 1e-9
+    assert session.evaluate(test_ds) == acc == session.evaluate(DataLoader(test_ds, 100))
 
 
 def _signals(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
