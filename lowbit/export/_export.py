@@ -105,7 +105,8 @@ def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
 def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | None,
              ptq: PTQConfig, data: dict[str, Any]) -> tuple[nn.Module, list[str]]:
     """The model as a quantized student: as trained, or post-training quantized to ``bits``."""
-    from ..quant import QuantSpec, calibrate_ranges, quantize
+    from ..data import stats_of
+    from ..quant import QuantSpec, calibrate_data, quantize
 
     spec = getattr(model, "lowbit_quant", None)
     if spec is not None:
@@ -124,13 +125,10 @@ def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | Non
         raise ExportError("post-training quantization of a float model needs calibration "
                           "data (calib=...)")
     spec = QuantSpec(weight_bits=bits, **({} if act_bits is None else {"act_bits": act_bits}))
-    batches = calib_batches(calib, ptq, data)
-    student = calibrate_ranges(quantize(model, spec), batches, ptq.method,
-                               ptq.percentile).eval()
+    student, n = calibrate_data(quantize(model, spec), calib, ptq, stats_of(data))
     note = (f"float model quantized post-training to {bits}-bit weights and {spec.act_bits}-bit "
-            f"activations ({ptq.method} calibration on {sum(len(b) for b in batches)} "
-            f"examples); expect an accuracy drop, 'lowbit distill' (quantization-aware "
-            f"training) recovers it")
+            f"activations ({ptq.method} calibration on {n} examples); expect an accuracy "
+            f"drop, 'lowbit distill' (quantization-aware training) recovers it")
     warnings.warn(note, stacklevel=3)
     return student, [note]
 
@@ -158,29 +156,6 @@ def _verify_inputs(verify: Any, example: torch.Tensor, data: dict[str, Any],
     verify = as_data(verify, stats=stats_of(data))
     xs, ys = zip(*verify.loader(RANDOM_INPUTS), strict=True)
     return torch.cat(xs), torch.cat(ys), verify.name
-
-
-def calib_batches(calib: Any, ptq: PTQConfig, data: dict[str, Any]) -> list[torch.Tensor]:
-    """The first ``ptq.calib`` examples of ``calib`` (a tensor of normalised inputs or anything
-    ``lowbit.data.as_data`` takes, normalised as ``data`` says) in batches of
-    ``ptq.batch_size``."""
-    if isinstance(calib, torch.Tensor):
-        x = calib.float()[:ptq.calib]
-        return list(x.split(ptq.batch_size))
-    from ..data import Dataset, as_data, stats_of
-
-    calib = as_data(calib, split="train", stats=stats_of(data))
-    if isinstance(calib, Dataset):  # lowbit's batches: no augmentation, the first examples
-        calib = calib.subset(ptq.calib)
-    batches, n = [], 0
-    for x, _ in calib.loader(ptq.batch_size):
-        batches.append(x[:ptq.calib - n])
-        n += len(batches[-1])
-        if n >= ptq.calib:
-            break
-    if n == 0:
-        raise ExportError("the calibration data holds no examples")
-    return batches
 
 
 def _accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -147,3 +148,38 @@ def calibrate_ranges(student: nn.Module, batches: Iterable[torch.Tensor],
         values = torch.cat(samples[id(r)]) if samples[id(r)] else torch.zeros(1)
         r.value.fill_(choose_range(values, peaks[id(r)], qmax[id(r)], method, percentile))
     return student
+
+
+def calibration_batches(calib: Any, ptq: PTQConfig | None = None,
+                        stats: tuple | None = None) -> list[torch.Tensor]:
+    """The first ``ptq.calib`` examples of ``calib`` in normalised batches of
+    ``ptq.batch_size`` (default ``PTQConfig()``): ``calib`` is a tensor of normalised inputs
+    or anything ``lowbit.data.as_data`` takes (uint8 pixels normalised with ``stats``)."""
+    ptq = ptq or PTQConfig()
+    if isinstance(calib, torch.Tensor):
+        return list(calib.float()[:ptq.calib].split(ptq.batch_size))
+    from ..data import Dataset, as_data
+
+    calib = as_data(calib, split="train", stats=stats)
+    if isinstance(calib, Dataset):  # lowbit's batches: no augmentation, the first examples
+        calib = calib.subset(ptq.calib)
+    batches, n = [], 0
+    for x, _ in calib.loader(ptq.batch_size):
+        batches.append(x[:ptq.calib - n])
+        n += len(batches[-1])
+        if n >= ptq.calib:
+            break
+    if n == 0:
+        raise UsageError("the calibration data holds no examples")
+    return batches
+
+
+def calibrate_data(student: nn.Module, calib: Any, ptq: PTQConfig | None = None,
+                   stats: tuple | None = None) -> tuple[nn.Module, int]:
+    """Calibrate ``student``'s activation ranges as ``ptq`` says on data ``calib`` (see
+    :func:`calibration_batches`); returns the student and the number of examples used."""
+    ptq = ptq or PTQConfig()
+    batches = calibration_batches(calib, ptq, stats)
+    return calibrate_ranges(student, batches, ptq.method, ptq.percentile), \
+        sum(len(b) for b in batches)
+
