@@ -212,7 +212,7 @@ def _distill(args: argparse.Namespace) -> None:
     from .distill import GSLR, KDConfig, distill, student_for
 
     train_set, val_set = _train_val(args)
-    allow = _allowed(args)
+    allow = _allowed(args)  # only names given here: never one read from a checkpoint
     teacher: object = args.teacher
     if args.scheme == "A" and not Path(args.teacher).exists() and args.teacher in models.list():
         teacher = _build(args.teacher, args, train_set, args.seed)  # trained jointly
@@ -225,8 +225,7 @@ def _distill(args: argparse.Namespace) -> None:
             raise ValueError(f"scheme C starts the {arch} student from trained float weights: "
                              f"pass --init FLOAT.pt (a {arch} checkpoint) or --arch "
                              f"{teacher_arch}")
-        init, _ = _checkpoint.load_model(args.init or args.teacher, allow=allow | {arch},
-                                         expect=arch)
+        init, _ = _checkpoint.load_model(args.init or args.teacher, allow=allow, expect=arch)
     else:
         init = _build(arch, args, train_set, args.seed)
     student = student_for(args.scheme, init, weight_bits=args.bits, act_bits=args.act_bits,
@@ -240,7 +239,7 @@ def _distill(args: argparse.Namespace) -> None:
     kd = KDConfig(**{name: getattr(args, name) for name in _KD_OPTIONS}, gslr=gslr)
     _, record = distill(student, teacher, train_set, val_set, kd, _train_config(args),
                         out=args.output, resume=args.resume, teacher_out=args.teacher_out,
-                        allow=allow | {teacher_arch})
+                        allow=allow)
     print(f"{arch} student ({args.bits}-bit weights, {args.act_bits}-bit activations, scheme "
           f"{args.scheme}) on {train_set.name}: {_measured(record, val_set)} -> {args.output}")
 

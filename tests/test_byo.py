@@ -147,6 +147,8 @@ def test_checkpoint_naming_code_the_user_did_not_pass_is_refused(tmp_path):
     assert r.returncode == 2 and "pass --arch tests.never_imported:boom" in r.stderr
     r = _cli("eval", str(path), "--arch", ARCH, "--data", "digits", cwd=tmp_path)
     assert r.returncode == 2 and f"not {ARCH}" in r.stderr  # the name is checked, too
+    r = _cli("distill", "--teacher", str(path), "--epochs", "1", "-o", "s.pt", cwd=tmp_path)
+    assert r.returncode == 2 and "names user code 'tests.never_imported:boom'" in r.stderr
 
 
 @pytest.fixture(scope="module")
