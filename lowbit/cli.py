@@ -115,6 +115,8 @@ def _train_val(args: argparse.Namespace):
     train_set = data.load(args.data, train=True)
     if args.val_data:
         val_set = data.load(args.val_data, train=False)
+        if val_set.split == "file":  # a whole file given for validation
+            val_set = replace(val_set, split="validation")
     elif train_set.split == "file":  # one file: never validate on the training examples
         train_set, val_set = train_set.holdout(args.val_fraction)
     else:
