@@ -256,3 +256,23 @@ def test_quickstart_prints_the_same_numbers_twice(tmp_path):
         assert r.returncode == 0, r.stderr
         outputs.append(r.stdout)
     assert "ternary student" in outputs[0] and outputs[0] == outputs[1]
+
+
+def test_float_inputs_export_without_normalisation_metadata(tmp_path):
+    import onnx
+
+    train, test = data.digits(), data.digits(train=False)
+    prepared = [((d.images.float() - 77.0) / 96.0, d.labels) for d in (train, test)]  # user-made
+    model, _ = lowbit.train(models.create("digits_cnn", width=8, seed=0), prepared[0],
+                            epochs=4, batch_size=64, lr=0.05, progress=False)
+    result = lowbit.export(model, tmp_path / "f.onnx", bits=4, calib=prepared[0],
+                           verify=prepared[1], data=prepared[0], formats=("onnx",),
+                           ptq=lowbit.quant.PTQConfig(calib=128, max_drop=1.0))
+    props = {p.key: p.value for p in onnx.load(tmp_path / "f.onnx").metadata_props}
+    assert props["lowbit.mean"] == "null" and props["lowbit.std"] == "null"
+    session = lowbit.Session(tmp_path / "f.onnx")  # takes the prepared floats as they are
+    x, y = (t.numpy() for t in prepared[1])
+    assert session.evaluate((x, y)) == pytest.approx(result.accuracy["onnx"])
+    assert result.accuracy["float"] == pytest.approx(lowbit.evaluate(model, prepared[1]))
+    with pytest.raises(lowbit.LowbitError, match="uint8 input needs normalisation"):
+        session.run(test.images.numpy())
