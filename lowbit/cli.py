@@ -95,8 +95,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     """Training data, the validation data and lowbit's augmentation (train and distill)."""
     p.add_argument("--data", default="digits", help=f"training data: {_DATA_SPECS}")
     p.add_argument("--val-data", default=None, metavar="SPEC",
-                   help="validation data (default: the test split of cifar10/cifar100/digits; "
-                   "for FILE.npz, --val-fraction of it held out)")
+                   help="validation data; unset: the test split of cifar10/cifar100/digits, or "
+                   "for FILE.npz --val-fraction of it held out")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="FILE.npz without --val-data: fraction held out for validation")
     p.add_argument("--no-augment", action="store_true",
@@ -662,7 +662,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight bits (2 = ternary). A student is exported as trained (a "
                    "contradicting --bits is an error); a float checkpoint needs it")
     p.add_argument("--act-bits", type=int, choices=[2, 4, 8], default=None,
-                   help=f"post-training quantization: activation bits (None: QuantSpec's "
+                   help=f"post-training quantization: activation bits (unset: QuantSpec's "
                    f"{QuantSpec().act_bits}; a student keeps its own)")
     p.add_argument("--calib-method", choices=CALIB_METHODS, default=ptq.method,
                    help="post-training quantization: activation-range calibration (max |x|; "
@@ -671,7 +671,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    help="post-training quantization: calibration examples (>= 1)")
     p.add_argument("--calib-data", default=None, metavar="SPEC",
                    help="post-training quantization: calibration data (its training split; "
-                   "default: that of --verify-data)")
+                   "unset: that of --verify-data)")
     p.add_argument("--percentile", type=float, default=ptq.percentile,
                    help="--calib-method percentile: the percentile of |x| taken as the range")
     p.add_argument("--max-drop", type=float, default=ptq.max_drop, metavar="FRACTION",
