@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import _checkpoint
 from .._io import write_json
 from ..data import DataLike, as_data, stats_of
-from ..errors import TrainingError
+from ..errors import DataError, TrainingError
 from . import _dist
 
 
@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, data: DataLike, batch_size: int = 500) -> float:
         seen += len(y)
     model.train(was_training)
     if seen == 0:
-        raise TrainingError("no examples to evaluate on")
+        raise DataError("no examples to evaluate on")
     return correct / seen
 
 
