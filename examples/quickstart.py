@@ -9,7 +9,7 @@ from lowbit import data, models
 train, test = data.digits(), data.digits(train=False)
 
 # 1. A float teacher.
-teacher, _ = lowbit.train(models.create("digits_cnn"), train, test,
+teacher, _ = lowbit.train(models.create("digits_cnn", seed=0), train, test,
                           epochs=20, batch_size=64, lr=0.05, progress=False)
 
 # 2. A ternary student (2-bit weights {-1,0,+1}*alpha, 4-bit activations), initialised from

@@ -28,9 +28,11 @@ _API = {
     "convert_ort": "lowbit.runtime",
     "load_model": "lowbit._checkpoint",
     "save_checkpoint": "lowbit._checkpoint",
+    "save": "lowbit._checkpoint",
+    "load": "lowbit._checkpoint",
     "LowbitError": "lowbit.errors",
 }
-_RENAMED = {"save_checkpoint": "save"}
+_RENAMED = {"save_checkpoint": "save", "save": "save_model", "load": "restore"}
 
 __all__ = ["__version__", *sorted(_API)]
 

@@ -3,22 +3,29 @@
 A checkpoint is a plain dict of strings, numbers, lists, dicts and tensors::
 
     format: "lowbit.checkpoint", version: 1
-    arch: {"name": "resnet20", "kwargs": {"num_classes": 10}}
+    arch: {"name": "resnet20", "kwargs": {"num_classes": 10}}    # a registered model, or
+          {"name": "mypkg.nets:small_cnn", "kwargs": {...}}       # user code (--arch), or
+          {"name": "mypkg.nets:Net", "kwargs": None}              # a module built in Python
     quant: QuantSpec as a dict, or None for a float model
     data: {"name", "classes", "mean", "std", "input_shape"}   # what the model expects
     state_dict: the model's tensors
     record: training record (config, per-epoch history, final accuracy)
     resume: optimiser/scheduler/RNG state while training is unfinished (absent when done)
 
-Nothing else is ever pickled, so loading a checkpoint can never run code.
+Nothing else is ever pickled, so loading a checkpoint can never run code, and building its
+model never imports code the user did not name: a checkpoint naming user code is built only
+when that name is passed again (``--arch``, ``allow=``) or the model itself is given
+(``lowbit.load(path, model=...)``).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import pickle
 import warnings
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +40,8 @@ VERSION = 1
 MAX_INPUT_VALUES = 2**26  # C*H*W of one input image; a larger one is a crafted file
 
 
-def data_info(data) -> dict[str, Any]:
-    """What a model needs to know about its inputs, taken from a :class:`lowbit.data.Dataset`."""
-    return {"name": data.name, "classes": list(data.classes), "mean": list(data.mean),
-            "std": list(data.std), "input_shape": list(data.input_shape), "examples": len(data)}
+UNKNOWN_DATA = {"name": "unknown", "classes": None, "mean": None, "std": None,
+                "input_shape": None}
 
 
 def check_resume(path: str | Path, ckpt: dict[str, Any], model: nn.Module,
@@ -83,26 +88,48 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_data(ckpt: dict[str, Any], dataset, model_name: str, data_name: str) -> None:
+def data_info(data: Any) -> dict[str, Any]:
+    """What a model needs to know about its inputs (anything ``lowbit.data.as_data`` takes, or
+    a checkpoint's data dict as it is)."""
+    if isinstance(data, dict):
+        return data
+    from .data import as_data
+
+    return as_data(data).info()
+
+
+def check_data(ckpt: dict[str, Any], dataset: Any, model_name: str, data_name: str) -> None:
     """Refuse ``dataset`` if its input shape or class count differs from the checkpoint's."""
-    info = ckpt["data"]
-    if dataset.input_shape != tuple(info["input_shape"]) or \
-            dataset.num_classes != len(info["classes"]):
+    from .data import as_data
+
+    info, dataset = ckpt["data"], as_data(dataset)
+    classes = info.get("classes")
+    shape = info.get("input_shape")
+    theirs = dataset.num_classes
+    if (shape is not None and tuple(dataset.input_shape) != tuple(shape)) or \
+            (classes and theirs is not None and theirs > len(classes)):
         raise DataError(f"{model_name} expects {info['name']} inputs "
-                        f"{tuple(info['input_shape'])} with {len(info['classes'])} classes; "
-                        f"{data_name} has {dataset.input_shape}, {dataset.num_classes} classes")
+                        f"{tuple(shape or ())} with {len(classes or ())} classes; "
+                        f"{data_name} has {tuple(dataset.input_shape)}, {theirs} classes")
 
 
-def save(path: str | Path, model: nn.Module, *, data: dict[str, Any], record: dict[str, Any],
-         resume: dict[str, Any] | None = None) -> Path:
-    """Atomically write ``model`` (built by ``lowbit.models.create``) as a checkpoint."""
+def arch_of(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild ``model``: what ``lowbit.models.create`` recorded, else its class
+    (arguments unknown: loading it needs the model or a factory named by the user)."""
     arch = getattr(model, "lowbit_arch", None)
-    if arch is None:
-        raise CheckpointError("model was not built by lowbit.models.create; its architecture "
-                              "cannot be recorded")
+    if arch is not None:
+        return arch
+    return {"name": f"{type(model).__module__}:{type(model).__qualname__}", "kwargs": None}
+
+
+def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any],
+         resume: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``model`` (any module; see :func:`arch_of`) as a checkpoint; ``data``:
+    a data dict or the data itself (see :func:`data_info`)."""
+    arch = arch_of(model)
     spec = getattr(model, "lowbit_quant", None)
     ckpt = {"format": FORMAT, "version": VERSION, "arch": arch,
-            "quant": spec.to_dict() if spec is not None else None, "data": data,
+            "quant": spec.to_dict() if spec is not None else None, "data": data_info(data),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "record": record}
     if resume is not None:
@@ -110,9 +137,35 @@ def save(path: str | Path, model: nn.Module, *, data: dict[str, Any], record: di
     return atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
+def save_model(model: nn.Module, path: str | Path, *, data: Any = None,
+               record: dict[str, Any] | None = None) -> Path:
+    """``lowbit.save``: write any model (float or student) as a lowbit checkpoint.
+
+    ``data``: what it takes (a dataset or anything ``lowbit.data.as_data`` takes; recorded as
+    its input shape, classes and normalisation); ``record``: anything JSON-like to keep.
+    """
+    info = UNKNOWN_DATA if data is None else data_info(data)
+    return save(path, model, data=info, record=record or {})
+
+
+def restore(path: str | Path, model: nn.Module | None = None, *,
+            allow: Collection[str] = ()) -> nn.Module:
+    """``lowbit.load``: the model of checkpoint ``path`` (or a shipped checkpoint's name),
+    with its weights, in eval mode.
+
+    A registered lowbit architecture is rebuilt by name. A checkpoint that names user code
+    (``mypkg.nets:small_cnn``) is rebuilt only if that name is in ``allow``; otherwise pass
+    ``model`` (an instance of the float architecture; a student's quantization is applied
+    from the checkpoint) and it is filled in.
+    """
+    return load_model(path, model=model, allow=allow)[0]
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate a checkpoint; any problem is one :class:`CheckpointError` line."""
-    path = Path(path)
+    from . import models
+
+    path = models.locate(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     _check_kind(path)
@@ -166,22 +219,27 @@ def _check_structure(path: Path, ckpt: dict[str, Any]) -> None:
             isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)
 
     arch, data, quant = ckpt["arch"], ckpt["data"], ckpt.get("quant")
+    kwargs = arch.get("kwargs") if isinstance(arch, dict) else None
     need(isinstance(arch, dict) and isinstance(arch.get("name"), str)
-         and isinstance(arch.get("kwargs"), dict)
-         and all(isinstance(k, str) for k in arch["kwargs"]),
-         "'arch' must be {'name': str, 'kwargs': {str: value}}")
+         and (kwargs is None or (isinstance(kwargs, dict)
+                                 and all(isinstance(k, str) for k in kwargs))),
+         "'arch' must be {'name': str, 'kwargs': {str: value} or None}")
     need(isinstance(data, dict), "'data' must be a dict")
-    shape = data.get("input_shape")
-    need(numbers_list(shape, 3) and all(isinstance(d, int) and d >= 1 for d in shape),
-         f"data 'input_shape' must be [C, H, W] of positive integers, found {shape!r}")
-    need(shape[0] * shape[1] * shape[2] <= MAX_INPUT_VALUES,
-         f"data 'input_shape' {shape} is larger than any image lowbit handles")
+    missing = [k for k in ("name", "classes", "mean", "std", "input_shape") if k not in data]
+    need(not missing, f"data lacks {', '.join(map(repr, missing))}")
+    shape = data.get("input_shape")  # None: saved without data (lowbit.save)
+    need(shape is None or (numbers_list(shape) and 1 <= len(shape) <= 4
+                           and all(isinstance(d, int) and d >= 1 for d in shape)),
+         f"data 'input_shape' must be 1 to 4 positive integers, found {shape!r}")
+    need(shape is None or math.prod(shape) <= MAX_INPUT_VALUES,
+         f"data 'input_shape' {shape} is larger than any input lowbit handles")
     need(isinstance(data.get("name"), str), "data 'name' must be a string")
-    need(isinstance(data.get("classes"), (list, tuple)) and len(data["classes"]) >= 1,
-         "data 'classes' must be a non-empty list")
-    for key in ("mean", "std"):
-        need(numbers_list(data.get(key), shape[0]),
-             f"data {key!r} must list {shape[0]} numbers (one per channel)")
+    need(data.get("classes") is None or (isinstance(data["classes"], (list, tuple))
+                                         and len(data["classes"]) >= 1),
+         "data 'classes' must be a non-empty list (or None)")
+    for key in ("mean", "std"):  # None: inputs used as they are (floats)
+        need(data.get(key) is None or (shape is not None and numbers_list(data[key], shape[0])),
+             f"data {key!r} must list one number per input channel (or be None)")
     need(quant is None or isinstance(quant, dict), "'quant' must be a dict or None")
     need(isinstance(ckpt["state_dict"], dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()),
@@ -199,8 +257,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
-def build(ckpt: dict[str, Any], where: str = "checkpoint") -> nn.Module:
-    """The model a loaded checkpoint describes, with its weights, in eval mode.
+def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | None,
+                  arch_kwargs: dict[str, Any] | None, where: str) -> nn.Module:
+    """The float model a checkpoint's ``arch`` names, imported only if the user named it.
 
     The architecture is first built on the meta device (no memory): one that needs more
     values than the checkpoint stores (e.g. a crafted width) is refused before allocating.
@@ -208,6 +267,18 @@ def build(ckpt: dict[str, Any], where: str = "checkpoint") -> nn.Module:
     from . import models
 
     name, kwargs = ckpt["arch"]["name"], ckpt["arch"]["kwargs"]
+    if expect is not None and name != expect:
+        raise CheckpointError(f"{where}: holds a {name} model, not {expect}; pass --arch {name} "
+                              f"(or the checkpoint of a {expect})")
+    if models.is_user_code(name) and name not in allow:
+        raise CheckpointError(f"{where}: names user code {name!r}, which lowbit imports only "
+                              f"when you name it: pass --arch {name} if you trust it (Python: "
+                              f"lowbit.load(path, model=...))")
+    kwargs = arch_kwargs if arch_kwargs is not None else kwargs
+    if kwargs is None:
+        raise CheckpointError(f"{where}: the {name} model was built in Python with unknown "
+                              f"arguments; pass --arch-kwargs JSON (Python: lowbit.load(path, "
+                              f"model=...))")
     try:
         with torch.device("meta"):
             probe = models.create(name, **kwargs)
@@ -219,8 +290,21 @@ def build(ckpt: dict[str, Any], where: str = "checkpoint") -> nn.Module:
     if need > have:
         raise CheckpointError(f"{where}: state dict does not fit {name} with {kwargs}: that "
                               f"needs {need:,} values, the checkpoint stores {have:,}")
-    model = models.create(name, **kwargs)
-    if ckpt.get("quant") is not None:
+    return models.create(name, **kwargs)
+
+
+def build(ckpt: dict[str, Any], *, model: nn.Module | None = None, allow: Collection[str] = (),
+          expect: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+          where: str = "checkpoint") -> nn.Module:
+    """The model a loaded checkpoint describes, with its weights, in eval mode.
+
+    ``model``: the float architecture to fill in (else rebuilt from ``arch``, see
+    :func:`_architecture`: ``allow`` lists the user-code names the user passed, ``expect``
+    the architecture the user said it is, ``arch_kwargs`` replace the recorded arguments).
+    """
+    if model is None:
+        model = _architecture(ckpt, allow, expect, arch_kwargs, where)
+    if ckpt.get("quant") is not None and getattr(model, "lowbit_quant", None) is None:
         from .quant import QuantSpec, quantize
 
         try:
@@ -231,12 +315,16 @@ def build(ckpt: dict[str, Any], where: str = "checkpoint") -> nn.Module:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{where}: state dict does not fit {name}: "
+        raise CheckpointError(f"{where}: state dict does not fit {ckpt['arch']['name']}: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.eval()
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint file and build its model: ``(model, checkpoint dict)``."""
+def load_model(path: str | Path, *, model: nn.Module | None = None,
+               allow: Collection[str] = (), expect: str | None = None,
+               arch_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a checkpoint file and build its model: ``(model, checkpoint dict)`` (see
+    :func:`build` for the keywords)."""
     ckpt = load(path)
-    return build(ckpt, str(path)), ckpt
+    return build(ckpt, model=model, allow=allow, expect=expect, arch_kwargs=arch_kwargs,
+                 where=str(path)), ckpt

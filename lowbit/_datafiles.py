@@ -2,8 +2,9 @@
 
 They return numpy arrays (:class:`Arrays`), so the edge runtime (numpy + onnxruntime only)
 and :mod:`lowbit.data` (which wraps them in torch tensors for training) share one reader.
-Images are uint8 ``[N, C, H, W]`` raw pixels; ``mean``/``std`` are per channel on the 0..255
-scale.
+Inputs are uint8 raw pixels ``[N, C, H, W]`` (``mean``/``std`` per channel on the 0..255
+scale) or float32 ``[N, ...]`` of any rank (images, ``[N, C, L]`` sequences, feature
+vectors), which are used as they are unless the file gives ``mean``/``std``.
 """
 
 from __future__ import annotations
@@ -22,22 +23,46 @@ from .errors import DataError
 
 @dataclass(frozen=True)
 class Arrays:
-    """A dataset as numpy arrays: images uint8 ``[N, C, H, W]``, labels int64 ``[N]``."""
+    """A dataset as numpy arrays: inputs ``images`` ``[N, ...]`` (uint8 raw pixels or float32)
+    and labels int64 ``[N]``; ``split`` names the part of the source they are ("train",
+    "test", "file")."""
 
     name: str
     images: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    split: str = "train"
 
     def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must be uint8 [N, C, H, W], got "
-                            f"{self.images.dtype} {tuple(self.images.shape)}")
+        check_inputs(self.name, self.images.dtype == np.uint8,
+                     np.issubdtype(self.images.dtype, np.floating), self.images.shape,
+                     self.mean, self.std)
         if self.labels.ndim != 1 or len(self.images) != len(self.labels):
             raise DataError(f"{self.name}: {len(self.images)} images but labels of shape "
                             f"{tuple(self.labels.shape)}")
+
+
+def check_inputs(name: str, is_uint8: bool, is_float: bool, shape: tuple[int, ...],
+                 mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """Refuse inputs lowbit cannot feed a model: the one check of the data contract.
+
+    uint8 inputs are raw pixels and need per-channel ``mean``/``std`` (dim 1); float inputs
+    are used as they are, or normalised when ``mean``/``std`` are given.
+    """
+    if not (is_uint8 or is_float) or len(shape) < 2:
+        raise DataError(f"{name}: inputs must be uint8 raw pixels [N, C, H, W] or floats "
+                        f"[N, ...] (images, [N, C, L] sequences, [N, F] features); got "
+                        f"{'floats' if is_float else 'a non-float, non-uint8 type'} of shape "
+                        f"{tuple(shape)}")
+    if (mean is None) != (std is None):
+        raise DataError(f"{name}: give both mean and std, or neither")
+    if is_uint8 and mean is None:
+        raise DataError(f"{name}: uint8 inputs need their per-channel mean/std (0..255 scale)")
+    if mean is not None and (len(mean) != len(std) or len(mean) not in (1, shape[1])):
+        raise DataError(f"{name}: mean/std need 1 or {shape[1]} (dim 1) values, got "
+                        f"{len(mean)} and {len(std)}")
 
 
 # Official md5 sums (from the CIFAR download page / torchvision).
@@ -145,7 +170,8 @@ def cifar(name: str, path: str | Path, train: bool = True, verify: bool = True) 
         images = data.reshape(-1, 3, 32, 32)
     except (KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{p}: batches do not hold CIFAR data/labels ({exc})") from None
-    return Arrays(name, images, labels, classes, spec["mean"], spec["std"])
+    return Arrays(name, images, labels, classes, spec["mean"], spec["std"],
+                  "train" if train else "test")
 
 
 def digits(train: bool = True, test_fraction: float = 0.2, seed: int = 0) -> Arrays:
@@ -168,14 +194,16 @@ def digits(train: bool = True, test_fraction: float = 0.2, seed: int = 0) -> Arr
     fit = images[order[n_test:]].astype(np.float64)  # normalisation comes from the train split
     mean, std = float(fit.mean()), float(fit.std())
     return Arrays("digits", images[idx], bunch.target[idx].astype(np.int64),
-                  tuple(str(i) for i in range(10)), (mean,), (std,))
+                  tuple(str(i) for i in range(10)), (mean,), (std,), "train" if train else "test")
 
 
 def npz(path: str | Path) -> Arrays:
-    """An ``.npz`` with ``images`` (uint8 ``[N, C, H, W]``) and ``labels`` (integers ``[N]``).
+    """An ``.npz`` with ``images`` and ``labels`` (integers ``[N]``).
 
-    Optional arrays: ``classes`` (names), ``mean`` and ``std`` (per channel, 0..255 scale;
-    computed from the images when absent). Loaded without pickle, so the file cannot run code.
+    ``images``: uint8 raw pixels ``[N, C, H, W]`` or float32 inputs ``[N, ...]``. Optional
+    arrays: ``classes`` (names), ``mean`` and ``std`` (per channel; for uint8 on the 0..255
+    scale, computed from the images when absent; float inputs are used as they are unless
+    given). Loaded without pickle, so the file cannot run code.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -193,15 +221,26 @@ def npz(path: str | Path) -> Arrays:
     images, labels = arrays["images"], arrays["labels"]
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{p}: labels must be integers, got {labels.dtype}")
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"{p}: images must be uint8 [N, C, H, W] raw pixels, got {images.dtype} "
-                        f"{tuple(images.shape)}")
-    axes = (0, 2, 3)
-    mean = tuple(float(v) for v in arrays.get("mean", images.mean(axis=axes)))
-    std = tuple(float(v) for v in arrays.get("std", images.std(axis=axes)))
+    if np.issubdtype(images.dtype, np.floating):
+        images = images.astype(np.float32, copy=False)
+    mean, std = arrays.get("mean"), arrays.get("std")
+    if images.dtype == np.uint8 and mean is None and std is None and images.ndim >= 2:
+        mean, std = channel_stats(images)
     n_classes = int(labels.max()) + 1 if len(labels) else 0
     classes = tuple(str(c) for c in arrays.get("classes", range(n_classes)))
-    return Arrays(p.stem, images, labels.astype(np.int64), classes, mean, std)
+    return Arrays(p.stem, images, labels.astype(np.int64), classes, _floats(mean), _floats(std),
+                  "file")
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (dim 1) mean and std of ``[N, C, ...]`` inputs."""
+    axes = (0, *range(2, images.ndim))
+    return (tuple(float(v) for v in images.mean(axis=axes, dtype=np.float64)),
+            tuple(float(v) for v in images.std(axis=axes, dtype=np.float64)))
+
+
+def _floats(values: np.ndarray | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in np.atleast_1d(values))
 
 
 def load(spec: str, train: bool = True) -> Arrays:
@@ -217,3 +256,26 @@ def load(spec: str, train: bool = True) -> Arrays:
         return npz(spec)
     raise DataError(f"unknown data spec {spec!r}; expected cifar10:DIR, cifar100:DIR, digits "
                     f"or FILE.npz")
+
+
+def as_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    """``(inputs, labels)`` as numpy arrays, torch-free, from: an object with ``images`` and
+    ``labels`` (:class:`Arrays`, a lowbit Dataset), an ``(inputs, labels)`` pair, a map-style
+    dataset of ``(input, label)`` items (a torch ``Dataset``; tensors convert through their
+    ``__array__``) or an iterable of ``(inputs, labels)`` batches (a ``DataLoader``)."""
+    if hasattr(data, "images") and hasattr(data, "labels"):
+        return np.asarray(data.images), np.asarray(data.labels)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        pairs = [(np.asarray(x)[None], np.asarray(y).reshape(1)) for x, y in items]
+    elif hasattr(data, "__iter__"):
+        pairs = [(np.asarray(x), np.asarray(y).reshape(-1)) for x, y in data]
+    else:
+        raise DataError(f"expected (inputs, labels) arrays, a dataset of (input, label) pairs "
+                        f"or batches of them, got {type(data).__name__}")
+    if not pairs:
+        raise DataError(f"{type(data).__name__}: no examples")
+    return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
+

@@ -162,7 +162,7 @@ def _teacher(train_set: data.Dataset, test_set: data.Dataset, budget: Budget,
     """Digits: a digits CNN trained here; CIFAR-10: the shipped ResNet20."""
     if train_set.name == "digits":
         torch.manual_seed(0)  # the initial weights: the same teacher on every run
-        model = models.create("digits_cnn", num_classes=train_set.num_classes)
+        model = models.create("digits_cnn", num_classes=train_set.num_classes, seed=0)
         model, record = train(model, train_set, test_set, epochs=budget.teacher_epochs,
                               batch_size=64, lr=0.05, out=out / "teacher.pt")
         info = {"arch": "digits_cnn", "source": f"trained here ({budget.teacher_epochs} epochs)",

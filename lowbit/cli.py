@@ -58,189 +58,335 @@ def _check_run_outputs(args: argparse.Namespace, *inputs: object) -> None:
                   "start over and replace it")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from . import data, models
-    from .distill import train
+_FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
+_DATA_SPECS = "cifar10:DIR, cifar100:DIR, digits or FILE.npz"
 
-    _check_run_outputs(args, args.data.partition(":")[2] or args.data)
-    train_set, test_set = data.load(args.data, train=True), data.load(args.data, train=False)
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose options are added by ``options(parser)`` when it is first used.
+
+    Defaults come from lowbit's config dataclasses (``TrainConfig``, ``KDConfig``,
+    ``QuantSpec``, ``PTQConfig``), which live next to torch code: a subcommand imports them
+    only when it runs or shows its help, so ``lowbit run`` starts without torch.
+    """
+
+    def __init__(self, *args, options: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._options = options
+
+    def _fill(self) -> None:
+        if self._options is not None:
+            options, self._options = self._options, None
+            options(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._fill()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._fill()
+        return super().format_help()
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_FORMATTER, **kwargs)
+
+
+def _arch_options(p: argparse.ArgumentParser, help_text: str, default: str | None) -> None:
+    """``--arch`` (a registered model or user code) and ``--arch-kwargs``."""
+    p.add_argument("--arch", default=default, metavar="NAME|package.module:factory",
+                   help=f"{help_text}: a registered model (lowbit models) or a factory in your "
+                   f"own importable code; a checkpoint that names user code is built only when "
+                   f"you name it here")
+    p.add_argument("--arch-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="keyword arguments of the architecture, e.g. '{\"width\": 8}' (registered "
+                   "models also get num_classes and in_channels from the data)")
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _build(arch: str, args: argparse.Namespace, train_set, seed: int):
+    """The fresh model ``--arch`` names, its weights drawn from ``--seed``."""
+    from . import models
+
+    kwargs = dict(args.arch_kwargs or {})
+    if getattr(args, "width", None) is not None:
+        kwargs["width"] = args.width
+    if not models.is_user_code(arch):  # lowbit's models take the data's shape
+        kwargs = {"num_classes": train_set.num_classes,
+                  "in_channels": train_set.input_shape[0], **kwargs}
+    return models.create(arch, seed=seed, **kwargs)
+
+
+def _allowed(args: argparse.Namespace) -> set[str]:
+    """The user-code architectures named on this command line (checkpoints may use them)."""
+    return {a for a in (getattr(args, "arch", None), getattr(args, "teacher_arch", None)) if a}
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """Training data, the validation data and lowbit's augmentation (train and distill)."""
+    p.add_argument("--data", default="digits", help=f"training data: {_DATA_SPECS}")
+    p.add_argument("--val-data", default=None, metavar="SPEC",
+                   help="validation data; unset: the test split of cifar10/cifar100/digits, or "
+                   "for FILE.npz --val-fraction of it held out")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="FILE.npz without --val-data: fraction held out for validation")
+    p.add_argument("--no-augment", action="store_true",
+                   help="turn off lowbit's augmentation of uint8 images >= 16 px (pad-4 random "
+                   "crop + horizontal flip); smaller images and float inputs are never augmented")
+    p.add_argument("--limit", type=_non_negative, default=0,
+                   help="use only the first N training examples (0: all)")
+
+
+def _train_val(args: argparse.Namespace):
+    """(training set, validation set) as the data options say; the latter names its split."""
+    from dataclasses import replace
+
+    from . import data
+
+    train_set = data.load(args.data, train=True)
+    if args.val_data:
+        val_set = data.load(args.val_data, train=False)
+        if val_set.split == "file":  # a whole file given for validation
+            val_set = replace(val_set, split="validation")
+    elif train_set.split == "file":  # one file: never validate on the training examples
+        train_set, val_set = train_set.holdout(args.val_fraction)
+    else:
+        val_set = data.load(args.data, train=False)
+    if args.no_augment:
+        train_set = replace(train_set, augment=False)
     if args.limit:
         train_set = train_set.subset(args.limit)
-    kwargs = {"num_classes": train_set.num_classes, "in_channels": train_set.input_shape[0]}
-    if args.width is not None:
-        kwargs["width"] = args.width
-    model = models.create(args.arch, **kwargs)
-    _, record = train(model, train_set, test_set, _train_config(args), out=args.output,
+    return train_set, val_set
+
+
+def _spec_paths(*specs: str | None) -> list[str]:
+    """The files or folders that data specs read (``cifar10:DIR`` -> DIR, FILE.npz)."""
+    return [spec.partition(":")[2] or spec for spec in specs if spec]
+
+
+def _measured(record: dict, val_set) -> str:
+    return f"{val_set.split} accuracy {record['val_acc']:.2%} ({len(val_set)} {val_set.name} " \
+        f"examples)"
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .distill import train
+
+    _check_run_outputs(args, *_spec_paths(args.data, args.val_data))
+    train_set, val_set = _train_val(args)
+    model = _build(args.arch, args, train_set, args.seed)
+    _, record = train(model, train_set, val_set, _train_config(args), out=args.output,
                       resume=args.resume, progress=not args.quiet)
-    print(f"{args.arch} on {train_set.name}: test accuracy {record['val_acc']:.2%} "
-          f"-> {args.output}")
+    print(f"{args.arch} on {train_set.name}: {_measured(record, val_set)} -> {args.output}")
 
 
 def _eval(args: argparse.Namespace) -> None:
     from . import _checkpoint, data
     from .distill import evaluate
 
-    model, ckpt = _checkpoint.load_model(args.checkpoint)
-    test_set = data.load(args.data, train=False)
+    model, ckpt = _checkpoint.load_model(args.checkpoint, allow=_allowed(args), expect=args.arch,
+                                         arch_kwargs=args.arch_kwargs)
+    test_set = data.as_data(data.load(args.data, train=False), stats=data.stats_of(ckpt["data"]))
     _checkpoint.check_data(ckpt, test_set, args.checkpoint, args.data)
     acc = evaluate(model, test_set, progress=not args.quiet)
     print(f"{args.checkpoint}: {ckpt['arch']['name']} top-1 accuracy {acc:.2%} on "
-          f"{len(test_set)} {test_set.name} test images")
+          f"{len(test_set)} {test_set.name} {test_set.split} examples")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a float model (e.g. a teacher)",
-                       description="Train a float model with SGD + momentum and a cosine or step "
-                       "schedule. Writes a self-describing checkpoint every epoch; --resume "
-                       "continues an interrupted run from it.")
-    p.add_argument("--arch", default="resnet20", help="registered model name (lowbit models)")
+    _parser(sub, "train", help="train a float model (e.g. a teacher)", options=_train_options,
+            description="Train a float model with SGD + momentum and a cosine or step "
+            "schedule. Writes a self-describing checkpoint every epoch; --resume continues an "
+            "interrupted run from it. Reports the accuracy on the validation data and names "
+            "its split. Defaults are those of lowbit.train (lowbit.TrainConfig).")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    from .distill import TrainConfig
+
+    _arch_options(p, "architecture", "resnet20")
     p.add_argument("--width", type=_positive, default=None,
-                   help="channel multiplier (wide_resnet20)")
-    p.add_argument("--data", default="digits", help="cifar10:DIR, cifar100:DIR or digits")
-    _add_training_options(p, lr=0.1)
+                   help="channel multiplier (wide_resnet20; same as --arch-kwargs width)")
+    _data_options(p)
+    _add_training_options(p, TrainConfig())
     p.set_defaults(func=_train)
 
 
-def _add_training_options(p: argparse.ArgumentParser, lr: float) -> None:
-    """SGD and run options shared by ``train`` and ``distill`` (fields of ``TrainConfig``)."""
-    p.add_argument("--epochs", type=_positive, default=200)
-    p.add_argument("--batch-size", type=_positive, default=128)
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
-    p.add_argument("--warmup", type=_non_negative_float, default=0.0,
+def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
+    """SGD and run options shared by ``train`` and ``distill``: the fields of ``TrainConfig``,
+    with ``defaults`` (a ``TrainConfig``) as their defaults."""
+    d = defaults
+    p.add_argument("--epochs", type=_positive, default=d.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="examples per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay")
+    p.add_argument("--schedule", choices=["cosine", "step"], default=d.schedule,
+                   help="learning-rate decay")
+    p.add_argument("--warmup", dest="warmup_epochs", type=_non_negative_float,
+                   default=d.warmup_epochs,
                    help="warm-up epochs (linear)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
                    help="bf16 autocast: ~2.5x faster on CPUs with AMX/AVX512-BF16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=_non_negative, default=0, metavar="STEPS",
-                   help="also checkpoint every N steps (default: each epoch)")
-    p.add_argument("--limit", type=_non_negative, default=0,
-                   help="use only the first N training images")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds every random draw: initial weights, shuffling, augmentation")
+    p.add_argument("--checkpoint-every", type=_non_negative, default=d.checkpoint_every,
+                   metavar="STEPS",
+                   help="also checkpoint every N steps (0: once per epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in -o")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint at -o (default: refuse)")
     p.add_argument("-o", "--output", required=True, help="checkpoint path (.pt)")
 
 
+_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs",
+                  "precision", "seed", "checkpoint_every")
+
+
 def _train_config(args: argparse.Namespace):
     from .distill import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       weight_decay=args.weight_decay, schedule=args.schedule,
-                       warmup_epochs=args.warmup, precision=args.precision, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every)
+    return TrainConfig(**{name: getattr(args, name) for name in _TRAIN_OPTIONS})
 
 
 def _distill(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import _checkpoint, data, models
+    from . import _checkpoint, models
     from .distill import GSLR, KDConfig, distill, student_for
 
-    _check_run_outputs(args, args.teacher, args.init, args.data.partition(":")[2] or args.data)
-    train_set, test_set = data.load(args.data, train=True), data.load(args.data, train=False)
-    if args.limit:
-        train_set = train_set.subset(args.limit)
-    kwargs = {"num_classes": train_set.num_classes, "in_channels": train_set.input_shape[0]}
+    _check_run_outputs(args, args.teacher, args.init, *_spec_paths(args.data, args.val_data))
+    train_set, val_set = _train_val(args)
+    allow = _allowed(args)  # only names given here: never one read from a checkpoint
     teacher: object = args.teacher
     if args.scheme == "A" and not Path(args.teacher).exists() and args.teacher in models.list():
-        teacher = models.create(args.teacher, **kwargs)  # trained jointly from scratch
+        teacher = _build(args.teacher, args, train_set, args.seed)  # trained jointly
         teacher_arch = args.teacher
     else:
         teacher_arch = _checkpoint.load(args.teacher)["arch"]["name"]
     arch = args.arch or teacher_arch
     if args.scheme == "C":  # the student starts from trained float weights of its own arch
-        if args.init:
-            init, _ = _checkpoint.load_model(args.init)
-        elif arch == teacher_arch:
-            init, _ = _checkpoint.load_model(args.teacher)
-        else:
+        if not args.init and arch != teacher_arch:
             raise UsageError(f"scheme C starts the {arch} student from trained float weights: "
                              f"pass --init FLOAT.pt (a {arch} checkpoint) or --arch "
                              f"{teacher_arch}")
-        if init.lowbit_arch["name"] != arch:
-            raise UsageError(f"--init {args.init} is a {init.lowbit_arch['name']}, not {arch}")
+        init, _ = _checkpoint.load_model(args.init or args.teacher, allow=allow, expect=arch)
     else:
-        init = models.create(arch, **kwargs)
-    student = student_for(args.scheme, init, weight_bits=args.bits, act_bits=args.act_bits)
+        init = _build(arch, args, train_set, args.seed)
+    student = student_for(args.scheme, init, weight_bits=args.bits, act_bits=args.act_bits,
+                          seed=args.seed)
     gslr = None
     if args.gslr:
         start, sep, end = args.gslr.partition(":")
         if not (sep and start.isdigit() and end.isdigit()):
             raise UsageError(f"--gslr expects START:END epochs (e.g. 0:30), got {args.gslr!r}")
         gslr = GSLR(int(start), int(end), end_value=args.gslr_to, shape=args.gslr_shape)
-    kd = KDConfig(scheme=args.scheme, loss=args.loss, temperature=args.temperature,
-                  lam=args.lam, alpha=args.alpha, beta=args.beta, gamma=args.gamma, gslr=gslr,
-                  teacher_grad=args.teacher_grad, teacher_precision=args.teacher_precision)
-    _, record = distill(student, teacher, train_set, test_set, kd, _train_config(args),
+    kd = KDConfig(**{name: getattr(args, name) for name in _KD_OPTIONS}, gslr=gslr)
+    _, record = distill(student, teacher, train_set, val_set, kd, _train_config(args),
                         out=args.output, resume=args.resume, teacher_out=args.teacher_out,
-                        progress=not args.quiet)
+                        allow=allow, progress=not args.quiet)
     print(f"{arch} student ({args.bits}-bit weights, {args.act_bits}-bit activations, scheme "
-          f"{args.scheme}) on {train_set.name}: test accuracy {record['val_acc']:.2%} "
-          f"-> {args.output}")
+          f"{args.scheme}) on {train_set.name}: {_measured(record, val_set)} -> {args.output}")
+
+
+_KD_OPTIONS = ("scheme", "loss", "temperature", "lam", "alpha", "beta", "gamma", "teacher_grad",
+               "teacher_precision")
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "distill", help="train a ternary/4-bit student from a teacher (knowledge distillation)",
+    _parser(
+        sub, "distill", help="train a ternary/4-bit student from a teacher (knowledge "
+        "distillation)", options=_distill_options,
         description="Quantization-aware training of a low-bit student with knowledge "
         "distillation (Hinton loss or Apprentice loss; Apprentice schemes A/B/C). Scheme C "
         "(default) starts the student from the teacher's float weights (or --init), B from "
         "scratch with the teacher frozen, A trains teacher and student jointly. Writes a "
         "checkpoint (with the KD config, history and teacher identity) and a .json record "
-        "every epoch; --resume continues an interrupted run exactly.")
+        "every epoch; --resume continues an interrupted run exactly. Defaults are those of "
+        "lowbit.distill in Python (lowbit.distill.DISTILL_CONFIG, KDConfig, QuantSpec).")
+
+
+def _distill_options(p: argparse.ArgumentParser) -> None:
+    from .distill import DISTILL_CONFIG, GSLR, KDConfig
+    from .quant import QuantSpec
+
+    kd, spec, gslr = KDConfig(), QuantSpec(), GSLR(0, 1)
     p.add_argument("--teacher", required=True,
-                   help="teacher checkpoint (lowbit train); scheme A also takes a model name "
-                   "to train a fresh teacher jointly")
-    p.add_argument("--arch", default=None, help="student architecture (default: the teacher's)")
+                   help="teacher checkpoint (lowbit train) or a shipped one by name "
+                   "(lowbit models); scheme A also takes a model name to train a fresh "
+                   "teacher jointly")
+    p.add_argument("--teacher-arch", default=None, metavar="package.module:factory",
+                   help="user code the teacher checkpoint names, when it is not --arch")
+    _arch_options(p, "student architecture (default: the teacher's)", None)
     p.add_argument("--init", default=None,
                    help="scheme C: float checkpoint of the student arch to start from "
                    "(default: the teacher, when the architectures match)")
-    p.add_argument("--data", default="digits", help="cifar10:DIR, cifar100:DIR or digits")
-    p.add_argument("--bits", type=int, default=2, help="weight bits: 2 (ternary), 4 or 8")
-    p.add_argument("--act-bits", type=int, default=4, help="activation bits: 2, 4 or 8")
-    p.add_argument("--scheme", choices=["A", "B", "C"], default="C")
-    p.add_argument("--loss", choices=["hinton", "apprentice"], default="hinton",
+    _data_options(p)
+    p.add_argument("--bits", type=int, default=spec.weight_bits,
+                   help="weight bits: 2 (ternary), 4 or 8")
+    p.add_argument("--act-bits", type=int, default=spec.act_bits, help="activation bits: 2, 4 "
+                   "or 8")
+    p.add_argument("--scheme", choices=["A", "B", "C"], default=kd.scheme,
+                   help="Apprentice scheme")
+    p.add_argument("--loss", choices=["hinton", "apprentice"], default=kd.loss,
                    help="hinton: (1-lam) CE + lam T^2 KL; apprentice: alpha H(y,p_T) + "
                    "beta H(y,p_S) + gamma T^2 H(p_T,p_S)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
-    p.add_argument("--lam", type=float, default=0.5, help="hinton: soft-loss weight")
-    p.add_argument("--alpha", type=float, default=1.0, help="apprentice: teacher CE weight")
-    p.add_argument("--beta", type=float, default=0.5, help="apprentice: student CE weight")
-    p.add_argument("--gamma", type=float, default=0.5, help="apprentice: soft-loss weight")
+    p.add_argument("--temperature", type=float, default=kd.temperature,
+                   help="softmax temperature T")
+    p.add_argument("--lam", type=float, default=kd.lam, help="hinton: soft-loss weight")
+    p.add_argument("--alpha", type=float, default=kd.alpha, help="apprentice: teacher CE weight")
+    p.add_argument("--beta", type=float, default=kd.beta, help="apprentice: student CE weight")
+    p.add_argument("--gamma", type=float, default=kd.gamma, help="apprentice: soft-loss weight")
     p.add_argument("--gslr", default=None, metavar="START:END",
                    help="gradual soft-loss reducing: the soft weight (--lam or --gamma) falls "
                    "to --gslr-to from epoch START to epoch END (0-based)")
-    p.add_argument("--gslr-to", type=float, default=0.0, help="soft weight after END")
-    p.add_argument("--gslr-shape", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--gslr-to", type=float, default=gslr.end_value,
+                   help="soft weight after END")
+    p.add_argument("--gslr-shape", choices=["linear", "cosine"], default=gslr.shape,
+                   help="GSLR curve")
     p.add_argument("--teacher-grad", action="store_true",
                    help="scheme A: let the soft loss train the teacher too")
     p.add_argument("--teacher-out", default=None,
                    help="scheme A: also save the jointly trained teacher here")
-    p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default=None,
-                   help="schemes B/C: precision of the frozen teacher's forward (default: "
+    p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default=kd.teacher_precision,
+                   help="schemes B/C: precision of the frozen teacher's forward (None: "
                    "--precision); bf16 is ~3x faster on AMX CPUs")
-    _add_training_options(p, lr=0.02)
+    _add_training_options(p, DISTILL_CONFIG)
     p.set_defaults(func=_distill)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="test accuracy of a checkpoint",
-                       description="Print the top-1 test accuracy of a lowbit checkpoint.")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", default="digits", help="cifar10:DIR, cifar100:DIR or digits")
+    p = _parser(sub, "eval", help="accuracy of a checkpoint",
+                description="Print the top-1 accuracy of a lowbit checkpoint on a dataset's "
+                "test split (or a whole FILE.npz), naming the split.")
+    p.add_argument("checkpoint", help="lowbit checkpoint (.pt) or a shipped one by name")
+    p.add_argument("--data", default="digits", help=_DATA_SPECS)
+    _arch_options(p, "architecture the checkpoint holds (needed when it names user code)", None)
     p.set_defaults(func=_eval)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list registered architectures",
-                       description="List the model names accepted by --arch.")
+    p = _parser(sub, "models", help="list architectures and shipped checkpoints",
+                description="List the registered architectures (--arch NAME; your own code is "
+                "--arch package.module:factory) and the checkpoints shipped with lowbit "
+                "(usable by name wherever a checkpoint path is).")
 
     def run(_: argparse.Namespace) -> None:
         from . import models
 
-        print("\n".join(models.list()))
+        print("architectures:\n  " + "\n  ".join(models.list()))
+        print("shipped checkpoints:\n  " + "\n  ".join(models.list_pretrained()))
 
     p.set_defaults(func=run)
 
@@ -492,51 +638,69 @@ def _export(args: argparse.Namespace) -> None:
 
     from . import _checkpoint, data
     from .export import Thresholds, export, qonnx_path
+    from .quant import PTQConfig
 
+    prog = getattr(args, "prog", "lowbit-export")
     thresholds = Thresholds(args.min_agreement, args.max_steps)
-    model, ckpt = _checkpoint.load_model(args.model)
+    ptq = PTQConfig(method=args.calib_method, calib=args.calib, percentile=args.percentile,
+                    max_drop=args.max_drop)  # validates --calib >= 1 before any work
+    model, ckpt = _checkpoint.load_model(args.model, allow=_allowed(args), expect=args.arch,
+                                         arch_kwargs=args.arch_kwargs)
     info = ckpt["data"]
+    given = Path(args.model)  # a shipped checkpoint's name: the file goes to NAME.onnx here
+    out = Path(args.output) if args.output else \
+        given.with_suffix(".onnx") if given.exists() else Path(f"{args.model}.onnx")
     formats = {"onnx": ("onnx",), "qonnx": ("qonnx",), "both": ("onnx", "qonnx")}[args.format]
-    out = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if not args.output and formats == ("qonnx",):
         out = qonnx_path(out)  # MODEL.qonnx.onnx, as with --format both
     outputs = [out, qonnx_path(out) if len(formats) == 2 else None,
                out.with_suffix(".ort") if args.ort and "onnx" in formats else None]
-    check_outputs(outputs, [args.model, args.verify_data.partition(":")[2] or args.verify_data])
+    check_outputs(outputs, [args.model, *_spec_paths(args.verify_data, args.calib_data)])
     verify = calib = None
     if args.verify_data != "random":
         verify = data.load(args.verify_data, train=False)
         _checkpoint.check_data(ckpt, verify, args.model, f"--verify-data {args.verify_data}")
         if args.verify_limit:
             verify = verify.subset(args.verify_limit)
-    if ckpt.get("quant") is None and args.bits is not None:
-        source = args.verify_data if verify is not None else \
-            ("digits" if info["name"] == "digits" else None)
+    ptq_run = ckpt.get("quant") is None and args.bits is not None
+    if ptq_run:
+        source = args.calib_data or (args.verify_data if verify is not None else
+                                     ("digits" if info["name"] == "digits" else None))
         if source is None:
             raise UsageError(f"{args.model} is a float checkpoint: post-training quantization "
-                             f"needs calibration images; pass --verify-data (its training split "
-                             f"calibrates)")
-        calib_set = data.load(source, train=True).subset(args.calib)
-        from tqdm.auto import tqdm
-
-        calib = tqdm([data.normalize(calib_set.images[i:i + 128], calib_set.mean, calib_set.std)
-                      for i in range(0, len(calib_set), 128)], desc="calibrating",
-                     unit="batch", leave=False, disable=True if args.quiet else None)
-        prog = getattr(args, "prog", "lowbit-export")
-        print(f"{prog}: warning: {args.model} is a float model; quantizing it "
-              f"post-training to {args.bits}-bit weights with {len(calib_set)} calibration "
-              f"images. Expect an accuracy drop: 'lowbit distill' recovers it.", file=sys.stderr)
+                             f"needs calibration data; pass --calib-data or --verify-data (its "
+                             f"training split calibrates)")
+        calib = data.load(source, train=True)
+        print(f"{prog}: warning: {args.model} is a float model; quantizing it post-training "
+              f"to {args.bits}-bit weights with {min(len(calib), ptq.calib)} calibration "
+              f"examples of {calib.name} ({ptq.method}). Expect an accuracy drop: 'lowbit "
+              f"distill' recovers it.", file=sys.stderr)
     with warnings.catch_warnings():
-        # the PTQ warning is printed above in the CLI's words
-        warnings.filterwarnings("ignore", message="float model quantized post-training")
-        result = export(model, out, bits=args.bits, formats=formats, opset=args.opset,
-                        verify=verify, calib=calib, data=info, weight_form=args.weight_form,
-                        thresholds=thresholds, ternary_storage=args.ternary_storage,
-                        residual_add=args.residual_add, progress=not args.quiet)
+        # the PTQ warnings (quantized post-training; its cost) are printed here in the CLI's words
+        warnings.filterwarnings("ignore", message="(float model quantized|post-training "
+                                "quantization costs)")
+        result = export(model, out, bits=args.bits, act_bits=args.act_bits, formats=formats,
+                        opset=args.opset, verify=verify, calib=calib, ptq=ptq, data=info,
+                        weight_form=args.weight_form, thresholds=thresholds,
+                        ternary_storage=args.ternary_storage, residual_add=args.residual_add,
+                        progress=not args.quiet)
     for check in result.verification.values() if not args.quiet else ():
         print(check)
-    for note in result.notes[1 if calib is not None else 0:] if not args.quiet else ():
-        print(f"note: {note}")  # (the PTQ note is said above)
+    if result.accuracy:
+        a = result.accuracy
+        print(f"top-1 accuracy on {len(verify)} {verify.name} {verify.split} examples: float "
+              f"{a['float']:.2%}, quantized file {a['onnx']:.2%} (drop "
+              f"{a['float'] - a['onnx']:.2%})")
+    elif ptq_run:
+        print("note: accuracy not measured (random verification inputs); pass --verify-data "
+              "to see what post-training quantization costs")
+    notes = list(result.notes[1 if ptq_run else 0:])  # the PTQ note is said above
+    a = result.accuracy
+    too_costly = bool(a) and a["float"] - a["onnx"] > ptq.max_drop  # its warning is last
+    for note in (notes[:-1] if too_costly else notes) if not args.quiet else ():
+        print(f"note: {note}")
+    if too_costly:
+        print(f"{prog}: warning: {notes[-1]}", file=sys.stderr)
     kinds = sorted(set(result.storage.values()))
     for fmt, path in result.paths.items():
         print(f"{fmt}: {path} ({path.stat().st_size:,} bytes; weights stored as "
@@ -550,47 +714,68 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="lowbit checkpoint (.pt): a quantized student (lowbit distill) "
-                   "or a float model (quantized post-training to --bits)")
+    from .export import Thresholds
+    from .quant import CALIB_METHODS, PTQConfig, QuantSpec
+
+    ptq, gate = PTQConfig(), Thresholds()
+    p.add_argument("model", help="lowbit checkpoint (.pt) or a shipped one by name: a quantized "
+                   "student (lowbit distill) or a float model (quantized post-training to "
+                   "--bits)")
+    _arch_options(p, "architecture the checkpoint holds (needed when it names user code)", None)
     p.add_argument("--bits", type=int, choices=[2, 4, 8], default=None,
                    help="weight bits (2 = ternary). A student is exported as trained (a "
                    "contradicting --bits is an error); a float checkpoint needs it")
+    p.add_argument("--act-bits", type=int, choices=[2, 4, 8], default=None,
+                   help=f"post-training quantization: activation bits (unset: QuantSpec's "
+                   f"{QuantSpec().act_bits}; a student keeps its own)")
+    p.add_argument("--calib-method", choices=CALIB_METHODS, default=ptq.method,
+                   help="post-training quantization: activation-range calibration (max |x|; "
+                   "a percentile of |x|; the range of least squared error)")
+    p.add_argument("--calib", type=_non_negative, default=ptq.calib, metavar="N",
+                   help="post-training quantization: calibration examples (>= 1)")
+    p.add_argument("--calib-data", default=None, metavar="SPEC",
+                   help="post-training quantization: calibration data (its training split; "
+                   "unset: that of --verify-data)")
+    p.add_argument("--percentile", type=float, default=ptq.percentile,
+                   help="--calib-method percentile: the percentile of |x| taken as the range")
+    p.add_argument("--max-drop", type=float, default=ptq.max_drop, metavar="FRACTION",
+                   help="post-training quantization: warn when the file's top-1 accuracy on "
+                   "--verify-data falls more than this below the float model's")
     p.add_argument("-o", "--output", default=None,
-                   help="output .onnx (default: MODEL.onnx; QONNX goes to OUT.qonnx.onnx)")
+                   help="output .onnx (None: MODEL.onnx; QONNX goes to OUT.qonnx.onnx)")
     p.add_argument("--format", choices=["onnx", "qonnx", "both"], default="both",
                    help="onnx: packed standard ONNX for onnxruntime; qonnx: Brevitas QONNX "
-                   "(Quant nodes, float weights) for qonnx/FINN (default: both)")
+                   "(Quant nodes, float weights) for qonnx/FINN")
     p.add_argument("--opset", type=int, default=None,
-                   help="ONNX opset (default 25; 21-24 store 4-bit (and --ternary-storage int "
+                   help="ONNX opset (None: 25; 21-24 store 4-bit (and --ternary-storage int "
                    "ternary) weights as INT4, 13-20 as INT8, for older runtimes)")
     p.add_argument("--weight-form", choices=["cast", "dequant"], default="cast",
                    help="cast: INT2/INT4 -> Cast(INT8) -> DequantizeLinear, folded at load "
                    "into int8 kernels (fast); dequant: DequantizeLinear on the packed weights "
                    "(trits are always decoded to int8 first)")
-    p.add_argument("--verify-data", default="random", metavar="cifar10:DIR|digits|random",
-                   help="test images for the verification gate (default: 256 random inputs); "
-                   "its training split also calibrates a float checkpoint")
+    p.add_argument("--verify-data", default="random", metavar="SPEC|random",
+                   help=f"test data for the verification gate ({_DATA_SPECS}; random: 256 "
+                   f"random inputs); its training split also calibrates a float checkpoint")
     p.add_argument("--verify-limit", type=_non_negative, default=0, metavar="N",
-                   help="verify on the first N test images only (default: all)")
-    p.add_argument("--calib", type=_positive, default=512, metavar="N",
-                   help="calibration images for a float checkpoint (default 512)")
-    p.add_argument("--min-agreement", type=float, default=0.999, metavar="FRACTION",
-                   help="gate: least top-1 agreement with the PyTorch student (default 0.999)")
+                   help="verify on the first N test examples only (0: all)")
+    p.add_argument("--min-agreement", type=float, default=gate.min_agreement,
+                   metavar="FRACTION", help="gate: least top-1 agreement with the PyTorch "
+                   "student")
     p.add_argument("--residual-add", choices=["auto", "integer", "float"], default="auto",
                    help="integer: residual adds fused into onnxruntime's QLinearAdd (fastest; "
                    "its rounding differs slightly from the student's); float: in float between "
-                   "the integer convolutions (exact, ~15-25%% slower on 2 threads); auto "
-                   "(default): integer when it passes the gate, else float")
+                   "the integer convolutions (exact, ~15-25%% slower on 2 threads); auto: "
+                   "integer when it passes the gate, else float")
     p.add_argument("--ternary-storage", choices=["trits", "int"], default="trits",
                    help="ternary weights as trits (five per byte, 1.6 bits, decoded by a "
-                   "constant Gather onnxruntime folds at load; default) or as ONNX integers "
+                   "constant Gather onnxruntime folds at load) or as ONNX integers "
                    "(INT2 at opset 25, INT4 at 21-24, INT8 below)")
     p.add_argument("--ort", action="store_true",
                    help="also write MODEL.ort (onnxruntime's ORT format, as lowbit convert-ort)")
-    p.add_argument("--max-steps", type=_non_negative_float, default=4.0, metavar="STEPS",
+    p.add_argument("--max-steps", type=_non_negative_float, default=gate.max_steps,
+                   metavar="STEPS",
                    help="gate: largest logit difference in output quantization steps (one "
-                   "flipped code of the last activation times the largest last-layer weight; "
-                   "default 4)")
+                   "flipped code of the last activation times the largest last-layer weight)")
     p.set_defaults(func=_export)
 
 
@@ -605,9 +790,8 @@ _EXPORT_DESCRIPTION = (
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint as packed ONNX / QONNX (verified)",
-                       description=_EXPORT_DESCRIPTION)
-    _export_arguments(p)
+    p = _parser(sub, "export", help="export a checkpoint as packed ONNX / QONNX (verified)",
+                description=_EXPORT_DESCRIPTION, options=_export_arguments)
     p.set_defaults(prog="lowbit export")
 
 
@@ -665,23 +849,28 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lowbit``."""
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    """The ``lowbit`` command line (subcommands' options are added when they are used)."""
+    top = _Parser(
         prog="lowbit", description="lowbit: float model -> ternary/4-bit student -> packed ONNX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
     for name in ("train", "distill", "eval", "run", "export"):
         _add_quiet(sub.choices[name])
-    return _run(parser, argv)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lowbit``."""
+    return _run(parser(), argv)
 
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowbit-export`` (same as ``lowbit export``)."""
-    parser = argparse.ArgumentParser(prog="lowbit-export", description=_EXPORT_DESCRIPTION)
-    _export_arguments(parser)
+    parser = _Parser(prog="lowbit-export", description=_EXPORT_DESCRIPTION,
+                     formatter_class=_FORMATTER, options=_export_arguments)
     _add_quiet(parser)
     return _run(parser, argv)
 

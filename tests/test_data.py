@@ -128,3 +128,52 @@ def test_loader_epochs_and_shards(digits_split):
     shards = [data.Loader(train, 50, train=True, seed=3, shard=(r, 2)) for r in range(2)]
     seen = [torch.cat([x.flatten(1) for x, _ in s]) for s in shards]
     assert len(seen[0]) == len(seen[1]) == 700
+
+
+# ------------------------------------------------------------------ the data adapter (as_data)
+
+def test_as_data_takes_arrays_torch_datasets_and_loaders(digits_split):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train, _ = digits_split
+    features = (np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32),
+                np.arange(40) % 3)
+    flat = data.as_data(features)  # float feature vectors: used as they are
+    assert flat.mean is None and flat.input_shape == (6,) and flat.num_classes == 3
+    x, y = next(iter(flat.loader(40)))
+    assert torch.equal(x, torch.from_numpy(features[0])) and y.dtype == torch.int64
+    pixels = data.as_data(TensorDataset(train.images, train.labels))  # uint8: standardised
+    assert pixels.mean == pytest.approx((train.images.double().mean().item(),))
+    raw = data.as_data(TensorDataset(train.images, train.labels), normalize=False)
+    assert torch.equal(next(iter(raw.loader(8)))[0], train.images[:8].float())
+    alike = data.as_data((train.images[:50], train.labels[:50]), stats=(train.mean, train.std))
+    assert alike.mean == train.mean  # validation data normalised as the training data
+    stream = data.as_data(DataLoader(TensorDataset(torch.randn(10, 2, 16),
+                                                   torch.arange(10) % 2), batch_size=4))
+    assert isinstance(stream, data.Stream) and stream.input_shape == (2, 16)
+    assert [len(y) for _, y in stream.loader(99)] == [4, 4, 2] and len(stream) == 10
+    for bad, message in [("mnist", "unknown data spec"), (42, "expected a lowbit Dataset"),
+                         ((np.zeros((4, 3), np.int32), np.zeros(4, int)), "uint8 .* or floats"),
+                         ((np.zeros((4, 3), np.float32), np.zeros(4)), "integer class indices")]:
+        with pytest.raises(data.DataError, match=message):
+            data.as_data(bad)
+
+
+def test_augmentation_is_said_and_can_be_turned_off(tmp_path):
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    cifar_like = data.as_data((images, torch.arange(8) % 2))
+    assert cifar_like.augments and not data.as_data(cifar_like, augment=False).augments
+    assert not data.as_data((images[:, :, :8, :8], torch.arange(8) % 2)).augments
+    with pytest.raises(data.DataError, match="augmentation .* needs uint8 images"):
+        data.as_data((torch.randn(8, 3, 32, 32), torch.arange(8) % 2), augment=True)
+
+
+def test_float_npz_and_held_out_validation(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 2, 16)).astype(np.float32)
+    np.savez(tmp_path / "seq.npz", images=x, labels=np.arange(50) % 5)
+    ds = data.load(str(tmp_path / "seq.npz"))
+    assert ds.mean is None and ds.split == "file" and ds.input_shape == (2, 16)
+    rest, val = ds.holdout(0.2)
+    assert (len(rest), len(val)) == (40, 10) and val.split.startswith("validation (20% of seq")
+    seen = {tuple(v.flatten()[:3].tolist()) for v in rest.images}
+    assert not any(tuple(v.flatten()[:3].tolist()) in seen for v in val.images)  # disjoint

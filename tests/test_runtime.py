@@ -143,8 +143,8 @@ def test_model_without_metadata_takes_floats_only(tmp_path, digits_split):
 
 
 def test_npz_reader_errors(tmp_path):
-    np.savez(tmp_path / "a.npz", images=np.zeros((2, 1, 8, 8), np.float32), labels=[0, 1])
-    with pytest.raises(_datafiles.DataError, match="images must be uint8"):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 1, 8, 8), np.int16), labels=[0, 1])
+    with pytest.raises(_datafiles.DataError, match="inputs must be uint8 raw pixels .* or floats"):
         _datafiles.load(str(tmp_path / "a.npz"))
     np.savez(tmp_path / "b.npz", pixels=np.zeros((2, 1, 8, 8), np.uint8))
     with pytest.raises(_datafiles.DataError, match="missing array.*images, labels.*found pixels"):

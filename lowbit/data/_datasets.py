@@ -1,14 +1,18 @@
-"""Datasets held in memory as uint8 tensors: CIFAR-10/100 (official python format) and digits.
+"""Datasets held in memory: uint8 images (CIFAR-10/100, digits, .npz) or float inputs of any rank.
 
 Images stay uint8 ``[N, C, H, W]`` until a batch is drawn, so a whole CIFAR training set is
 150 MB and augmentation works on bytes. ``mean``/``std`` (per channel, on the 0..255 scale)
 travel with the dataset into checkpoints and exported models, so inference takes raw pixels.
+Float inputs (``[N, C, L]`` sequences, ``[N, F]`` features, already-normalised images) are
+fed to the model as they are, and no normalisation is recorded, unless ``mean``/``std`` are
+given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,43 +22,92 @@ from .._datafiles import DataError
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images ``[N, C, H, W]`` uint8, labels ``[N]`` int64, and the normalisation to apply."""
+    """Inputs ``images`` ``[N, ...]`` (uint8 raw pixels or float32), labels ``[N]`` int64.
+
+    ``mean``/``std``: per-channel (dim 1) normalisation applied to every batch (required for
+    uint8, ``None`` for floats used as they are). ``split`` names what the examples are
+    ("train", "test", "validation", ...): runs report it next to every accuracy.
+    ``augment``: pad-4 random crop + horizontal flip of training batches; ``None`` does it
+    for uint8 images of at least 16x16 pixels (CIFAR), ``False`` never.
+    """
 
     name: str
     images: torch.Tensor
     labels: torch.Tensor
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    classes: tuple[str, ...] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    split: str = "train"
+    augment: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must be uint8 [N, C, H, W], got "
-                            f"{self.images.dtype} {tuple(self.images.shape)}")
-        if len(self.images) != len(self.labels):
-            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        _datafiles.check_inputs(self.name, self.images.dtype == torch.uint8,
+                                self.images.is_floating_point(), tuple(self.images.shape),
+                                self.mean, self.std)
+        if self.labels.ndim != 1 or len(self.images) != len(self.labels):
+            raise DataError(f"{self.name}: {len(self.images)} inputs but labels of shape "
+                            f"{tuple(self.labels.shape)}")
+        if self.augment and not self._is_image():
+            raise DataError(f"{self.name}: augmentation (pad-4 crop + flip) needs uint8 images "
+                            f"[N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+
+    def _is_image(self) -> bool:
+        return self.images.dtype == torch.uint8 and self.images.ndim == 4
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        if self.classes is not None:
+            return len(self.classes)
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches are augmented (see ``augment``)."""
+        if self.augment is not None:
+            return self.augment
+        return self._is_image() and self.images.shape[-1] >= 16  # no crops on 8x8 digits
 
     def subset(self, n: int) -> Dataset:
         """The first ``n`` examples (for quick runs and tests)."""
-        return Dataset(self.name, self.images[:n], self.labels[:n], self.classes, self.mean,
-                       self.std)
+        return replace(self, images=self.images[:n], labels=self.labels[:n])
+
+    def holdout(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """``(rest, validation)``: a seeded random ``fraction`` held out for validation."""
+        if not 0 < fraction < 1:
+            raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
+        n_val = max(1, round(len(self) * fraction))
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        rest, val = order[n_val:].sort().values, order[:n_val].sort().values
+        if len(rest) == 0:
+            raise DataError(f"{self.name}: {len(self)} examples are too few to hold out "
+                            f"{fraction:.0%} for validation")
+        held = f"validation ({fraction:.0%} of {self.name} held out, seed {seed})"
+        return (replace(self, images=self.images[rest], labels=self.labels[rest]),
+                replace(self, images=self.images[val], labels=self.labels[val], split=held))
+
+    def info(self) -> dict[str, Any]:
+        """What a model trained on this data needs to know about its inputs."""
+        return inputs_info(self)
+
+    def loader(self, batch_size: int, *, train: bool = False, seed: int = 0,
+               shard: tuple[int, int] = (0, 1)):
+        """Batches of normalised float inputs and labels (see :class:`lowbit.data.Loader`)."""
+        from ._loader import Loader
+
+        return Loader(self, batch_size, train=train, seed=seed, shard=shard)
 
     @classmethod
     def from_arrays(cls, a: _datafiles.Arrays) -> Dataset:
         """Wrap the numpy arrays of the torch-free readers (no copy)."""
         return cls(a.name, torch.from_numpy(a.images), torch.from_numpy(a.labels), a.classes,
-                   a.mean, a.std)
+                   a.mean, a.std, a.split)
 
 
 def cifar(name: str, path: str | Path, train: bool = True, verify: bool = True) -> Dataset:
@@ -88,3 +141,13 @@ def load(spec: str, train: bool = True) -> Dataset:
     """Parse a data spec as the CLI takes it: ``cifar10:DIR``, ``cifar100:DIR``, ``digits`` or
     ``FILE.npz`` (one file: ``train`` does not apply)."""
     return Dataset.from_arrays(_datafiles.load(spec, train))
+
+
+def inputs_info(data: Any) -> dict[str, Any]:
+    """What a model trained on ``data`` needs to know about its inputs (checkpoints, ONNX
+    metadata): mean/std are ``None`` when inputs are used as they are; ``examples`` lets a
+    resumed run check that it trains on the same set (``--limit``)."""
+    return {"name": data.name, "classes": None if data.classes is None else list(data.classes),
+            "mean": None if data.mean is None else list(data.mean),
+            "std": None if data.std is None else list(data.std),
+            "input_shape": list(data.input_shape), "examples": len(data)}

@@ -13,12 +13,17 @@ import torch
 from ._datasets import Dataset
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...],
-              std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``[B, C, H, W]`` -> float32 ``(x - mean) / std`` with per-channel stats on 0..255."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.float() - m) / s
+def normalize(images: torch.Tensor, mean: tuple[float, ...] | None,
+              std: tuple[float, ...] | None) -> torch.Tensor:
+    """``[B, C, ...]`` -> float32 ``(x - mean) / std`` with per-channel (dim 1) stats (on the
+    0..255 scale for uint8 pixels); without stats, float inputs pass as they are."""
+    x = images.float()
+    if mean is None:
+        return x
+    shape = (1, -1, *[1] * (x.ndim - 2))
+    m = torch.tensor(mean, dtype=torch.float32).view(shape)
+    s = torch.tensor(std, dtype=torch.float32).view(shape)
+    return (x - m) / s
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4,
@@ -40,7 +45,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4,
 
 
 class Loader:
-    """Iterate ``(x, y)`` batches of a :class:`Dataset`, float-normalised, optionally augmented.
+    """Iterate ``(x, y)`` batches of a :class:`Dataset`, float-normalised, augmented when
+    training and ``data.augments``.
 
     Shuffling and augmentation draw from a generator seeded with ``seed + epoch`` (call
     :meth:`set_epoch`), so a resumed run sees exactly the batches it would have seen.
@@ -54,7 +60,7 @@ class Loader:
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world = shard
         self.epoch = 0
-        self.augment = train and data.images.shape[-1] >= 16  # no crops on 8x8 digits
+        self.augment = train and data.augments
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -7,12 +7,12 @@ The package is callable: ``lowbit.distill(student, teacher, train, val, ...)`` i
 import sys
 import types
 
-from ._kd import GSLR, KDConfig, apprentice_loss, distill, hinton_loss, student_for
+from ._kd import DISTILL_CONFIG, GSLR, KDConfig, apprentice_loss, distill, hinton_loss, student_for
 from ._loop import TrainConfig, TrainingError, evaluate
 from ._train import train
 
-__all__ = ["GSLR", "KDConfig", "TrainConfig", "TrainingError", "apprentice_loss", "distill",
-           "evaluate", "hinton_loss", "student_for", "train"]
+__all__ = ["DISTILL_CONFIG", "GSLR", "KDConfig", "TrainConfig", "TrainingError",
+           "apprentice_loss", "distill", "evaluate", "hinton_loss", "student_for", "train"]
 
 
 class _CallablePackage(types.ModuleType):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
 from .. import _checkpoint
-from ..data import Dataset, Loader
+from ..data import Data, DataLike, as_data
 from ..errors import DataError, UsageError
 from . import _dist
 from ._loop import Run, TrainConfig, fit
@@ -216,12 +217,13 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _load_teacher(teacher: nn.Module | str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def _load_teacher(teacher: nn.Module | str | Path,
+                  allow: Collection[str]) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher module and what identifies it (arch, checkpoint path, weights hash)."""
     info: dict[str, Any] = {"path": None, "val_acc": None}
     if isinstance(teacher, (str, Path)):
         info["path"] = str(teacher)
-        teacher, ckpt = _checkpoint.load_model(teacher)
+        teacher, ckpt = _checkpoint.load_model(teacher, allow=allow)
         info["val_acc"] = ckpt["record"].get("val_acc")
     spec = getattr(teacher, "lowbit_quant", None)
     info.update(arch=getattr(teacher, "lowbit_arch", {"name": type(teacher).__name__}),
@@ -230,9 +232,9 @@ def _load_teacher(teacher: nn.Module | str | Path) -> tuple[nn.Module, dict[str,
 
 
 @torch.no_grad()
-def _check_outputs(student: nn.Module, teacher: nn.Module, data: Dataset) -> None:
+def _check_outputs(student: nn.Module, teacher: nn.Module, data: Data) -> None:
     """Refuse a teacher/student pair whose outputs differ in size, before any training."""
-    x, _ = next(iter(Loader(data.subset(1), 1)))
+    x = next(iter(data.loader(1)))[0][:1]
     sizes = {}
     for role, model in (("student", student), ("teacher", teacher)):
         was_training = model.training
@@ -250,35 +252,46 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Dataset) -> Non
                         f"outputs {sizes['student']}; distillation needs the same classes")
 
 
-def student_for(scheme: str, model: nn.Module, spec=None, **spec_fields: Any) -> nn.Module:
+def student_for(scheme: str, model: nn.Module, spec=None, *, seed: int = 0,
+                **spec_fields: Any) -> nn.Module:
     """The quantized student a scheme starts from (``model`` is left untouched).
 
     Scheme C quantizes ``model`` with its trained float weights copied in; A and B take only
-    its architecture, freshly initialised. ``spec``/``spec_fields``: a ``QuantSpec``.
+    its architecture, freshly initialised from ``seed`` (the global random state is left
+    alone). ``spec``/``spec_fields``: a ``QuantSpec``.
     """
     if scheme not in SCHEMES:
         raise UsageError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     from ..quant import quantize
 
-    return quantize(model, spec, copy_weights=scheme == "C", **spec_fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return quantize(model, spec, copy_weights=scheme == "C", **spec_fields)
 
 
+# Distillation fine-tunes (scheme C starts from trained weights): a fifth of train's peak lr.
+# The CLI's ``lowbit distill`` defaults come from here too.
+DISTILL_CONFIG = TrainConfig(lr=0.02)
 _KD_FIELDS = {f.name for f in fields(KDConfig)}
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
 
-def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dataset,
-            val_data: Dataset | None = None, kd: KDConfig | None = None,
+def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: DataLike,
+            val_data: DataLike | None = None, kd: KDConfig | None = None,
             config: TrainConfig | None = None, *, out: str | Path | None = None,
             resume: bool = False, teacher_out: str | Path | None = None,
-            progress: bool = True, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``student`` against ``teacher`` (a module or a lowbit checkpoint path).
+            progress: bool = True, allow: Collection[str] = (),
+            **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``student`` against ``teacher`` (a module, a lowbit checkpoint path or a shipped
+    checkpoint's name; ``allow``: user-code architectures its checkpoint may name).
 
     Returns ``(student, record)``; ``record["history"]`` has one entry per epoch with the
     soft weight and validation accuracy. ``overrides`` replace fields of ``kd`` (``scheme``,
     ``loss``, ``temperature``, ``lam``, ``alpha``, ``beta``, ``gamma``, ``gslr``,
     ``teacher_grad``, ``teacher_precision``) or of ``config`` (``epochs``, ``lr``, ...);
     ``gamma`` is Apprentice's (the step schedule's factor is ``TrainConfig(gamma=...)``).
+    Without ``config`` the training settings are :data:`DISTILL_CONFIG` (``TrainConfig``'s
+    defaults with lr 0.02), as on the command line.
     Build the student with :func:`student_for`. Schemes B and C freeze the teacher (eval
     mode, logits under ``torch.inference_mode``); scheme A trains it with the student and
     ``teacher_out`` saves it at the end. With ``out``, a checkpoint (and ``.json`` record) is
@@ -289,13 +302,14 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dat
         raise UsageError(f"unknown distill settings: {', '.join(sorted(unknown))}")
     kd = KDConfig(**{**(asdict(kd) if kd else {}),
                      **{k: v for k, v in overrides.items() if k in _KD_FIELDS}})
-    cfg = TrainConfig(**{**(config.__dict__ if config else {}),
+    cfg = TrainConfig(**{**(config or DISTILL_CONFIG).__dict__,
                          **{k: v for k, v in overrides.items()
                             if k in _TRAIN_FIELDS and k not in _KD_FIELDS}})
     if teacher_out is not None and kd.scheme != "A":
         raise UsageError(f"teacher_out saves a jointly trained teacher (scheme A); scheme "
                          f"{kd.scheme!r} leaves the teacher unchanged")
-    teacher, teacher_info = _load_teacher(teacher)
+    train_data = as_data(train_data, split="train")
+    teacher, teacher_info = _load_teacher(teacher, allow)
     if teacher is student:
         raise UsageError("the teacher and the student are the same module")
     _check_outputs(student, teacher, train_data)
@@ -312,7 +326,7 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dat
     teacher.eval()
     rank, _ = _dist.setup()
     if teacher_out is not None and kd.scheme == "A" and rank == 0:
-        _checkpoint.save(teacher_out, teacher, data=_checkpoint.data_info(train_data),
+        _checkpoint.save(teacher_out, teacher, data=train_data.info(),
                          record={"kind": "distill-teacher", "student": str(out),
                                  "history": record["history"]})
     return student, record

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from .. import _checkpoint
 from .._io import write_json
-from ..data import Dataset, Loader
-from ..errors import TrainingError, UsageError
+from ..data import DataLike, as_data, stats_of
+from ..errors import DataError, TrainingError, UsageError
 from . import _dist
 
 
@@ -84,20 +84,27 @@ class Run:
     epoch_log: Callable[[int], dict[str, float]] = lambda epoch: {}
 
 
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """Images go channels-last (the faster CPU convolution layout); other inputs as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int = 500,
+def evaluate(model: nn.Module, data: DataLike, batch_size: int = 500,
              progress: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no augmentation); ``progress``: a
-    bar on stderr while it runs (on a terminal only)."""
+    """Top-1 accuracy of ``model`` on ``data`` (anything ``lowbit.data.as_data`` takes; eval
+    mode, no augmentation); ``progress``: a bar on stderr while it runs (on a terminal only)."""
     was_training = model.training
     model.eval()
-    correct = 0
-    for x, y in tqdm(Loader(data, batch_size), desc="evaluating", leave=False,
+    correct = seen = 0
+    for x, y in tqdm(as_data(data).loader(batch_size), desc="evaluating", leave=False,
                      disable=None if progress else True):
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-        correct += int((logits.argmax(1) == y).sum())
+        correct += int((model(_layout(x)).argmax(1) == y).sum())
+        seen += len(y)
     model.train(was_training)
-    return correct / len(data)
+    if seen == 0:
+        raise DataError("no examples to evaluate on")
+    return correct / seen
 
 
 def _autocast(precision: str):
@@ -106,24 +113,35 @@ def _autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfig, *,
+def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainConfig, *,
         out: str | Path | None = None, resume: bool = False,
         record: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``run`` for ``cfg.epochs``; checkpoint to ``out`` each epoch; return the record."""
+    """Train ``run`` for ``cfg.epochs``; checkpoint to ``out`` each epoch; return the record.
+
+    ``record["val_split"]`` names the data ``val_acc`` was measured on. ``progress=False``
+    prints nothing (no bar, no per-epoch line).
+    """
     torch.manual_seed(cfg.seed)
     rank, world = _dist.setup()
+    train_data = as_data(train_data, split="train")
+    val_data = None if val_data is None else as_data(val_data, stats=stats_of(train_data))
     model = run.model.to(memory_format=torch.channels_last)
     modules = {"model": model, **run.extra}
-    loader = Loader(train_data, cfg.batch_size, train=True, seed=cfg.seed, shard=(rank, world))
+    loader = train_data.loader(cfg.batch_size, train=True, seed=cfg.seed, shard=(rank, world))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_data)} training examples give no full batch of "
                             f"{cfg.batch_size}; lower the batch size")
     record = {"config": asdict(cfg), **(record or {}), "history": []}
-    data_info = _checkpoint.data_info(train_data)
+    data_info = train_data.info()
     start_step, opt_state = 0, None
     if resume:  # before the optimiser is built: Brevitas re-creates quantizer parameters on load
         start_step, record, opt_state = _restore(out, modules, record, data_info)
+    if val_data is not None:  # not a setting: kept out of --resume's comparison
+        record["val_split"] = f"{val_data.name} {val_data.split}"
+    if train_data.augments and rank == 0 and progress:
+        tqdm.write(f"{train_data.name}: training batches are augmented (pad-4 random crop + "
+                   f"horizontal flip); augment=False (--no-augment) turns it off")
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
@@ -155,7 +173,7 @@ def fit(run: Run, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfi
                 continue  # resuming mid-epoch: replay the epoch's draws, skip its finished steps
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step, steps_per_epoch)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = _layout(x)
             with _autocast(cfg.precision):
                 loss, logits, _ = run.objective(ddp or model, x, y, epoch)
             if not _dist.all_finite(loss):

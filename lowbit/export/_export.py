@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 from .. import __version__
 from .. import _onnx_meta as meta
 from .._io import atomic_write_all
+from ..quant import PTQConfig
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -60,6 +61,7 @@ DEFAULT_OPSET = 25
 MIN_OPSET = 13  # per-axis DequantizeLinear
 RANDOM_INPUTS = 256
 DEFAULT_THRESHOLDS = Thresholds()
+DEFAULT_PTQ = PTQConfig()
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ExportResult:
     storage: dict[str, str]
     spec: Any = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    accuracy: dict[str, float] = field(default_factory=dict)  # PTQ: "float" and "onnx" top-1
 
 
 def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
@@ -94,16 +97,17 @@ def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
     if data is None:
         if example is None:
             raise ExportError("give example_input (or data) so the input shape is known")
-        c = example.shape[1]
-        data = {"name": "unknown", "classes": None, "mean": [0.0] * c, "std": [1.0] * c,
+        # normalisation unknown: the file takes inputs as they are (none recorded)
+        data = {"name": "unknown", "classes": None, "mean": None, "std": None,
                 "input_shape": list(example.shape[1:])}
     return data
 
 
-def _student(model: nn.Module, bits: int | None, calib: Iterable[torch.Tensor] | None,
-             ) -> tuple[nn.Module, list[str]]:
+def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | None,
+             ptq: PTQConfig, data: dict[str, Any]) -> tuple[nn.Module, list[str]]:
     """The model as a quantized student: as trained, or post-training quantized to ``bits``."""
-    from ..quant import QuantSpec, calibrate, quantize
+    from ..data import stats_of
+    from ..quant import QuantSpec, calibrate_data, quantize
 
     spec = getattr(model, "lowbit_quant", None)
     if spec is not None:
@@ -111,15 +115,20 @@ def _student(model: nn.Module, bits: int | None, calib: Iterable[torch.Tensor] |
             raise ExportError(f"the model is a {spec.weight_bits}-bit student but {bits}-bit "
                               f"export was asked; export it at {spec.weight_bits} bits (drop "
                               f"--bits) or distill a {bits}-bit student")
+        if act_bits is not None and act_bits != spec.act_bits:
+            raise ExportError(f"the model is a student with {spec.act_bits}-bit activations "
+                              f"but {act_bits} were asked; drop --act-bits")
         return model.eval(), []
     if bits is None:
         raise ExportError("the model is a float model: give bits (2 = ternary, 4 or 8) to "
                           "quantize it post-training")
     if calib is None:
         raise ExportError("post-training quantization of a float model needs calibration "
-                          "batches (calib=...)")
-    student = calibrate(quantize(model, QuantSpec(weight_bits=bits)), calib).eval()
-    note = (f"float model quantized post-training to {bits}-bit weights; expect an accuracy "
+                          "data (calib=...)")
+    spec = QuantSpec(weight_bits=bits, **({} if act_bits is None else {"act_bits": act_bits}))
+    student, n = calibrate_data(quantize(model, spec), calib, ptq, stats_of(data))
+    note = (f"float model quantized post-training to {bits}-bit weights and {spec.act_bits}-bit "
+            f"activations ({ptq.method} calibration on {n} examples); expect an accuracy "
             f"drop, 'lowbit distill' (quantization-aware training) recovers it")
     warnings.warn(note, stacklevel=3)
     return student, [note]
@@ -134,17 +143,24 @@ def _output_step(layers, acts: list[Act]) -> np.ndarray:
     return np.maximum(w * s_a, np.finfo(np.float32).tiny)
 
 
-def _verify_inputs(verify: Any, data: dict[str, Any], example: torch.Tensor,
-                   ) -> tuple[torch.Tensor, str]:
-    """(normalised float inputs, source name) for the gate."""
+def _verify_inputs(verify: Any, example: torch.Tensor, data: dict[str, Any],
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """(normalised float inputs, labels or None, source name) for the gate; user data is
+    normalised as the model's ``data`` says."""
     if verify is None:
         gen = torch.Generator().manual_seed(0)
-        return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), "random"
+        return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), None, "random"
     if isinstance(verify, torch.Tensor):
-        return verify.float(), "given"
-    from ..data import normalize
+        return verify.float(), None, "given"
+    from ..data import as_data, stats_of
 
-    return normalize(verify.images, verify.mean, verify.std), verify.name
+    verify = as_data(verify, stats=stats_of(data))
+    xs, ys = zip(*verify.loader(RANDOM_INPUTS), strict=True)
+    return torch.cat(xs), torch.cat(ys), verify.name
+
+
+def _accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor) -> float:
+    return float((torch.as_tensor(logits).argmax(1) == labels).float().mean())
 
 
 def _onnx_runner(proto: onnx.ModelProto, optimization: str):
@@ -214,8 +230,8 @@ def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
     return {meta.VERSION: __version__, meta.WEIGHT_BITS: _json(spec.weight_bits),
             meta.ACT_BITS: _json(spec.act_bits),
             meta.QUANT_SPEC: _json(spec.to_dict()), meta.STORAGE: _json(storage),
-            meta.CLASSES: _json(list(classes)), meta.MEAN: _json(list(data["mean"])),
-            meta.STD: _json(list(data["std"])),
+            meta.CLASSES: _json(list(classes)), meta.MEAN: _json(data["mean"]),
+            meta.STD: _json(data["std"]),
             meta.INPUT_SHAPE: _json(list(data["input_shape"])),
             meta.ARCH: _json(getattr(student, "lowbit_arch", None)),
             meta.VERIFICATION: _json([v.to_dict() for v in verification])}
@@ -232,20 +248,28 @@ def qonnx_path(path: Path) -> Path:
 
 def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | None = None,
            bits: int | None = None, formats: Sequence[str] = FORMATS, opset: int | None = None,
-           verify: Any = None, calib: Iterable[torch.Tensor] | None = None, data: Any = None,
+           verify: Any = None, calib: Any = None, data: Any = None,
            thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast",
            ternary_storage: str = "trits", residual_add: str = "auto",
+           act_bits: int | None = None, ptq: PTQConfig = DEFAULT_PTQ,
            progress: bool = True) -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
     QONNX export cleaned by qonnx; ``path`` itself when it is the only format, else
     :func:`qonnx_path`). ``bits`` must match a student's weight bits; a float model needs
-    ``bits`` and ``calib`` (batches of normalised inputs). ``verify``: a
-    ``lowbit.data.Dataset`` or a tensor of normalised inputs for the gate (default: 256
-    random N(0, 1) inputs). ``data``: a Dataset or checkpoint data dict for the metadata
-    (classes, mean/std). ``weight_form``: "cast" (INT2/INT4 -> Cast(INT8) -> DequantizeLinear,
-    folded at load into int8 kernels) or "dequant" (DequantizeLinear on the packed tensor).
+    ``bits`` and ``calib`` (data as ``lowbit.data.as_data`` takes it, or a tensor of
+    normalised inputs) and is quantized post-training to ``bits``-bit weights and
+    ``act_bits``-bit activations (default ``QuantSpec``'s), calibrated as ``ptq`` says
+    (:class:`lowbit.quant.PTQConfig`: method max/percentile/mse, examples, ``max_drop``).
+    ``verify``: data for the gate (anything ``as_data`` takes, or a tensor of normalised
+    inputs; default: 256 random N(0, 1) inputs); when it has labels, a post-training
+    quantized export measures the float model's and the file's accuracy
+    (``result.accuracy``) and warns when the drop exceeds ``ptq.max_drop``. ``data``: the
+    data the model takes (or a checkpoint data dict) for the metadata (classes, mean/std;
+    without it no normalisation is recorded). ``weight_form``: "cast" (INT2/INT4 ->
+    Cast(INT8) -> DequantizeLinear, folded at load into int8 kernels) or "dequant"
+    (DequantizeLinear on the packed tensor).
     ``ternary_storage``: "trits" (5 per byte, any opset) or "int" (INT2 at opset 25, the
     ladder below it). ``residual_add``: "integer" (onnxruntime fuses residual adds into
     QLinearAdd: fastest, but it rounds slightly differently, see ``FloatResidualAdds``),
@@ -271,8 +295,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     data = _data_info(data, example_input)
     example = example_input if example_input is not None else \
         torch.zeros((1, *data["input_shape"]))
-    student, notes = _student(model, bits, calib)
-    inputs, source = _verify_inputs(verify, data, example)
+    student, notes = _student(model, bits, calib, act_bits, ptq, data)
+    inputs, labels, source = _verify_inputs(verify, example, data)
 
     from ..quant import bake_integer_bias
 
@@ -320,6 +344,21 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     failed = [str(v) for v in checks.values() if not v.passed]
     if failed:
         raise ExportError("verification failed, nothing written: " + "; ".join(failed))
+    accuracy = {}
+    if student is not model and labels is not None and "onnx" in built:  # PTQ: its cost
+        with torch.inference_mode():
+            float_logits = model.eval()(inputs)
+        accuracy = {"float": _accuracy(float_logits, labels),
+                    "onnx": _accuracy(_onnx_runner(built["onnx"][1], "all")(inputs.numpy()),
+                                      labels)}
+        drop = accuracy["float"] - accuracy["onnx"]
+        if drop > ptq.max_drop:
+            warning = (f"post-training quantization costs {drop:.2%} top-1 on {source} "
+                       f"({accuracy['float']:.2%} float -> {accuracy['onnx']:.2%} quantized), "
+                       f"more than max_drop {ptq.max_drop:.2%}: distil a student instead "
+                       f"(lowbit distill)")
+            warnings.warn(warning, stacklevel=2)
+            notes.append(warning)
     num_classes = len(step)
     writes = {}
     for fmt, (out, p) in built.items():
@@ -328,5 +367,5 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
     atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
-                        student.lowbit_quant, tuple(notes))
+                        student.lowbit_quant, tuple(notes), accuracy)
 

@@ -1,16 +1,23 @@
 """Model zoo: CIFAR ResNets (He et al. 2016), wide ResNet20xN teachers, a digits CNN.
 
-``create(name, num_classes=...)`` builds a registered model; ``list()`` names them;
-``pretrained(name)`` gives the path of a checkpoint shipped inside the package.
+``create(name, num_classes=...)`` builds a registered model (or ``package.module:factory``
+from the user's code); ``create(name, pretrained=True)`` a shipped checkpoint, timm-style;
+``list()`` names the architectures, ``list_pretrained()`` the shipped checkpoints;
+``pretrained(name)`` gives a shipped checkpoint's path. Every place that takes a checkpoint
+path also takes a shipped checkpoint's name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
 
 from ..errors import UsageError
 from . import _digits, _resnet  # noqa: F401  (registers the models)
-from ._registry import create, list_models, register_model
+from ._registry import create as _create
+from ._registry import factory, is_user_code, list_models, register_model
 
 list = list_models  # noqa: A001  (lowbit.models.list() is the registry listing)
 
@@ -20,15 +27,52 @@ PRETRAINED = {  # name -> checkpoint: the float teacher and two distilled studen
     "resnet20_cifar10_ternary": _WEIGHTS / "resnet20_cifar10_ternary.pt",
     "resnet20_cifar10_w4": _WEIGHTS / "resnet20_cifar10_w4.pt",
 }
+DEFAULT_PRETRAINED = {"resnet20": "resnet20_cifar10"}  # architecture -> its shipped weights
+
+
+def list_pretrained() -> list[str]:
+    """Names of the checkpoints shipped with lowbit."""
+    return sorted(PRETRAINED)
 
 
 def pretrained(name: str) -> Path:
     """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` (the float CIFAR-10
     teacher), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students distilled from
-    it: ternary and 4-bit weights, 4-bit activations)."""
-    if name not in PRETRAINED:
+    it: ternary and 4-bit weights, 4-bit activations); an architecture with shipped weights
+    (``resnet20``) gives its float checkpoint."""
+    key = DEFAULT_PRETRAINED.get(name, name)
+    if key not in PRETRAINED:
         raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
-    return PRETRAINED[name]
+    return PRETRAINED[key]
 
 
-__all__ = ["create", "list", "list_models", "pretrained", "register_model", "PRETRAINED"]
+_shipped = pretrained  # ``create``'s argument of that name hides the function
+
+
+def locate(path: str | Path) -> Path:
+    """A checkpoint path as given, or the shipped checkpoint of that name when no such file."""
+    p = Path(path)
+    return PRETRAINED[str(path)] if not p.exists() and str(path) in PRETRAINED else p
+
+
+def create(name: str, *, pretrained: bool = False, seed: int | None = None,
+           **kwargs: Any) -> nn.Module:
+    """Build model ``name``: a registered architecture (``create("resnet20",
+    num_classes=100)``), user code (``"mypkg.nets:small_cnn"``), or with ``pretrained=True``
+    a shipped checkpoint's model with its weights (``create("resnet20", pretrained=True)``,
+    ``create("resnet20_cifar10_ternary", pretrained=True)``), in eval mode.
+
+    ``seed`` makes the initial weights reproducible (see ``_registry.create``).
+    """
+    if not pretrained:
+        return _create(name, seed=seed, **kwargs)
+    if kwargs:
+        raise UsageError(f"a pretrained model is built as its checkpoint describes; drop "
+                         f"{', '.join(sorted(kwargs))}")
+    from .._checkpoint import load_model
+
+    return load_model(_shipped(name))[0]
+
+
+__all__ = ["DEFAULT_PRETRAINED", "PRETRAINED", "create", "factory", "is_user_code", "list",
+           "list_models", "list_pretrained", "locate", "pretrained", "register_model"]

@@ -1,15 +1,25 @@
 """Quantization-aware students (Brevitas behind one adapter): ``quantize(model, spec)``.
 
 ``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
-exporter's contract, see ``_inspect``); ``calibrate`` sets activation ranges from data for
-post-training quantization; ``bake_integer_bias`` folds the eval-mode integer-bias
-rounding into plain biases for tracing.
+exporter's contract, see ``_inspect``); ``calibrate`` (running mean of batch max) and
+``calibrate_ranges`` / ``calibrate_data`` (max, percentile or MSE on batches or on any data,
+see ``_calibrate``) set activation ranges for post-training quantization;
+``bake_integer_bias`` folds the eval-mode integer-bias rounding into plain biases for tracing.
 """
 
 from ._brevitas import bake_integer_bias
+from ._calibrate import (
+    CALIB_METHODS,
+    PTQConfig,
+    calibrate_data,
+    calibrate_ranges,
+    calibration_batches,
+)
 from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers
 from ._quantize import calibrate, quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
-__all__ = ["ACT_BITS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo", "QuantLayerInfo",
-           "QuantSpec", "act_quants", "bake_integer_bias", "calibrate", "quant_layers", "quantize"]
+__all__ = ["ACT_BITS", "CALIB_METHODS", "PTQConfig", "SCALE_RULES", "WEIGHT_BITS",
+           "ActQuantInfo", "QuantLayerInfo", "QuantSpec", "act_quants", "bake_integer_bias",
+           "calibrate", "calibrate_data", "calibrate_ranges", "calibration_batches",
+           "quant_layers", "quantize"]

@@ -308,14 +308,14 @@ class Session:
                  limit: int | None = None,
                  progress: Callable[[int], None] | None = None) -> float:
         """Top-1 accuracy on a data spec (``cifar10:DIR``, ``digits``, ``FILE.npz``: its test
-        split), an object with ``images``/``labels``, or an ``(images, labels)`` pair.
+        split), an object with ``images``/``labels``, an ``(images, labels)`` pair, or a torch
+        ``Dataset``/``DataLoader`` of them (read through numpy; torch is not imported here).
 
         ``progress(n)`` is called after each batch of ``n`` images (e.g. ``tqdm.update``).
         """
         if isinstance(data, str):
             data = _datafiles.load(data, train=False)
-        images, labels = (data.images, data.labels) if hasattr(data, "images") else data
-        images, labels = np.asarray(images), np.asarray(labels)
+        images, labels = _datafiles.as_arrays(data)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         if len(images) != len(labels) or len(images) == 0:
