@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
+from .. import _intmath
 from .. import _onnx_meta as meta
 from ..errors import ExportError
 from ._pack import make_tensor, trits_table
@@ -53,21 +54,19 @@ class FoldBatchNorm(Transformation):
             if w is None or any(p is None for p in params) or \
                     model.get_tensor_fanout(layer.input[1]) != 1:
                 continue
-            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
             eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-            f = gamma / np.sqrt(var + eps)
+            bias = model.get_initializer(layer.input[2]) if len(layer.input) > 2 else None
+            f, folded = _intmath.fold_batchnorm(bias, *params, eps)
             axis = _weight_axis(layer)
             model.set_initializer(layer.input[1], (w.astype(np.float64) *
                                                    f.reshape(_channel_shape(w.ndim, axis))
                                                    ).astype(np.float32))
-            bias = model.get_initializer(layer.input[2]) if len(layer.input) > 2 else None
-            bias = np.zeros_like(f) if bias is None else bias.astype(np.float64)
             bias_name = layer.input[1].rsplit(".", 1)[0] + ".bias"
             if len(layer.input) > 2:
                 bias_name = layer.input[2]
             else:
                 layer.input.append(bias_name)
-            model.set_initializer(bias_name, ((bias - mean) * f + beta).astype(np.float32))
+            model.set_initializer(bias_name, folded.astype(np.float32))
             layer.output[0] = bn.output[0]
             model.graph.node.remove(bn)
             return model, True
@@ -165,9 +164,6 @@ class PackWeights(Transformation):
         return model, False
 
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-
-
 class QuantizeBias(Transformation):
     """Store the bias of each layer that consumes quantized codes as int32 + DequantizeLinear.
 
@@ -194,9 +190,8 @@ class QuantizeBias(Transformation):
             if bias is None or dq is None or dq.op_type != "DequantizeLinear":
                 continue
             s_in = np.float32(self.input_scales[node.input[1]])
-            step = s_in * model.get_initializer(dq.input[1]).astype(np.float32)
-            codes = np.clip(np.round(bias.astype(np.float64) / step.astype(np.float64)),
-                            INT32_MIN, INT32_MAX).astype(np.int32)
+            step = _intmath.bias_step(s_in, model.get_initializer(dq.input[1]))
+            codes = _intmath.bias_codes(bias, step)
             name = node.input[2]
             model.set_initializer(name + "_int", codes)
             model.set_initializer(name + "_s_in", np.asarray(s_in, np.float32))
@@ -251,7 +246,7 @@ class QuantizeActivations(Transformation):
             scale = np.asarray(_attr(node, "scale"), np.float32)
             zp = np.asarray(_attr(node, "zero_point"))
             dtype = np.int8 if signed else np.uint8
-            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            lo, hi = _intmath.code_range(bits, bool(signed))
             per_channel = scale.size > 1
             zp = zp.astype(dtype)
             if not per_channel:
