@@ -272,7 +272,8 @@ def test_calibrate_sets_ranges_from_data_and_leaves_batchnorm():
     mean_max = sum(float(b.abs().max()) for b in batches) / 2
     input_info = act_quants(student)[0]
     torch.testing.assert_close(float(input_info.scale), mean_max / 127)
-    assert all(torch.equal(v, student.get_submodule("features.1").state_dict()[k]) for k, v in bn_before.items())
+    bn_after = student.get_submodule("features.1").state_dict()
+    assert all(torch.equal(v, bn_after[k]) for k, v in bn_before.items())
     # training afterwards keeps the calibrated ranges (no re-initialisation)
     student.train()
     student(torch.randn(16, 1, 8, 8) * 100)

@@ -353,7 +353,8 @@ def is_act_quant(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def weight_codes(layer: QuantConv1d | QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.Tensor, int]:
+def weight_codes(layer: QuantConv1d | QuantConv2d | QuantLinear,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Eval-mode (int8 codes shaped like the weight, float32 scale [C], bits) of a layer."""
     was_training = layer.training
     layer.eval()

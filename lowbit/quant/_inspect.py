@@ -13,7 +13,8 @@ to 1e-5 relative:
   a ReLU's quantizer sees ReLU(x) (the same thing for unsigned codes);
 - an output quantizer ``m.output_quant`` (listed with the others) quantizes the output of
   ``m`` (a conv/linear/BatchNorm feeding a residual add, a float activation, a pooling);
-  ``<node>_quant`` the output of a functional op (add, mul, cat) feeding a conv/linear;
+  ``<layer>_quant`` that of a conv/linear without BatchNorm, ``<node>_quant`` that of a
+  functional op (add, mul, cat) feeding a conv/linear;
 - the arithmetic (code ranges, BatchNorm folding, int32 bias) is ``lowbit._intmath``;
 - a layer with ``bias_input`` set consumes that quantizer's codes and runs as an integer
   kernel: its bias b (the following BatchNorm folded in, in float64, then float32) becomes
@@ -69,7 +70,7 @@ class ActQuantInfo:
 def quant_layers(model: nn.Module) -> list[QuantLayerInfo]:
     """Every quantized conv/linear of a student, in module order, with eval-mode values."""
     infos = []
-    bias_inputs = {name.removesuffix(".integer_bias"): m.act_name
+    bias_inputs = {name.removesuffix("_integer_bias"): m.act_name
                    for name, m in model.named_modules() if isinstance(m, _brevitas.IntegerBias)}
     for name, m in model.named_modules():
         if _brevitas.is_quant_layer(m):

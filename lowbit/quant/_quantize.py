@@ -19,12 +19,13 @@ line), and every quantizer becomes a node of the returned graph (``print(student
   caps its learned range, so the quantizer's clamp is the clip);
 - each SiLU/Hardswish/GELU/LeakyReLU/Sigmoid/Hardsigmoid call site: the float activation,
   then ``<act>.output_quant`` (``act_bits``, unsigned for Sigmoid/Hardsigmoid);
-- ``<m>.output_quant`` (signed ``residual_bits``) after a conv/linear (or its BatchNorm) whose
+- ``<bn>.output_quant`` / ``<layer>_quant`` (signed ``residual_bits``) after a conv/linear
+  (or its BatchNorm) whose
   output no quantizer covers: residual-add inputs, linear bottlenecks, the input of a float
   activation; so onnxruntime runs the layer as an integer kernel;
 - ``<m>.output_quant`` / ``<node>_quant`` (signed ``requant_bits``) after a float op (pooling,
   add, mul, cat) that feeds a conv/linear: requantization for the next integer kernel;
-- ``<layer>.integer_bias`` (:class:`~lowbit.quant._brevitas.IntegerBias`) after a layer (or
+- ``<layer>_integer_bias`` (:class:`~lowbit.quant._brevitas.IntegerBias`) after a layer (or
   its BatchNorm) that consumes quantized codes: the eval-mode int32 bias rounding.
 
 Module paths of the float model are kept, so state-dict keys are those of the float model
@@ -169,13 +170,12 @@ def _canonicalise(gm: fx.GraphModule) -> None:
         from brevitas.graph.base import MethodToModule
         from brevitas.graph.standardize import (
             DuplicateSharedStatelessModule,
-            MeanMethodToAdaptiveAvgPool2d,
             TorchFunctionalToModule,
         )
     TorchFunctionalToModule(TorchFunctionalToModule.FN_TO_MODULE_MAP + _MORE_FUNCTIONS).apply(gm)
     for method, cls in _MORE_METHODS:
         MethodToModule(method, cls).apply(gm)
-    MeanMethodToAdaptiveAvgPool2d().apply(gm)
+    _mean_to_pool(gm)
     DuplicateSharedStatelessModule().apply(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _INPLACE:
@@ -186,6 +186,35 @@ def _canonicalise(gm: fx.GraphModule) -> None:
     for m in gm.modules():
         if getattr(m, "inplace", False):
             m.inplace = False  # a quantizer after it needs the float value intact
+    gm.recompile()
+
+
+def _mean_to_pool(gm: fx.GraphModule) -> None:
+    """``x.mean((2, 3))`` / ``torch.mean(x, -1)`` over all spatial dims -> AdaptiveAvgPool +
+    flatten (Brevitas' MeanMethodToAdaptiveAvgPool2d leaves the 4-d output in place, and
+    knows no 1-d case)."""
+    for node in list(gm.graph.nodes):
+        if not ((node.op == "call_method" and node.target == "mean") or
+                (node.op == "call_function" and node.target is torch.mean)):
+            continue
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        pool = {frozenset({2, 3}): nn.AdaptiveAvgPool2d, frozenset({-1, -2}): nn.AdaptiveAvgPool2d,
+                frozenset({2}): nn.AdaptiveAvgPool1d, frozenset({-1}): nn.AdaptiveAvgPool1d
+                }.get(frozenset(dims))
+        if pool is None:
+            continue  # left for _check_supported to refuse by name
+        name = f"{node.name}_pool"
+        gm.add_submodule(name, pool(1))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        out = new
+        if not keepdim:
+            with gm.graph.inserting_after(new):
+                out = gm.graph.call_function(torch.flatten, (new, 1))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
     gm.recompile()
 
 
@@ -297,8 +326,15 @@ def _insert_after(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Modul
     return new
 
 
-def _quant_name(node: fx.Node) -> str:
-    return f"{node.target}.output_quant" if node.op == "call_module" else f"{node.name}_quant"
+def _quant_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``<module>.output_quant`` after a module (a child of it: the name checkpoints have
+    always used), ``<layer>_quant`` after a conv/linear (Brevitas' layers have an
+    ``output_quant`` of their own), ``<node>_quant`` after a function."""
+    if node.op != "call_module":
+        return f"{node.name}_quant"
+    if _brevitas.is_quant_layer(_module(gm, node)):
+        return f"{node.target}_quant"
+    return f"{node.target}.output_quant"
 
 
 def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
@@ -311,7 +347,7 @@ def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
             clip = None if type(m) is nn.ReLU else float(getattr(m, "max_val", 6.0))
             gm.set_submodule(node.target, _brevitas.quant_relu(spec.act_bits, clip))
         elif type(m) in FLOAT_ACTIVATIONS:
-            _insert_after(gm, node, _quant_name(node),
+            _insert_after(gm, node, _quant_name(gm, node),
                           _brevitas.act_quant(spec.act_bits, FLOAT_ACTIVATIONS[type(m)]))
     layers = [n for n in graph.nodes if isinstance(_module(gm, n), WEIGHTED)]
     # outputs: a layer whose output no quantizer covers gets one (residual adds always;
@@ -323,14 +359,14 @@ def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
                 continue
             feeds_add = any(u.op == "call_function" and u.target in ADDS for u in end.users)
             if feeds_add or spec.requant_bits is not None:
-                _insert_after(gm, end, _quant_name(end),
+                _insert_after(gm, end, _quant_name(gm, end),
                               _brevitas.act_quant(spec.residual_bits, True))
     # inputs: a layer reading a float op's output (pooling, add, mul, cat) gets a requantizer
     if spec.requant_bits is not None:
         for layer in layers:
             src = source(gm, layer.args[0])
             if not is_quantizer(gm, src):
-                _insert_after(gm, src, _quant_name(src),
+                _insert_after(gm, src, _quant_name(gm, src),
                               _brevitas.act_quant(spec.requant_bits, True))
     # integer bias: a layer consuming codes adds its bias as an integer kernel does
     for layer in layers:
@@ -338,7 +374,7 @@ def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
         end, bn = layer_end(gm, layer)
         m = gm.get_submodule(layer.target)
         if is_quantizer(gm, src) and (bn is not None or m.bias is not None):
-            _insert_after(gm, end, f"{layer.target}.integer_bias", _brevitas.IntegerBias(
+            _insert_after(gm, end, f"{layer.target}_integer_bias", _brevitas.IntegerBias(
                 src.target, gm.get_submodule(src.target), m,
                 None if bn is None else gm.get_submodule(bn.target)))
 
