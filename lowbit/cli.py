@@ -471,6 +471,11 @@ def _export(args: argparse.Namespace) -> None:
                         verify=verify, calib=calib, data=info, weight_form=args.weight_form,
                         thresholds=thresholds, ternary_storage=args.ternary_storage,
                         residual_add=args.residual_add)
+    if result.layers:
+        print(result.layers)  # per layer: weight bits, input bits, onnxruntime kernel
+    if result.kernels:
+        print(f"onnxruntime kernels: {result.kernels['integer']} integer, "
+              f"{result.kernels['float']} float conv/linear")
     for check in result.verification.values():
         print(check)
     for note in result.notes[1 if calib is not None else 0:]:  # the PTQ note is said above

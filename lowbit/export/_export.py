@@ -63,13 +63,44 @@ DEFAULT_THRESHOLDS = Thresholds()
 
 @dataclass(frozen=True)
 class ExportResult:
-    """Paths written per format, their verification, and how each layer's weights are stored."""
+    """Paths written per format, their verification, how each layer's weights are stored,
+    the per-layer description (``lowbit.quant.describe``) and the conv/linear kernels
+    onnxruntime runs for the ONNX file (``{"integer": n, "float": n}``)."""
 
     paths: dict[str, Path]
     verification: dict[str, Verification]
     storage: dict[str, str]
     spec: Any = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    layers: tuple = field(default_factory=tuple)
+    kernels: dict[str, int] = field(default_factory=dict)
+
+
+# onnxruntime ops that run a conv/linear on integer codes, and the float ones
+INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul",
+                 "FusedMatMul"}
+
+
+def optimized_ops(proto: onnx.ModelProto) -> list[str]:
+    """Op types of the graph onnxruntime runs for ``proto`` at the default ("all") level."""
+    import tempfile
+
+    from ..runtime._session import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(optimization="all")
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many conv/linear layers onnxruntime runs as integer and as float kernels."""
+    ops = optimized_ops(proto)
+    return {"integer": sum(op in INTEGER_KERNELS for op in ops),
+            "float": sum(op in FLOAT_KERNELS for op in ops)}
 
 
 def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
@@ -206,11 +237,19 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))  # compact: metadata counts in the file size
 
 
+def _layer_table(layers) -> list[list]:
+    """Compact per-layer metadata: [name, weight bits, input bits, integer kernel or not]."""
+    return [[r.name, r.weight_bits, r.input_bits, int(r.integer)] for r in layers
+            if r.weight_bits is not None]
+
+
 def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
-              verification: list[Verification], num_classes: int) -> dict[str, str]:
+              verification: list[Verification], num_classes: int,
+              layers=()) -> dict[str, str]:
     spec = student.lowbit_quant
     classes = data.get("classes") or [str(i) for i in range(num_classes)]
     return {meta.VERSION: __version__, meta.WEIGHT_BITS: _json(spec.weight_bits),
+            meta.LAYERS: _json(_layer_table(layers)),
             meta.ACT_BITS: _json(spec.act_bits),
             meta.QUANT_SPEC: _json(spec.to_dict()), meta.STORAGE: _json(storage),
             meta.CLASSES: _json(list(classes)), meta.MEAN: _json(list(data["mean"])),
@@ -317,11 +356,22 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     failed = [str(v) for v in checks.values() if not v.passed]
     if failed:
         raise ExportError("verification failed, nothing written: " + "; ".join(failed))
+    from ..quant import describe
+
+    layers = describe(student)
+    kernels: dict[str, int] = {}
+    if "onnx" in built:
+        kernels = count_kernels(built["onnx"][1])
+        expected = [r for r in layers if r.weight_bits is not None and not r.integer]
+        if expected or kernels["float"]:
+            notes.append(f"{kernels['float']} of {kernels['float'] + kernels['integer']} "
+                         f"conv/linear layers run as float kernels in onnxruntime: " +
+                         "; ".join(f"{r.name}: {r.kernel}" for r in expected))
     num_classes = len(step)
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
-        _set_metadata(p, _metadata(student, data, storage, ran, num_classes))
+        _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers))
         atomic_write(out, lambda tmp, p=p: onnx.save(p, tmp))
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
-                        student.lowbit_quant, tuple(notes))
+                        student.lowbit_quant, tuple(notes), layers, kernels)
 

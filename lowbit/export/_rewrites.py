@@ -231,10 +231,12 @@ def _attr(node: onnx.NodeProto, name: str):
 class QuantizeActivations(Transformation):
     """Lower each ``lowbit::ActQuant`` to QuantizeLinear [-> Clip] -> DequantizeLinear.
 
-    QuantizeLinear saturates to the 8-bit range (int8 if signed, uint8 if not; uint8 also
-    applies the ReLU); for fewer bits a Clip on the integer codes narrows it to
-    [qmin, qmax], so y = (clamp(round(x/s) + zp, qmin, qmax) - zp) * s exactly, and every
-    activation stays an 8-bit tensor that onnxruntime's QDQ fusion understands.
+    Every activation is stored as uint8 codes: unsigned codes c as is (the saturation at 0
+    is the ReLU), signed codes c as c + 128 (zero point 128), the form onnxruntime's x86
+    integer kernels take (its own int8 -> uint8 conversion skips a quantizer whose codes
+    feed two ops, or pass a Clip, and the conv before it then stays float). QuantizeLinear
+    saturates to the 8-bit range; for fewer bits a Clip on the codes narrows it to
+    [qmin, qmax] (+ 128 if signed), so y = clamp(round(x / s), qmin, qmax) * s exactly.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
@@ -245,15 +247,16 @@ class QuantizeActivations(Transformation):
             name = name.decode() if isinstance(name, bytes) else name
             scale = np.asarray(_attr(node, "scale"), np.float32)
             zp = np.asarray(_attr(node, "zero_point"))
-            dtype = np.int8 if signed else np.uint8
-            lo, hi = _intmath.code_range(bits, bool(signed))
+            dtype = np.uint8
+            offset = 128 if signed else 0
+            lo, hi = (c + offset for c in _intmath.code_range(bits, bool(signed)))
             per_channel = scale.size > 1
-            zp = zp.astype(dtype)
+            zp = (zp + offset).astype(dtype)
             if not per_channel:
                 scale, zp = scale[0], zp[0]
             model.set_initializer(name + ".scale", np.asarray(scale, np.float32))
             qargs = [name + ".scale"]
-            if signed or zp.any():  # an absent zero point means uint8 zero: saves bytes
+            if zp.any():  # an absent zero point means uint8 zero: saves bytes
                 model.set_initializer(name + ".zero_point", np.asarray(zp, dtype))
                 qargs.append(name + ".zero_point")
             kw = {"axis": 1} if per_channel else {}
@@ -281,7 +284,8 @@ _SAME_SINCE_18 = {"Conv", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "F
                   "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat",
                   "QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Constant",
                   "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Pad", "Softmax",
-                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice"}
+                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice",
+                  "HardSwish", "HardSigmoid", "LeakyRelu", "Erf", "Concat"}
 
 
 class SetOpset(Transformation):

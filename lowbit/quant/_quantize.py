@@ -60,8 +60,8 @@ FLOAT_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAv
 _PASS_FUNCTIONS = {torch.flatten, torch.reshape}
 _PASS_METHODS = {"flatten", "reshape", "view", "contiguous"}
 ADDS = {operator.add, torch.add}
-_FUNCTIONS = ADDS | _PASS_FUNCTIONS | {operator.mul, torch.mul, torch.cat, getattr,
-                                       operator.getitem}
+MULS = {operator.mul, torch.mul}
+_FUNCTIONS = ADDS | MULS | _PASS_FUNCTIONS | {torch.cat, getattr, operator.getitem}
 _METHODS = _PASS_METHODS | {"size", "dim"}
 _INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 _INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "add": operator.add,
@@ -175,6 +175,10 @@ def _canonicalise(gm: fx.GraphModule) -> None:
     TorchFunctionalToModule(TorchFunctionalToModule.FN_TO_MODULE_MAP + _MORE_FUNCTIONS).apply(gm)
     for method, cls in _MORE_METHODS:
         MethodToModule(method, cls).apply(gm)
+    for node in gm.graph.nodes:  # F.relu(input=x) and the like: the tensor positional
+        if node.op == "call_module" and "input" in node.kwargs:
+            kwargs = dict(node.kwargs)
+            node.args, node.kwargs = (kwargs.pop("input"), *node.args), kwargs
     _mean_to_pool(gm)
     DuplicateSharedStatelessModule().apply(gm)
     for node in gm.graph.nodes:
@@ -298,9 +302,9 @@ def source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
-def _quantized_downstream(gm: fx.GraphModule, node: fx.Node) -> bool:
+def quantized_downstream(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether every use of ``node`` reaches a quantizer through code-preserving ops."""
-    return all(is_quantizer(gm, u) or (passes_codes(gm, u) and _quantized_downstream(gm, u))
+    return all(is_quantizer(gm, u) or (passes_codes(gm, u) and quantized_downstream(gm, u))
                for u in node.users)
 
 
@@ -355,7 +359,7 @@ def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
     if spec.residual_bits is not None:
         for layer in layers:
             end, _ = layer_end(gm, layer)
-            if _quantized_downstream(gm, end) or all(u.op == "output" for u in end.users):
+            if quantized_downstream(gm, end) or all(u.op == "output" for u in end.users):
                 continue
             feeds_add = any(u.op == "call_function" and u.target in ADDS for u in end.users)
             if feeds_add or spec.requant_bits is not None:
