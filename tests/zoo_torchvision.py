@@ -190,16 +190,16 @@ class SqueezeExcitation(nn.Module):
         self.activation = activation()
         self.scale_activation = scale_activation()
 
-    def _scale(self, input: torch.Tensor) -> torch.Tensor:
-        scale = self.avgpool(input)
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.avgpool(x)
         scale = self.fc1(scale)
         scale = self.activation(scale)
         scale = self.fc2(scale)
         return self.scale_activation(scale)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        scale = self._scale(input)
-        return scale * input
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._scale(x)
+        return scale * x
 
 
 class V3Block(nn.Module):
@@ -218,10 +218,10 @@ class V3Block(nn.Module):
         layers.append(Conv2dNormActivation(exp, cout, kernel_size=1, activation_layer=None))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        result = self.block(input)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.block(x)
         if self.use_res_connect:
-            result += input
+            result += x
         return result
 
 
@@ -268,10 +268,10 @@ class MBConv(nn.Module):
         layers.append(Conv2dNormActivation(exp, cout, kernel_size=1, activation_layer=None))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        result = self.block(input)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.block(x)
         if self.use_res_connect:
-            result += input
+            result += x
         return result
 
 

@@ -285,7 +285,7 @@ _SAME_SINCE_18 = {"Conv", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "F
                   "QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Constant",
                   "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Pad", "Softmax",
                   "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice",
-                  "HardSwish", "HardSigmoid", "LeakyRelu", "Erf", "Concat"}
+                  "HardSwish", "HardSigmoid", "LeakyRelu", "Erf"}
 
 
 class SetOpset(Transformation):

@@ -5,9 +5,10 @@ Read from the student's graph, by the rules onnxruntime's QDQ fusion applies on 
 and whose output (after its BatchNorm) goes straight into a quantizer runs as QLinearConv;
 anything else runs in float, and the row says why. Linear layers run as float Gemm (the
 CPU provider fuses no quantized Gemm; measured: per-channel or per-tensor, with or
-without bias); their weights are still stored at their bits. Float activations (SiLU, GELU, ...) run in float between
-quantizers; Sigmoid and LeakyReLU have integer lookup kernels (QLinearSigmoid,
-QLinearLeakyRelu). ``lowbit.export`` checks these predictions against the optimised graph.
+without bias); their weights are still stored at their bits. Float activations (SiLU,
+GELU, ...) run in float between quantizers; Sigmoid and LeakyReLU have integer lookup
+kernels (QLinearSigmoid, QLinearLeakyRelu). ``lowbit.export`` counts the kernels of the
+optimised graph and notes every conv/linear left in float.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class Description(tuple):
                           "float" if r.input_bits is None else str(r.input_bits), r.kernel)
                          for r in self]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4]
-                         for row in rows)
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True))
+                         + "  " + row[4] for row in rows)
 
 
 def _bits(gm: fx.GraphModule, node: fx.Node) -> int | None:
