@@ -224,8 +224,10 @@ def _mean_to_pool(gm: fx.GraphModule) -> None:
 
 def _where(node: fx.Node) -> str:
     """The user's source line of ``node`` (from the trace's recorded stack), if known."""
-    lines = [ln.strip() for ln in (node.stack_trace or "").strip().splitlines()]
-    return f" ({lines[-2]}: {lines[-1]})" if len(lines) >= 2 else ""
+    lines = (node.stack_trace or "").strip().splitlines()
+    frames = [(lines[i].strip(), lines[i + 1].strip()) for i in range(len(lines) - 1)
+              if lines[i].lstrip().startswith("File ") and "/torch/" not in lines[i]]
+    return f" ({frames[-1][0]}: {frames[-1][1]})" if frames else ""
 
 
 def _check_supported(gm: fx.GraphModule) -> None:
