@@ -21,7 +21,6 @@ import zoo_torchvision as zoo
 
 import lowbit
 from lowbit import _onnx_meta as meta
-from lowbit.data import Dataset
 from lowbit.errors import QuantizeError
 from lowbit.export import export
 from lowbit.export._export import optimized_ops
@@ -29,48 +28,16 @@ from lowbit.footprint import footprint
 from lowbit.quant import act_quants, describe, quantize
 from lowbit.runtime import Session
 
-ARCHS = {  # name -> (float model factory, input shape (C, H, W), classes)
-    "resnet18": (zoo.resnet18, (3, 16, 16), 10),
-    "resnet50": (zoo.resnet50, (3, 16, 16), 10),
-    "mobilenet_v2": (zoo.MobileNetV2, (3, 16, 16), 10),
-    "mobilenet_v3_small": (zoo.MobileNetV3Small, (3, 16, 16), 10),
-    "efficientnet_b0_block": (zoo.EfficientNetB0Block, (3, 16, 16), 10),
-    "ds_cnn": (zoo.DSCNN, (1, 10, 16), 12),
-}
+ARCHS = zoo.ARCHS
 CONVS = (nn.Conv1d, nn.Conv2d)
-
-
-def _data(shape: tuple[int, ...], classes: int, n: int = 64) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    return Dataset("synthetic", torch.randint(0, 256, (n, *shape), dtype=torch.uint8,
-                                              generator=g),
-                   torch.randint(0, classes, (n,), generator=g), tuple(map(str, range(classes))),
-                   (127.5,) * shape[0], (64.0,) * shape[0])
-
-
-def _teacher(arch: str, data: Dataset) -> nn.Module:
-    """The float model with BatchNorm statistics of the data (init statistics would make a
-    network whose logits barely depend on its input) and affine parameters like a trained
-    one's (init ones fold to equal int32 biases, which the file stores once)."""
-    make, _, _ = ARCHS[arch]
-    torch.manual_seed(0)
-    model = make().train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over the batches below
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.normal_(m.bias, 0.0, 0.2)
-    with torch.no_grad():
-        model((data.images.float() - 127.5) / 64)
-    return model.eval()
 
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_quantize_distill_export_run(arch, bits, tmp_path):
     _, shape, classes = ARCHS[arch]
-    data = _data(shape, classes)
-    teacher = _teacher(arch, data)
+    data = zoo.synthetic_data(shape, classes)
+    teacher = zoo.teacher(arch, data)
     student = quantize(teacher, weight_bits=bits)
     # the student is a graph: every quantizer a node, nothing in hooks
     assert isinstance(student, fx.GraphModule)
@@ -97,8 +64,9 @@ def test_quantize_distill_export_run(arch, bits, tmp_path):
     assert all(r.input_bits in (4, 8) for r in rows)
     assert {r.weight_bits for r in rows[1:-1]} == {bits}
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
-    assert json.loads(props[meta.LAYERS]) == [[r.name, r.weight_bits, r.input_bits,
-                                               int(r.integer)] for r in rows]
+    assert list(json.loads(props[meta.STORAGE])) == [r.name for r in rows]
+    assert json.loads(props[meta.LAYERS]) == [[r.weight_bits, r.input_bits, int(r.integer)]
+                                              for r in rows]
     # lowbit.runtime runs the file on raw pixels like the student on normalised ones
     logits = Session(path).run(data.images[:8].numpy())
     with torch.no_grad():

@@ -13,6 +13,38 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from lowbit.data import Dataset
+
+# name -> (float model factory, input shape (C, H, W), classes); filled in at the end
+ARCHS: dict = {}
+
+
+def synthetic_data(shape: tuple[int, ...], classes: int, n: int = 64, seed: int = 0) -> Dataset:
+    """Random uint8 images with random labels (normalised by mean 127.5, std 64)."""
+    g = torch.Generator().manual_seed(seed)
+    return Dataset("synthetic", torch.randint(0, 256, (n, *shape), dtype=torch.uint8,
+                                              generator=g),
+                   torch.randint(0, classes, (n,), generator=g), tuple(map(str, range(classes))),
+                   (127.5,) * shape[0], (64.0,) * shape[0])
+
+
+def teacher(arch: str, data: Dataset) -> nn.Module:
+    """``arch``'s float model with BatchNorm statistics of ``data`` (init statistics would make
+    a network whose logits barely depend on its input) and affine parameters like a trained
+    one's (init ones fold to equal int32 biases, which the file stores once), in eval mode."""
+    make, _, _ = ARCHS[arch]
+    torch.manual_seed(0)
+    model = make().train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the batches below
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0.0, 0.2)
+    with torch.no_grad():
+        model((data.images.float() - 127.5) / 64)
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------ ResNet18/50
 
 
@@ -317,3 +349,13 @@ class DSCNN(nn.Module):
         x = self.ds(x)
         x = x.mean(-1)  # global average over time
         return self.fc(self.dropout(x))
+
+
+ARCHS.update({
+    "resnet18": (resnet18, (3, 16, 16), 10),
+    "resnet50": (resnet50, (3, 16, 16), 10),
+    "mobilenet_v2": (MobileNetV2, (3, 16, 16), 10),
+    "mobilenet_v3_small": (MobileNetV3Small, (3, 16, 16), 10),
+    "efficientnet_b0_block": (EfficientNetB0Block, (3, 16, 16), 10),
+    "ds_cnn": (DSCNN, (1, 10, 16), 12),
+})

@@ -238,8 +238,9 @@ def _json(obj: Any) -> str:
 
 
 def _layer_table(layers) -> list[list]:
-    """Compact per-layer metadata: [name, weight bits, input bits, integer kernel or not]."""
-    return [[r.name, r.weight_bits, r.input_bits, int(r.integer)] for r in layers
+    """Per conv/linear, in the order of the storage metadata's layer names (forward order):
+    [weight bits, input code bits or None (float input), 1 if an integer kernel else 0]."""
+    return [[r.weight_bits, r.input_bits, int(r.integer)] for r in layers
             if r.weight_bits is not None]
 
 

@@ -34,6 +34,7 @@ plus the quantizers'.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 import traceback
@@ -145,8 +146,6 @@ def calibrate(student: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     """torch.fx trace of a deep copy of ``model``, or a QuantizeError with the offending line."""
-    import copy
-
     tracer = fx.Tracer()
     tracer.record_stack_traces = True
     try:
