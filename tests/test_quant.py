@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -289,3 +290,36 @@ def test_bf16_autocast_channels_last_step():
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in student.parameters())
+
+
+def test_integer_contract_hand_computed():
+    """lowbit._intmath against values worked out by hand from the formulas."""
+    from lowbit import _intmath as im
+
+    assert im.code_range(4, signed=False) == (0, 15)
+    assert im.code_range(8, signed=True) == (-128, 127)
+    assert im.weight_range(2) == (-1, 1) and im.weight_range(4) == (-7, 7)
+    with pytest.raises(ValueError):
+        im.code_range(1, signed=True)
+    # round half to even, then clamp: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 100 -> 15, -3 -> 0
+    codes = im.quantize_codes(np.array([0.5, 1.5, 2.5, 100.0, -3.0]), 1.0, 0, 15)
+    assert codes.tolist() == [0.0, 2.0, 2.0, 15.0, 0.0]
+    # BN gamma 2, beta 1, mean 3, var 3, eps 1: f = 2 / sqrt(4) = 1; bias 5 -> (5 - 3) * 1 + 1
+    f, b = im.fold_batchnorm(np.array([5.0]), np.array([2.0]), np.array([1.0]),
+                             np.array([3.0]), np.array([3.0]), 1.0)
+    assert f.tolist() == [1.0] and b.tolist() == [3.0]
+    # int32 bias: step 0.5 * 0.25 = 0.125; 0.3 / 0.125 = 2.4 -> 2; huge values clamp
+    step = im.bias_step(0.5, np.array([0.25, 0.25]))
+    assert step.dtype == np.float32 and step.tolist() == [0.125, 0.125]
+    assert im.bias_codes(np.array([0.3, 1e12]), step).tolist() == [2, 2 ** 31 - 1]
+    np.testing.assert_allclose(im.bias_correction(np.array([0.3]), step[:1]), [0.25 - 0.3])
+
+
+def test_old_specs_load_without_requantizers():
+    """A spec from before graph mode (no requant_bits) rebuilds the student it described."""
+    old = {k: v for k, v in QuantSpec().to_dict().items() if k != "requant_bits"}
+    spec = QuantSpec.from_dict(old)
+    assert spec.requant_bits is None and spec.residual_bits == 8
+    names = {a.name for a in act_quants(quantize(models.create("resnet20"), spec))}
+    assert "pool.output_quant" not in names and "layer1.0.bn2.output_quant" in names
+    assert "pool.output_quant" in {a.name for a in act_quants(quantize(models.create("resnet20")))}
