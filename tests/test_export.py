@@ -384,6 +384,9 @@ def test_cli_exports_student(checkpoints, tmp_path, capsys):
                              "--verify-data", "digits", "--min-agreement", "0.99", "--ort")
     assert code == 0, err
     assert "top-1 agreement" in stdout and out.is_file()
+    # the per-layer table: digits_cnn's three convs as QLinearConv, the classifier float
+    assert stdout.count("QLinearConv") == 3 and "fc  " in stdout
+    assert "onnxruntime kernels: 3 integer, 1 float conv/linear" in stdout
     _check_file(out, (1, 8, 8))
     # --ort: onnxruntime's ORT format next to it, same predictions through the runtime
     from lowbit.runtime import Session

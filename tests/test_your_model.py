@@ -156,3 +156,34 @@ def test_unsupported_op_is_refused_by_name_before_training(op, name):
 
     with pytest.raises(QuantizeError, match=rf"{name}.*test_your_model\.py"):
         quantize(Net())
+
+
+class _Inception(nn.Module):
+    """Two branches concatenated (GoogLeNet-style) before a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b2 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(8, 8, 1, bias=False),
+                                nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([self.b1(x), self.b2(x)], 1)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.mix(x).relu(), 1), 1))
+
+
+def test_concatenated_branches_run_as_integer_kernels(tmp_path):
+    data = zoo.synthetic_data((3, 16, 16), 10)
+    torch.manual_seed(0)
+    teacher = _Inception().eval()
+    student, _ = lowbit.distill(quantize(teacher), teacher, data, epochs=1, batch_size=32,
+                                lr=0.01, progress=False)
+    assert "cat_quant" in {n.target for n in student.graph.nodes if n.op == "call_module"}
+    result = export(student.eval(), tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16),
+                    formats=("onnx",), data=data)
+    assert result.kernels == {"integer": 4, "float": 1}  # four convs; the classifier's Gemm
