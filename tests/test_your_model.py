@@ -187,3 +187,22 @@ def test_concatenated_branches_run_as_integer_kernels(tmp_path):
     result = export(student.eval(), tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16),
                     formats=("onnx",), data=data)
     assert result.kernels == {"integer": 4, "float": 1}  # four convs; the classifier's Gemm
+
+
+@pytest.mark.parametrize("act,kernel", [(nn.GELU, "float Erf (GELU)"),
+                                        (nn.LeakyReLU, "QLinearLeakyRelu")])
+def test_gelu_and_leaky_relu_keep_the_convs_integer(act, kernel, tmp_path):
+    data = zoo.synthetic_data((3, 16, 16), 10)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), act(),
+                            nn.Conv2d(8, 8, 3, padding=1), act(), nn.AdaptiveAvgPool2d(1),
+                            nn.Flatten(), nn.Linear(8, 10)).eval()
+    student, _ = lowbit.distill(quantize(teacher, weight_bits=4), teacher, data, epochs=1,
+                                batch_size=32, lr=0.01, progress=False)
+    rows = {r.name: r for r in describe(student)}
+    assert rows["2"].kernel == rows["4"].kernel == kernel and rows["2"].input_bits == 8
+    result = export(student.eval(), tmp_path / "m.onnx", example_input=torch.zeros(1, 3, 16, 16),
+                    formats=("onnx",), data=data)
+    assert result.kernels == {"integer": 2, "float": 1}
+    ops = optimized_ops(onnx.load(tmp_path / "m.onnx"))  # the activation runs as described
+    assert ops.count("QLinearLeakyRelu" if act is nn.LeakyReLU else "Erf") == 2
