@@ -17,6 +17,10 @@ STD = PREFIX + "std"  # JSON list: per-channel std on the 0..255 pixel scale
 INPUT_SHAPE = PREFIX + "input_shape"  # JSON [C, H, W]
 ARCH = PREFIX + "arch"  # JSON {"name", "kwargs"}
 VERIFICATION = PREFIX + "verification"  # JSON list: each onnxruntime run vs PyTorch
+# JSON list per conv/linear, in the order of STORAGE's layer names: [weight bits, input code
+# bits or null (float input), 1 if onnxruntime runs it as an integer kernel else 0]
+# (lowbit.quant.describe)
+LAYERS = PREFIX + "layers"
 
 TRITS_TABLE = "trits_table"  # int8 [243, 5] initializer that decodes trit-packed weights
 TRITS_TABLE_ELEMENTS = 243 * 5

@@ -684,6 +684,11 @@ def _export(args: argparse.Namespace) -> None:
                         weight_form=args.weight_form, thresholds=thresholds,
                         ternary_storage=args.ternary_storage, residual_add=args.residual_add,
                         progress=not args.quiet)
+    if result.layers and not args.quiet:
+        print(result.layers)  # per layer: weight bits, input bits, onnxruntime kernel
+    if result.kernels and not args.quiet:
+        print(f"onnxruntime kernels: {result.kernels['integer']} integer, "
+              f"{result.kernels['float']} float conv/linear")
     for check in result.verification.values() if not args.quiet else ():
         print(check)
     if result.accuracy:
@@ -694,13 +699,10 @@ def _export(args: argparse.Namespace) -> None:
     elif ptq_run:
         print("note: accuracy not measured (random verification inputs); pass --verify-data "
               "to see what post-training quantization costs")
-    notes = list(result.notes[1 if ptq_run else 0:])  # the PTQ note is said above
-    a = result.accuracy
-    too_costly = bool(a) and a["float"] - a["onnx"] > ptq.max_drop  # its warning is last
-    for note in (notes[:-1] if too_costly else notes) if not args.quiet else ():
-        print(f"note: {note}")
-    if too_costly:
-        print(f"{prog}: warning: {notes[-1]}", file=sys.stderr)
+    for note in result.notes[1 if ptq_run else 0:] if not args.quiet else ():
+        print(f"note: {note}")  # (the PTQ note is said above)
+    for warning in result.warnings:
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
     kinds = sorted(set(result.storage.values()))
     for fmt, path in result.paths.items():
         print(f"{fmt}: {path} ({path.stat().st_size:,} bytes; weights stored as "

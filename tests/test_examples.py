@@ -42,6 +42,15 @@ def test_quickstart(tmp_path: Path) -> None:
     assert (tmp_path / "digits_ternary.onnx").stat().st_size > 0
 
 
+def test_your_model(tmp_path: Path) -> None:
+    res = run([sys.executable, str(EXAMPLES / "your_model.py")], tmp_path)
+    assert percent("onnxruntime accuracy", res.stdout) > 90
+    assert percent("ternary student", res.stdout) > 90
+    assert "layer2.downsample.0  Conv2d  2       4        QLinearConv" in res.stdout
+    assert "onnxruntime kernels: {'integer': 6, 'float': 1}" in res.stdout
+    assert (tmp_path / "resnet_ternary.onnx").stat().st_size > 0
+
+
 def test_shin_recipe_runs_each_step_once_and_continues_where_it_stopped(tmp_path: Path) -> None:
     cmd = [sys.executable, str(EXAMPLES / "shin_recipe.py"), "--budget", "tiny", "--out",
            str(tmp_path / "shin")]

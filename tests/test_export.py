@@ -198,9 +198,10 @@ def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, ternar
     assert packed["features.3"].data_type == storage
     # what lands on disk is packed: 32*16*3*3 codes
     assert len(packed["features.3"].raw_data) == nbytes
-    # the three convs read quantized codes: their biases (BatchNorm folded) are int32
+    # the three convs and the classifier (after the requantized pool) read quantized
+    # codes: their biases (BatchNorm folded) are int32
     int_biases = [t for t in proto.graph.initializer if t.data_type == TensorProto.INT32]
-    assert sorted(t.dims[0] for t in int_biases) == [16, 32, 64]
+    assert sorted(t.dims[0] for t in int_biases) == [10, 16, 32, 64]
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
     # the file reproduces the student outside the gate too
     x = normalize(test.images[:64], test.mean, test.std)
@@ -236,7 +237,8 @@ def test_resnet20_export_agrees(tmp_path, cifar10_dir, name, bits):
 
 def test_residual_add_forms(tmp_path):
     """float: residual adds as Sum (onnxruntime leaves them unfused); integer: Add (fused into
-    QLinearAdd); 21 convs read quantized codes and get int32 biases either way."""
+    QLinearAdd); the 21 convs read quantized codes and get int32 biases either way (the
+    shipped student predates the pool's requantizer, so its classifier reads float)."""
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32)
     student = _checkpoint.load_model(models.pretrained("resnet20_cifar10_ternary"))[0]
@@ -368,6 +370,9 @@ def test_cli_exports_student(checkpoints, tmp_path, capsys):
                              "--verify-data", "digits", "--min-agreement", "0.99", "--ort")
     assert code == 0, err
     assert "top-1 agreement" in stdout and out.is_file()
+    # the per-layer table: digits_cnn's three convs as QLinearConv, the classifier float
+    assert stdout.count("QLinearConv") == 3 and "fc  " in stdout
+    assert "onnxruntime kernels: 3 integer, 1 float conv/linear" in stdout
     _check_file(out, (1, 8, 8))
     # --ort: onnxruntime's ORT format next to it, same predictions through the runtime
     from lowbit.runtime import Session

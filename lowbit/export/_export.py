@@ -66,7 +66,9 @@ DEFAULT_PTQ = PTQConfig()
 
 @dataclass(frozen=True)
 class ExportResult:
-    """Paths written per format, their verification, and how each layer's weights are stored."""
+    """Paths written per format, their verification, how each layer's weights are stored,
+    the per-layer description (``lowbit.quant.describe``) and the conv/linear kernels
+    onnxruntime runs for the ONNX file (``{"integer": n, "float": n}``)."""
 
     paths: dict[str, Path]
     verification: dict[str, Verification]
@@ -74,6 +76,36 @@ class ExportResult:
     spec: Any = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     accuracy: dict[str, float] = field(default_factory=dict)  # PTQ: "float" and "onnx" top-1
+    warnings: tuple[str, ...] = field(default_factory=tuple)  # what the user should act on
+    layers: tuple = field(default_factory=tuple)
+    kernels: dict[str, int] = field(default_factory=dict)
+
+
+# onnxruntime ops that run a conv/linear on integer codes, and the float ones
+INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul",
+                 "FusedMatMul"}
+
+
+def optimized_ops(proto: onnx.ModelProto) -> list[str]:
+    """Op types of the graph onnxruntime runs for ``proto`` at the default ("all") level."""
+    import tempfile
+
+    from ..runtime._session import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(optimization="all")
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many conv/linear layers onnxruntime runs as integer and as float kernels."""
+    ops = optimized_ops(proto)
+    return {"integer": sum(op in INTEGER_KERNELS for op in ops),
+            "float": sum(op in FLOAT_KERNELS for op in ops)}
 
 
 def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
@@ -223,11 +255,20 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))  # compact: metadata counts in the file size
 
 
+def _layer_table(layers) -> list[list]:
+    """Per conv/linear, in the order of the storage metadata's layer names (forward order):
+    [weight bits, input code bits or None (float input), 1 if an integer kernel else 0]."""
+    return [[r.weight_bits, r.input_bits, int(r.integer)] for r in layers
+            if r.weight_bits is not None]
+
+
 def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
-              verification: list[Verification], num_classes: int) -> dict[str, str]:
+              verification: list[Verification], num_classes: int,
+              layers=()) -> dict[str, str]:
     spec = student.lowbit_quant
     classes = data.get("classes") or [str(i) for i in range(num_classes)]
     return {meta.VERSION: __version__, meta.WEIGHT_BITS: _json(spec.weight_bits),
+            meta.LAYERS: _json(_layer_table(layers)),
             meta.ACT_BITS: _json(spec.act_bits),
             meta.QUANT_SPEC: _json(spec.to_dict()), meta.STORAGE: _json(storage),
             meta.CLASSES: _json(list(classes)), meta.MEAN: _json(data["mean"]),
@@ -344,7 +385,7 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     failed = [str(v) for v in checks.values() if not v.passed]
     if failed:
         raise ExportError("verification failed, nothing written: " + "; ".join(failed))
-    accuracy = {}
+    accuracy, cautions = {}, []
     if student is not model and labels is not None and "onnx" in built:  # PTQ: its cost
         with torch.inference_mode():
             float_logits = model.eval()(inputs)
@@ -358,14 +399,27 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
                        f"more than max_drop {ptq.max_drop:.2%}: distil a student instead "
                        f"(lowbit distill)")
             warnings.warn(warning, stacklevel=2)
-            notes.append(warning)
+            cautions.append(warning)
+
+    from ..quant import describe
+
+    layers = describe(student)
+    kernels: dict[str, int] = {}
+    if "onnx" in built:
+        kernels = count_kernels(built["onnx"][1])
+        expected = [r for r in layers if r.weight_bits is not None and not r.integer]
+        if expected or kernels["float"]:
+            notes.append(f"{kernels['float']} of {kernels['float'] + kernels['integer']} "
+                         f"conv/linear layers run as float kernels in onnxruntime: " +
+                         "; ".join(f"{r.name}: {r.kernel}" for r in expected))
     num_classes = len(step)
     writes = {}
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
-        _set_metadata(p, _metadata(student, data, storage, ran, num_classes))
+        _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers))
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
     atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
-                        student.lowbit_quant, tuple(notes), accuracy)
+                        student.lowbit_quant, tuple(notes), accuracy=accuracy,
+                        warnings=tuple(cautions), layers=layers, kernels=kernels)
 

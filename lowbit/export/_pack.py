@@ -21,19 +21,19 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from .._intmath import code_range
+
 # storage name -> (bits per code, smallest code, largest code, ONNX element type)
-STORAGE = {
-    "int2": (2, -2, 1, TensorProto.INT2),
-    "int4": (4, -8, 7, TensorProto.INT4),
-    "int8": (8, -128, 127, TensorProto.INT8),
-}
+STORAGE = {name: (bits, *code_range(bits, signed=True), dtype) for name, bits, dtype in
+           [("int2", 2, TensorProto.INT2), ("int4", 4, TensorProto.INT4),
+            ("int8", 8, TensorProto.INT8)]}
 
 
 def _check_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes)
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes must be integers, got {codes.dtype}")
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    lo, hi = code_range(bits, signed=True)
     if codes.size and (codes.min() < lo or codes.max() > hi):
         raise ValueError(f"codes outside the {bits}-bit range [{lo}, {hi}]: "
                          f"min {codes.min()}, max {codes.max()}")

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
+from .. import _intmath
 from .. import _onnx_meta as meta
 from ..errors import ExportError
 from ._pack import make_tensor, trits_table
@@ -53,21 +54,19 @@ class FoldBatchNorm(Transformation):
             if w is None or any(p is None for p in params) or \
                     model.get_tensor_fanout(layer.input[1]) != 1:
                 continue
-            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
             eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-            f = gamma / np.sqrt(var + eps)
+            bias = model.get_initializer(layer.input[2]) if len(layer.input) > 2 else None
+            f, folded = _intmath.fold_batchnorm(bias, *params, eps)
             axis = _weight_axis(layer)
             model.set_initializer(layer.input[1], (w.astype(np.float64) *
                                                    f.reshape(_channel_shape(w.ndim, axis))
                                                    ).astype(np.float32))
-            bias = model.get_initializer(layer.input[2]) if len(layer.input) > 2 else None
-            bias = np.zeros_like(f) if bias is None else bias.astype(np.float64)
             bias_name = layer.input[1].rsplit(".", 1)[0] + ".bias"
             if len(layer.input) > 2:
                 bias_name = layer.input[2]
             else:
                 layer.input.append(bias_name)
-            model.set_initializer(bias_name, ((bias - mean) * f + beta).astype(np.float32))
+            model.set_initializer(bias_name, folded.astype(np.float32))
             layer.output[0] = bn.output[0]
             model.graph.node.remove(bn)
             return model, True
@@ -165,9 +164,6 @@ class PackWeights(Transformation):
         return model, False
 
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
-
-
 class QuantizeBias(Transformation):
     """Store the bias of each layer that consumes quantized codes as int32 + DequantizeLinear.
 
@@ -194,9 +190,8 @@ class QuantizeBias(Transformation):
             if bias is None or dq is None or dq.op_type != "DequantizeLinear":
                 continue
             s_in = np.float32(self.input_scales[node.input[1]])
-            step = s_in * model.get_initializer(dq.input[1]).astype(np.float32)
-            codes = np.clip(np.round(bias.astype(np.float64) / step.astype(np.float64)),
-                            INT32_MIN, INT32_MAX).astype(np.int32)
+            step = _intmath.bias_step(s_in, model.get_initializer(dq.input[1]))
+            codes = _intmath.bias_codes(bias, step)
             name = node.input[2]
             model.set_initializer(name + "_int", codes)
             model.set_initializer(name + "_s_in", np.asarray(s_in, np.float32))
@@ -236,10 +231,12 @@ def _attr(node: onnx.NodeProto, name: str):
 class QuantizeActivations(Transformation):
     """Lower each ``lowbit::ActQuant`` to QuantizeLinear [-> Clip] -> DequantizeLinear.
 
-    QuantizeLinear saturates to the 8-bit range (int8 if signed, uint8 if not; uint8 also
-    applies the ReLU); for fewer bits a Clip on the integer codes narrows it to
-    [qmin, qmax], so y = (clamp(round(x/s) + zp, qmin, qmax) - zp) * s exactly, and every
-    activation stays an 8-bit tensor that onnxruntime's QDQ fusion understands.
+    Every activation is stored as uint8 codes: unsigned codes c as is (the saturation at 0
+    is the ReLU), signed codes c as c + 128 (zero point 128), the form onnxruntime's x86
+    integer kernels take (its own int8 -> uint8 conversion skips a quantizer whose codes
+    feed two ops, or pass a Clip, and the conv before it then stays float). QuantizeLinear
+    saturates to the 8-bit range; for fewer bits a Clip on the codes narrows it to
+    [qmin, qmax] (+ 128 if signed), so y = clamp(round(x / s), qmin, qmax) * s exactly.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
@@ -250,15 +247,16 @@ class QuantizeActivations(Transformation):
             name = name.decode() if isinstance(name, bytes) else name
             scale = np.asarray(_attr(node, "scale"), np.float32)
             zp = np.asarray(_attr(node, "zero_point"))
-            dtype = np.int8 if signed else np.uint8
-            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            dtype = np.uint8
+            offset = 128 if signed else 0
+            lo, hi = (c + offset for c in _intmath.code_range(bits, bool(signed)))
             per_channel = scale.size > 1
-            zp = zp.astype(dtype)
+            zp = (zp + offset).astype(dtype)
             if not per_channel:
                 scale, zp = scale[0], zp[0]
             model.set_initializer(name + ".scale", np.asarray(scale, np.float32))
             qargs = [name + ".scale"]
-            if signed or zp.any():  # an absent zero point means uint8 zero: saves bytes
+            if zp.any():  # an absent zero point means uint8 zero: saves bytes
                 model.set_initializer(name + ".zero_point", np.asarray(zp, dtype))
                 qargs.append(name + ".zero_point")
             kw = {"axis": 1} if per_channel else {}
@@ -286,7 +284,8 @@ _SAME_SINCE_18 = {"Conv", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "F
                   "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat",
                   "QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Constant",
                   "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Pad", "Softmax",
-                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice"}
+                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice",
+                  "HardSwish", "HardSigmoid", "LeakyRelu", "Erf"}
 
 
 class SetOpset(Transformation):

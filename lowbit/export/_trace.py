@@ -4,7 +4,7 @@ The student's eval-mode numerics (the export contract of :mod:`lowbit.quant`) ar
 plain torch: each quantized conv/linear becomes a float layer holding ``int_weight * scale``,
 each activation quantizer a :class:`ActQuant` module computing
 
-    y = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+    y = clamp(round(x / scale), qmin, qmax) * scale   (zero points are 0: ``lowbit._intmath``)
 
 with round-half-even (``torch.round``, like ONNX QuantizeLinear). The TorchScript exporter
 writes each ActQuant as one ``lowbit::ActQuant`` node (attributes: scale, zero_point, bits,
@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 
 from .. import _onnx_meta as meta
+from .._intmath import code_range
 from ..errors import ExportError
+from ..quant._kernels import fake_quant
 
 DOMAIN = "lowbit"
 TRACE_OPSET = 18  # TorchScript export opset; SetOpset moves the graph to the target opset
@@ -41,19 +43,19 @@ class Act:
     scale: np.ndarray  # float32, shape () or [C]
     zero_point: np.ndarray  # int, same shape as scale
 
+    def __post_init__(self) -> None:
+        if np.any(self.zero_point):
+            raise ValueError(f"{self.name}: lowbit's integer contract has zero points 0")
+
     @property
     def qrange(self) -> tuple[int, int]:
-        if self.signed:
-            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        return 0, (1 << self.bits) - 1
+        return code_range(self.bits, self.signed)
 
 
 class _ActQuantFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, act: Act):
-        lo, hi = act.qrange
-        q = torch.clamp(torch.round(x / scale) + zero_point, lo, hi)
-        return (q - zero_point) * scale
+        return fake_quant(x, scale, *act.qrange)  # zero point 0 (Act's check)
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, act: Act):
@@ -92,14 +94,15 @@ def _float_layer(old: nn.Module, info) -> nn.Module:
     scale = info.scale.detach().float().reshape(-1, *([1] * (info.int_weight.ndim - 1)))
     weight = info.int_weight.detach().float() * scale
     bias = info.bias is not None
-    if isinstance(old, nn.Conv2d):
-        new = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride,
-                        old.padding, old.dilation, old.groups, bias, old.padding_mode)
+    if isinstance(old, (nn.Conv1d, nn.Conv2d)):
+        conv = nn.Conv1d if isinstance(old, nn.Conv1d) else nn.Conv2d
+        new = conv(old.in_channels, old.out_channels, old.kernel_size, old.stride,
+                   old.padding, old.dilation, old.groups, bias, old.padding_mode)
     elif isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, old.out_features, bias)
     else:
         raise ExportError(f"{info.name}: cannot export a quantized {type(old).__name__} "
-                          f"(supported: Conv2d, Linear)")
+                          f"(supported: Conv1d, Conv2d, Linear)")
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias:

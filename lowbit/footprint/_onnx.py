@@ -184,7 +184,10 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
         found = [s for s in everything if s not in claimed and s != TRITS_TABLE
                  and s not in act_consts and consts[s][1] != TensorProto.INT64]
         claimed.update(found)
-        found.sort(key=lambda s: -math.prod(consts[s][0]))
+        # the stored codes first: integer-typed in a quantized file (the trit bytes of a small
+        # layer are fewer than its float scales), else the largest tensor
+        found.sort(key=lambda s: (consts[s][1] in _FLOATS and TRITS_TABLE in everything,
+                                  -math.prod(consts[s][0])))
         out = []
         for i, s in enumerate(found):
             dims, elem = consts[s]

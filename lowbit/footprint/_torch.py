@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE_ELEMENTS
 from ..errors import FootprintError
+from ..quant._brevitas import IntegerBias
 from ._graph import (
     ADD,
     AFFINE,
@@ -59,7 +60,8 @@ class _Tracer(fx.Tracer):
     """Keeps Brevitas modules (and every module without children) as single calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("brevitas") or super().is_leaf_module(m, qualname)
+        return type(m).__module__.startswith(("brevitas", "lowbit.quant")) or \
+            super().is_leaf_module(m, qualname)
 
 
 def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
@@ -81,10 +83,6 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
                              f"supported: Conv/Linear/BatchNorm/activations/pooling/add/cat/"
                              f"flatten and lowbit's Brevitas layers")
     shapes = _shapes(model, graph, input_shape, source)
-    # lowbit.quant runs a non-Sequential student's input quantizer as a forward pre-hook, which
-    # tracing does not see: it quantizes the network input.
-    called = {n.target for n in graph.nodes if n.op == "call_module"}
-    input_bits = act_bits.get("input_quant", FP32) if "input_quant" not in called else FP32
     ops, outputs = [], []
     table_counted = False  # the trits' decoding table is stored once per model
     for node in graph.nodes:
@@ -93,7 +91,7 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
             continue
         shape = shapes.get(node.name)
         if node.op == "placeholder":
-            ops.append(Op("input", INPUT, [], node.name, shape, bits=input_bits))
+            ops.append(Op("input", INPUT, [], node.name, shape, bits=FP32))
             continue
         if node.op == "get_attr":
             continue
@@ -164,14 +162,11 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[st
         if name in act_bits:
             return UNARY, name, [], 0, act_bits[name]
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            return (*_weighted(name, m, weight_bits.get(name), shape)[:4],
-                    act_bits.get(name + ".output_quant"))
+            return (*_weighted(name, m, weight_bits.get(name), shape)[:4], None)
         if isinstance(m, _BN_MODULES):
             c = m.num_features
-            # a residual-add input: lowbit.quant's output_quant hook (unseen by fx) sets its bits
-            return (AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0,
-                    act_bits.get(name + ".output_quant"))
-        if isinstance(m, _UNARY_MODULES):
+            return AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0, None
+        if isinstance(m, _UNARY_MODULES + (IntegerBias,)):  # integer bias: folded, in place
             return UNARY, name, [], 0, None
         if isinstance(m, _POOL_MODULES):
             return POOL, name, [], 0, None

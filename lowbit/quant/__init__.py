@@ -1,4 +1,6 @@
-"""Quantization-aware students (Brevitas behind one adapter): ``quantize(model, spec)``.
+"""Quantization-aware students (Brevitas behind one adapter): ``quantize(model, spec)``
+returns a torch.fx GraphModule whose quantizers are nodes; ``describe(student)`` tables per
+layer the weight bits, input bits and the onnxruntime kernel that will run it.
 
 ``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
 exporter's contract, see ``_inspect``); ``calibrate`` (running mean of batch max) and
@@ -15,11 +17,12 @@ from ._calibrate import (
     calibrate_ranges,
     calibration_batches,
 )
+from ._describe import Description, LayerDescription, describe
 from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers
 from ._quantize import calibrate, quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
-__all__ = ["ACT_BITS", "CALIB_METHODS", "PTQConfig", "SCALE_RULES", "WEIGHT_BITS",
-           "ActQuantInfo", "QuantLayerInfo", "QuantSpec", "act_quants", "bake_integer_bias",
-           "calibrate", "calibrate_data", "calibrate_ranges", "calibration_batches",
-           "quant_layers", "quantize"]
+__all__ = ["ACT_BITS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo",
+           "Description", "LayerDescription", "PTQConfig", "QuantLayerInfo", "QuantSpec",
+           "act_quants", "bake_integer_bias", "calibrate", "calibrate_data", "calibrate_ranges",
+           "calibration_batches", "describe", "quant_layers", "quantize"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -34,11 +35,12 @@ from brevitas.core.bit_width import BitWidthConst
 from brevitas.core.function_wrapper import TensorClamp
 from brevitas.inject import value
 from brevitas.inject.enum import RestrictValueType, ScalingPerOutputType
-from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from brevitas.quant.base import NarrowIntQuant, UintQuant
 from brevitas.quant.scaled_int import Int8WeightPerChannelFloat
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
 
+from .. import _intmath
 from . import _kernels
 
 # Training calls whose batch max |x| initialises an activation range (Brevitas' default
@@ -99,6 +101,7 @@ class LearnedRange(nn.Module):
         self.init_steps = init_steps
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # init calls so far
         self.calibrating = False
+        self.max_range: float | None = None  # an activation's clip (ReLU6: 6) caps the range
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         if self.calibrating or (self.training and int(self.seen) < self.init_steps):
@@ -111,7 +114,7 @@ class LearnedRange(nn.Module):
                     dist.all_reduce(batch_max, dist.ReduceOp.MAX)
                 self.value.mul_(n / (n + 1)).add_(batch_max / (n + 1))
                 self.seen += 1
-        return self.value.clamp_min(_MIN_SCALE) / threshold
+        return self.value.clamp(_MIN_SCALE, self.max_range) / threshold
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -147,9 +150,7 @@ class FakeQuantAct(nn.Module):
         super().__init__()
         self.scaling_impl = scaling_impl
         self.msb_clamp_bit_width_impl = bit_width_impl
-        bits = int(bit_width_impl())
-        self.qmin = -(2.0 ** (bits - 1)) if signed else 0.0
-        self.qmax = 2.0 ** (bits - 1) - 1 if signed else 2.0 ** bits - 1
+        self.qmin, self.qmax = map(float, _intmath.code_range(int(bit_width_impl()), signed))
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
         self.register_buffer("threshold", torch.tensor(self.qmax), persistent=False)
         self.register_buffer("code_min", torch.tensor(self.qmin), persistent=False)
@@ -206,15 +207,19 @@ def _weight_quant(bits: int, scale_rule: str):
     return _StatsWeight.let(bit_width=bits)
 
 
-def quant_layer(layer: nn.Conv2d | nn.Linear, bits: int, scale_rule: str,
-                copy_weights: bool) -> QuantConv2d | QuantLinear:
-    """A Brevitas twin of a Conv2d/Linear with ``bits``-bit per-channel weights."""
+_QUANT_TWINS = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d}
+
+
+def quant_layer(layer: nn.Conv1d | nn.Conv2d | nn.Linear, bits: int, scale_rule: str,
+                copy_weights: bool) -> QuantConv1d | QuantConv2d | QuantLinear:
+    """A Brevitas twin of a Conv1d/Conv2d/Linear with ``bits``-bit per-channel weights."""
     wq = _weight_quant(bits, scale_rule)
     bias = layer.bias is not None
-    if isinstance(layer, nn.Conv2d):
-        new = QuantConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                          layer.padding, layer.dilation, layer.groups, bias=bias,
-                          padding_mode=layer.padding_mode, weight_quant=wq)
+    if type(layer) in _QUANT_TWINS:
+        new = _QUANT_TWINS[type(layer)](
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, bias=bias,
+            padding_mode=layer.padding_mode, weight_quant=wq)
     else:
         new = QuantLinear(layer.in_features, layer.out_features, bias=bias, weight_quant=wq)
     new.to(layer.weight.device, layer.weight.dtype)
@@ -228,7 +233,7 @@ def quant_layer(layer: nn.Conv2d | nn.Linear, bits: int, scale_rule: str,
     return new
 
 
-def init_weight_range(layer: QuantConv2d | QuantLinear) -> None:
+def init_weight_range(layer: QuantConv1d | QuantConv2d | QuantLinear) -> None:
     """Set a learned per-channel weight range from the current weights (see module doc)."""
     impl = layer.weight_quant.tensor_quant.scaling_impl
     w = layer.weight.detach()
@@ -238,86 +243,92 @@ def init_weight_range(layer: QuantConv2d | QuantLinear) -> None:
         impl.value.copy_(r.clamp_min(_MIN_SCALE).view_as(impl.value))
 
 
-def quant_relu(bits: int) -> QuantReLU:
-    """ReLU followed by unsigned ``bits``-bit quantization with a learned per-tensor range."""
-    return QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits))
+def quant_relu(bits: int, clip: float | None = None) -> QuantReLU:
+    """ReLU followed by unsigned ``bits``-bit quantization with a learned per-tensor range;
+    ``clip`` (ReLU6: 6) caps the range, so the quantizer's own clamp is the activation's clip:
+    clamp(round(min(x, c) / s), 0, qmax) = clamp(round(x / s), 0, qmax) when qmax * s <= c."""
+    q = QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits))
+    _act_tensor_quant(q).scaling_impl.max_range = clip
+    return q
 
 
-def signed_quant(bits: int) -> QuantIdentity:
-    """Signed ``bits``-bit quantization with a learned per-tensor range: the (normalised)
-    network input, and each residual-add input that no other quantizer covers."""
-    return QuantIdentity(act_quant=_SignedAct.let(bit_width=bits))
+def act_quant(bits: int, signed: bool) -> QuantIdentity:
+    """``bits``-bit quantization with a learned per-tensor range (signed codes for the network
+    input, residual adds and requantization, unsigned for outputs known to be >= 0)."""
+    return QuantIdentity(act_quant=(_SignedAct if signed else _UnsignedAct).let(bit_width=bits))
 
 
 # -------------------------------------------------------------------- integer bias (deploy)
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
-
-class IntegerBias:
-    """Forward hook: in eval mode the layer's bias is what an integer kernel adds.
+class IntegerBias(nn.Module):
+    """In eval mode, the bias an integer kernel adds: a node of its own in the student graph.
 
     A conv/linear that consumes an activation quantizer's codes runs in onnxruntime as an
     integer kernel (QLinearConv, QGemm): its bias, with the following BatchNorm folded in, is
-    stored as int32 codes at scale s_in * s_w[c] (lowbit's ``QuantizeBias`` rewrite; without
-    it onnxruntime rounds it the same way). Registered on the layer or on the BatchNorm after
-    it, this hook adds round(b / step) * step - b per channel to the eval output, so
-    evaluation, the export gate and the deployed model compute the same numbers; training
-    keeps the float bias (the difference is under half an accumulator step).
+    stored as int32 codes at scale s_in * s_w[c] (lowbit's ``QuantizeBias`` rewrite). Placed
+    after the layer (or after its BatchNorm), this module adds round(b / step) * step - b per
+    channel to the eval output (``lowbit._intmath.bias_correction``), so evaluation, the
+    export gate and the deployed model compute the same numbers; training keeps the float
+    bias (the difference is under half an accumulator step). ``bake_integer_bias`` moves the
+    correction into the bias and turns the module into the identity.
+
+    The quantizer, layer and BatchNorm it reads are the student's own modules, referenced, not
+    registered, so their state appears once in the state dict.
     """
 
-    def __init__(self, act: nn.Module, layer: nn.Module, bn: nn.Module | None) -> None:
-        self.act, self.layer, self.bn = act, layer, bn
+    def __init__(self, act_name: str, act: nn.Module, layer: nn.Module,
+                 bn: nn.Module | None) -> None:
+        super().__init__()
+        self.act_name = act_name  # the quantizer whose codes the layer consumes
+        object.__setattr__(self, "parts", (act, layer, bn))
+        self.baked = False
 
-    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        if module.training:
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        if self.training or self.baked:
             return out
         shape = (1, -1) + (1,) * (out.dim() - 2)
-        return out + self.correction().to(out.dtype).view(shape)
+        return out + self.correction().to(out.device, out.dtype).view(shape)
 
     @torch.no_grad()
-    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
         """(float64 bias with BatchNorm folded in, float32 integer step s_in * s_w per channel),
-        computed as the exporter does: folding in float64, stored values in float32."""
-        codes, s_w, _ = weight_codes(self.layer)
-        bias = self.layer.bias
-        b = torch.zeros_like(s_w, dtype=torch.float64) if bias is None else bias.double()
-        s = s_w.double()
-        if self.bn is not None:
-            bn = self.bn
-            f = (bn.running_var.double() + bn.eps).rsqrt()
-            if bn.weight is not None:
-                f = f * bn.weight.double()
-            b = (b - bn.running_mean.double()) * f
-            if bn.bias is not None:
-                b = b + bn.bias.double()
+        as the exporter stores them: folding in float64, stored values in float32."""
+        act, layer, bn = self.parts
+        codes, s_w, _ = weight_codes(layer)
+        bias = None if layer.bias is None else layer.bias.double().cpu().numpy()
+        s = s_w.double().cpu().numpy()
+        b = np.zeros_like(s) if bias is None else bias
+        if bn is not None:
+            f, b = _intmath.fold_batchnorm(
+                bias, *(None if t is None else t.double().cpu().numpy() for t in
+                        (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps)
             s = s * f
-        dead = codes.flatten(1).eq(0).all(1)  # no code: the exporter stores scale 1
-        s = torch.where(dead, 1.0, s.abs()).float()
-        s_in = act_scale(self.act)
-        return b.float().double(), s_in * s
+        dead = codes.flatten(1).eq(0).all(1).cpu().numpy()  # no code: the exporter stores 1
+        s = np.where(dead, 1.0, np.abs(s)).astype(np.float32)
+        step = _intmath.bias_step(act_scale(act).cpu().numpy(), s)
+        return b.astype(np.float32).astype(np.float64), step
 
     def correction(self) -> torch.Tensor:
         """round(b / step) * step - b per output channel (float64)."""
-        b, step = self.folded()
-        step = step.double()
-        return torch.round(b / step).clamp(INT32_MIN, INT32_MAX) * step - b
+        return torch.from_numpy(_intmath.bias_correction(*self.folded()))
 
 
 def bake_integer_bias(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose eval forward needs no :class:`IntegerBias` hook: each hook's
-    correction is added to the bias of the module it sits on (BatchNorm beta or layer bias)."""
+    """A copy of ``model`` whose :class:`IntegerBias` nodes are the identity: each correction is
+    added to the bias of the layer's BatchNorm (beta) or of the layer itself."""
     baked = copy.deepcopy(model).eval()
     for m in baked.modules():
-        for key, hook in list(m._forward_hooks.items()):
-            if isinstance(hook, IntegerBias):
-                delta = hook.correction().float()
-                del m._forward_hooks[key]
-                with torch.no_grad():
-                    if m.bias is None:
-                        m.bias = nn.Parameter(delta)
-                    else:
-                        m.bias.add_(delta.to(m.bias.dtype))
+        if isinstance(m, IntegerBias) and not m.baked:
+            _, layer, bn = m.parts
+            owner = bn if bn is not None else layer
+            delta = m.correction().float()
+            with torch.no_grad():
+                if owner.bias is None:
+                    owner.bias = nn.Parameter(delta)
+                else:
+                    owner.bias.add_(delta.to(owner.bias.dtype))
+            m.baked = True
     return baked
 
 
@@ -325,7 +336,7 @@ def bake_integer_bias(model: nn.Module) -> nn.Module:
 
 
 def is_quant_layer(m: nn.Module) -> bool:
-    return isinstance(m, (QuantConv2d, QuantLinear))
+    return isinstance(m, (QuantConv1d, QuantConv2d, QuantLinear))
 
 
 def is_act_quant(m: nn.Module) -> bool:
@@ -333,7 +344,8 @@ def is_act_quant(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def weight_codes(layer: QuantConv2d | QuantLinear) -> tuple[torch.Tensor, torch.Tensor, int]:
+def weight_codes(layer: QuantConv1d | QuantConv2d | QuantLinear,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Eval-mode (int8 codes shaped like the weight, float32 scale [C], bits) of a layer."""
     was_training = layer.training
     layer.eval()
@@ -355,7 +367,8 @@ def act_scale(m: QuantReLU | QuantIdentity) -> torch.Tensor:
     """Float32 scalar scale of an activation quantizer, read without running it (running it
     would feed a dummy input to a range that is still being calibrated)."""
     tq = _act_tensor_quant(m)
-    return (tq.scaling_impl.value.clamp_min(_MIN_SCALE) / tq.threshold).float().reshape(())
+    impl = tq.scaling_impl
+    return (impl.value.clamp(_MIN_SCALE, impl.max_range) / tq.threshold).float().reshape(())
 
 
 @torch.no_grad()

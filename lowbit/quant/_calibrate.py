@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from ..errors import UsageError
 from ._brevitas import act_ranges
+from ._kernels import fake_quant
 
 CALIB_METHODS = ("max", "percentile", "mse")
 SAMPLE = 1 << 15  # values kept per quantizer and batch for percentile / MSE
@@ -67,12 +68,6 @@ class PTQConfig:
             raise UsageError(f"max_drop must be a fraction in [0, 1], got {self.max_drop}")
 
 
-def _fake_quant(x: torch.Tensor, r: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
-    """``x`` fake-quantized with range(s) ``r`` (broadcast): the quantizer's arithmetic."""
-    s = r / qmax
-    return torch.clamp(torch.round(x / s), qmin, qmax) * s
-
-
 def choose_range(values: torch.Tensor, peak: float, qmax: float, method: str,
                  percentile: float = 99.99) -> float:
     """The range ``r`` that ``method`` picks for samples ``values`` whose max |x| is ``peak``.
@@ -91,7 +86,7 @@ def choose_range(values: torch.Tensor, peak: float, qmax: float, method: str,
     qmin = -qmax - 1 if bool((values < 0).any()) else 0.0
     grid = torch.linspace(peak / MSE_GRID, peak, MSE_GRID)[:, None]  # [G, 1]
     x = values.float()[None]  # [1, S]
-    err = (_fake_quant(x, grid, qmin, qmax) - x).pow(2).mean(1)  # [G]
+    err = (fake_quant(x, grid / qmax, qmin, qmax) - x).pow(2).mean(1)  # [G]
     return float(grid[int(err.argmin()), 0])
 
 

@@ -11,8 +11,11 @@ to 1e-5 relative:
   ``round`` = ``torch.round`` (round half to even), ``x / scale`` a float32 division,
   qmin, qmax = 0, 2^bits - 1 when unsigned and -2^(bits-1), 2^(bits-1) - 1 when signed;
   a ReLU's quantizer sees ReLU(x) (the same thing for unsigned codes);
-- a residual-add input from a module ``m`` passes through the signed quantizer
-  ``m.output_quant`` (listed with the others) after ``m``;
+- an output quantizer ``m.output_quant`` (listed with the others) quantizes the output of
+  ``m`` (a conv/linear/BatchNorm feeding a residual add, a float activation, a pooling);
+  ``<layer>_quant`` that of a conv/linear without BatchNorm, ``<node>_quant`` that of a
+  functional op (add, mul, cat) feeding a conv/linear;
+- the arithmetic (code ranges, BatchNorm folding, int32 bias) is ``lowbit._intmath``;
 - a layer with ``bias_input`` set consumes that quantizer's codes and runs as an integer
   kernel: its bias b (the following BatchNorm folded in, in float64, then float32) becomes
   round(b / step) * step with step = s_in * s_w[c] in float32 (s_w[c] = |scale * BN factor|,
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .._intmath import code_range
 from . import _brevitas
 
 
@@ -56,17 +60,18 @@ class ActQuantInfo:
 
     @property
     def qmin(self) -> int:
-        return -(1 << (self.bits - 1)) if self.signed else 0
+        return code_range(self.bits, self.signed)[0]
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+        return code_range(self.bits, self.signed)[1]
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayerInfo]:
     """Every quantized conv/linear of a student, in module order, with eval-mode values."""
     infos = []
-    bias_inputs = getattr(model, "lowbit_bias_inputs", {})
+    bias_inputs = {name.removesuffix("_integer_bias"): m.act_name
+                   for name, m in model.named_modules() if isinstance(m, _brevitas.IntegerBias)}
     for name, m in model.named_modules():
         if _brevitas.is_quant_layer(m):
             codes, scale, bits = _brevitas.weight_codes(m)

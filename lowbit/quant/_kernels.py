@@ -22,16 +22,18 @@ import torch
 _log = logging.getLogger("lowbit")
 
 
-def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor,
-                       qmax: torch.Tensor) -> torch.Tensor:
-    """clamp(round(x / s), qmin, qmax) * s in float32, returned in ``x``'s dtype."""
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor | float,
+               qmax: torch.Tensor | float) -> torch.Tensor:
+    """clamp(round(x / s), qmin, qmax) * s in float32, returned in ``x``'s dtype: the
+    quantizer of the integer contract (``lowbit._intmath.quantize_codes`` times s) in torch,
+    for the student, the exporter's trace and calibration alike."""
     return (torch.round(x.float() / scale).clamp(qmin, qmax) * scale).to(x.dtype)
 
 
 def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                         qmin: torch.Tensor, qmax: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSQ gradients (Esser et al. 2020) of :func:`fake_quant_forward` w.r.t. x and s.
+    """LSQ gradients (Esser et al. 2020) of :func:`fake_quant` w.r.t. x and s.
 
     dy/dx = 1 inside [qmin, qmax] (straight-through round), 0 where clipped;
     dy/ds = round(x/s) - x/s inside, the clipped code (qmin or qmax) outside.
@@ -47,7 +49,7 @@ def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
 # Below this many elements a pass is cheap and compiling (seconds per process) costs more than
 # it saves: small models (digits, tests) run the eager kernels, CIFAR-sized activations fused.
 FUSE_MIN_ELEMENTS = 1 << 18
-_EAGER = {"forward": fake_quant_forward, "backward": fake_quant_backward}
+_EAGER = {"forward": fake_quant, "backward": fake_quant_backward}
 _fused: dict[str, Callable] = {}
 
 

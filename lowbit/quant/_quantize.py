@@ -1,4 +1,4 @@
-"""``quantize(model, spec)``: model surgery that turns a float CNN into a QAT student.
+"""``quantize(model, spec)``: a float CNN -> a torch.fx GraphModule quantization-aware student.
 
 Default ternary scale rule: "twn" (exact TWN, see the adapter's module docstring). Measured
 with ``benchmarks/quant_rules.py`` (2 loaded CPU cores, so short runs): digits_cnn, 4 QAT
@@ -8,53 +8,84 @@ standard error ~1.3 points). Neither rule wins beyond noise, so the default is t
 no extra parameters, no initialisation to get wrong and a closed form the exporter and the
 papers share: "twn". "learned" remains a spec option (LSQ-style per-channel range).
 
-Two things make the student compute what its integer deployment computes (both found by a
-torch.fx trace of the float model; a model fx cannot trace gets neither):
+The float model is traced once (torch.fx), canonicalised by Brevitas' passes
+(functional calls and ``x.mean((2, 3))`` to modules, shared stateless modules duplicated per
+call site) plus lowbit's own (in-place ops to out-of-place, ``torch.relu``/``x.relu()``/
+SiLU/GELU/... calls to modules), checked (anything else is refused by name, with the source
+line), and every quantizer becomes a node of the returned graph (``print(student.graph)``):
 
-- residual adds: each input of an ``add`` that comes straight from a BatchNorm/conv/linear
-  gets a signed ``spec.residual_bits`` quantizer (``<module>.output_quant``, a forward
-  hook), so onnxruntime runs the conv before it as an integer kernel (QLinearConv) instead
-  of in float (measured on ResNet20: 21 of 21 convs fused instead of 10);
-- integer bias: a layer whose input is a quantizer's output (through max-pool/flatten) gets
-  an :class:`~lowbit.quant._brevitas.IntegerBias` hook (on the BatchNorm after it, if any)
-  that rounds the folded bias to int32 at s_in * s_w in eval mode, as integer kernels do.
+- ``input_quant``: signed 8-bit, on the network input;
+- each ReLU/ReLU6/Hardtanh(0, c) call site: a QuantReLU (unsigned ``act_bits``; the clip c
+  caps its learned range, so the quantizer's clamp is the clip);
+- each SiLU/Hardswish/GELU/LeakyReLU/Sigmoid/Hardsigmoid call site: the float activation,
+  then ``<act>.output_quant`` (``act_bits``, unsigned for Sigmoid/Hardsigmoid);
+- ``<bn>.output_quant`` / ``<layer>_quant`` (signed ``residual_bits``) after a conv/linear
+  (or its BatchNorm) whose
+  output no quantizer covers: residual-add inputs, linear bottlenecks, the input of a float
+  activation; so onnxruntime runs the layer as an integer kernel;
+- ``<m>.output_quant`` / ``<node>_quant`` (signed ``requant_bits``) after a float op (pooling,
+  add, mul, cat) that feeds a conv/linear: requantization for the next integer kernel;
+- ``<layer>_integer_bias`` (:class:`~lowbit.quant._brevitas.IntegerBias`) after a layer (or
+  its BatchNorm) that consumes quantized codes: the eval-mode int32 bias rounding.
+
+Module paths of the float model are kept, so state-dict keys are those of the float model
+plus the quantizers'.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import operator
+import traceback
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
-import torch.fx
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import QuantizeError
 from . import _brevitas
 from ._spec import QuantSpec
 
-_QUANTIZED = (nn.Conv2d, nn.Linear)
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
-_FLOAT_OK = (nn.BatchNorm1d, nn.BatchNorm2d)  # kept float; the exporter folds them
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+# float activations: output quantized (signed codes unless the output is >= 0)
+FLOAT_ACTIVATIONS = {nn.SiLU: True, nn.Hardswish: True, nn.GELU: True, nn.LeakyReLU: True,
+                     nn.Sigmoid: False, nn.Hardsigmoid: False}
+# ops that pass quantized codes through unchanged (onnxruntime moves DequantizeLinear past them)
+PASS_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.Identity, nn.Dropout)
+FLOAT_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape}
+_PASS_METHODS = {"flatten", "reshape", "view", "contiguous"}
+ADDS = {operator.add, torch.add}
+MULS = {operator.mul, torch.mul}
+_FUNCTIONS = ADDS | MULS | _PASS_FUNCTIONS | {torch.cat, getattr, operator.getitem}
+_METHODS = _PASS_METHODS | {"size", "dim"}
+_INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
+_INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "add": operator.add,
+                    "mul": operator.mul}
+# calls Brevitas' TorchFunctionalToModule does not cover
+_MORE_FUNCTIONS = ((torch.relu, nn.ReLU), (torch.relu_, nn.ReLU), (F.silu, nn.SiLU),
+                   (F.hardswish, nn.Hardswish), (F.hardsigmoid, nn.Hardsigmoid),
+                   (F.gelu, nn.GELU), (torch.sigmoid, nn.Sigmoid), (F.sigmoid, nn.Sigmoid))
+_MORE_METHODS = (("relu", nn.ReLU), ("relu_", nn.ReLU), ("sigmoid", nn.Sigmoid))
 
 
 def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: bool = True,
-             **spec_fields) -> nn.Module:
-    """A quantization-aware copy of ``model`` (``model`` itself is left untouched).
+             **spec_fields) -> fx.GraphModule:
+    """A quantization-aware GraphModule copy of ``model`` (``model`` itself is left untouched).
 
-    Every Conv2d (incl. grouped/depthwise) and Linear becomes a Brevitas QuantConv2d /
-    QuantLinear with per-output-channel weight scales at ``spec.bits_for(name, first=,
-    last=)`` bits, where first/last are the first conv/linear and the last conv/linear in
-    forward order; ReLU/ReLU6 become unsigned ``act_bits`` QuantReLU (ReLU6's clip at 6 is
-    replaced by the learned range); a signed 8-bit ``input_quant`` runs on the input (a
-    forward pre-hook; in an ``nn.Sequential`` it becomes the first child);
-    BatchNorm stays float. ``copy_weights=True`` starts from the float weights (Apprentice
-    scheme C); False starts from fresh PyTorch init and reset BatchNorm (scheme B).
-    ``spec_fields`` build or amend the spec: ``quantize(m, weight_bits=4)``.
+    Every Conv1d/Conv2d (incl. grouped/depthwise) and Linear becomes a Brevitas QuantConv1d/
+    QuantConv2d/QuantLinear with per-output-channel weight scales at ``spec.bits_for(name,
+    first=, last=)`` bits (first/last: the first and the last conv/linear in forward order);
+    quantizers are inserted as listed in the module docstring; BatchNorm stays float.
+    ``copy_weights=True`` starts from the float weights (Apprentice scheme C); False starts
+    from fresh PyTorch init and reset BatchNorm (scheme B). ``spec_fields`` build or amend
+    the spec: ``quantize(m, weight_bits=4)``. Raises QuantizeError for a model torch.fx cannot
+    trace or a layer/op lowbit cannot quantize, naming it.
     """
     if spec is None:
         spec = QuantSpec(**spec_fields)
@@ -63,63 +94,29 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
     if getattr(model, "lowbit_quant", None) is not None:
         raise QuantizeError("model is already a quantized student (it carries lowbit_quant); "
                             "quantize its float model instead")
-    _check_supported(model)
-    roles = _roles(model, residual=spec.residual_bits is not None)
-    order = roles.order
-    if not order:
-        raise QuantizeError("model has no Conv2d or Linear layer to quantize")
+    gm = _trace(model)
+    _canonicalise(gm)
+    _check_supported(gm)
+    order = _weighted_order(gm)
     unknown = [name for name, _ in spec.overrides if name not in order]
     if unknown:
-        raise QuantizeError(f"overrides name layers the model does not have: {', '.join(unknown)}; "
-                            f"quantizable layers: {', '.join(order)}")
-
-    student = copy.deepcopy(model)
-    replaced: dict[int, nn.Module] = {}  # a module reachable under two names is replaced once
-    for name, m in list(student.named_modules(remove_duplicate=False)):
-        if id(m) in replaced:
-            _replace(student, name, replaced[id(m)])
-        elif isinstance(m, _QUANTIZED):
-            bits = spec.bits_for(name, first=name == order[0], last=name == order[-1])
-            new = _brevitas.quant_layer(m, bits, spec.scale_rule, copy_weights)
-            replaced[id(m)] = new
-            _replace(student, name, new)
-        elif isinstance(m, _ACTIVATIONS):
-            replaced[id(m)] = _brevitas.quant_relu(spec.act_bits)
-            _replace(student, name, replaced[id(m)])
-        elif isinstance(m, _FLOAT_OK) and not copy_weights:
-            m.reset_parameters()
-    input_q = _brevitas.signed_quant(spec.input_bits)
-    if isinstance(student, nn.Sequential) and type(student).forward is nn.Sequential.forward:
-        # a Sequential runs its children in order: put input_quant first (names are kept,
-        # positions shift by one)
-        student._modules = {"input_quant": input_q, **student._modules}
-    else:
-        student.input_quant = input_q
-        student.register_forward_pre_hook(_quantize_input)
-    for name in roles.residual:
-        student.get_submodule(name).output_quant = _brevitas.signed_quant(spec.residual_bits)
-    for layer, (act, bn) in roles.bias_inputs.items():  # before output_quant: it sees the sum
-        owner = student.get_submodule(bn or layer)
-        owner.register_forward_hook(_brevitas.IntegerBias(
-            student.get_submodule(act), student.get_submodule(layer),
-            student.get_submodule(bn) if bn else None))
-    for name in roles.residual:
-        student.get_submodule(name).register_forward_hook(_quantize_output)
-    student.lowbit_bias_inputs = {layer: act for layer, (act, _) in roles.bias_inputs.items()}
-    student.lowbit_quant = spec
+        raise QuantizeError(f"overrides name layers the model does not have: "
+                            f"{', '.join(unknown)}; quantizable layers: {', '.join(order)}")
+    for name in order:
+        bits = spec.bits_for(name, first=name == order[0], last=name == order[-1])
+        gm.set_submodule(name, _brevitas.quant_layer(gm.get_submodule(name), bits,
+                                                     spec.scale_rule, copy_weights))
+    if not copy_weights:
+        for m in gm.modules():
+            if isinstance(m, BATCHNORM):
+                m.reset_parameters()
+    _insert_quantizers(gm, spec)
+    gm.graph.lint()
+    gm.recompile()
+    gm.lowbit_quant = spec
     if hasattr(model, "lowbit_arch"):
-        student.lowbit_arch = copy.deepcopy(model.lowbit_arch)
-    return student
-
-
-def _quantize_input(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: the student sees its input through ``input_quant``."""
-    return (module.input_quant(args[0]), *args[1:])
-
-
-def _quantize_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook: a residual-add input leaves its module through ``output_quant``."""
-    return module.output_quant(out)
+        gm.lowbit_arch = dict(model.lowbit_arch)
+    return gm
 
 
 @torch.no_grad()
@@ -147,96 +144,248 @@ def calibrate(student: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
     return student
 
 
-def _check_supported(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        _check_batchnorm(name, m)
-        if isinstance(m, _QUANTIZED + _FLOAT_OK) or next(m.parameters(recurse=False), None) is None:
-            continue
-        raise QuantizeError(f"layer {name!r} is a {type(m).__module__}.{type(m).__name__} holding "
-                            f"weights lowbit cannot quantize; supported: Conv2d (incl. grouped/"
-                            f"depthwise) and Linear, with float BatchNorm1d/2d")
-
-
-def _check_batchnorm(name: str, m: nn.Module) -> None:
-    """A BatchNorm without running statistics normalises by batch statistics in eval mode
-    too: it cannot be folded into the integer convolution before it, and the student's eval
-    forward fails. Refused here, before any training."""
-    if isinstance(m, _FLOAT_OK) and not m.track_running_stats:
-        raise QuantizeError(f"layer {name!r} is a {type(m).__name__}(track_running_stats=False): "
-                            f"it has no running statistics to fold into the layer before it; "
-                            f"build it with track_running_stats=True")
-
-
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-# ops that pass quantized codes through unchanged (onnxruntime moves DequantizeLinear past them)
-_PASS_MODULES = (nn.Flatten, nn.MaxPool2d, nn.Identity, nn.Dropout)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape}
-_PASS_METHODS = {"flatten", "reshape", "view", "contiguous"}
-_ADDS = {operator.add, operator.iadd, torch.add}
-
-
-@dataclass
-class _Roles:
-    """What the fx graph of a float model says about its layers (names are module paths)."""
-
-    order: list[str]  # Conv2d/Linear layers in forward order
-    residual: list[str] = field(default_factory=list)  # modules feeding a residual add
-    # layer -> (quantizer whose codes it consumes, BatchNorm right after it or None)
-    bias_inputs: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-
-
-def _roles(model: nn.Module, residual: bool) -> _Roles:
-    """Forward order, residual-add producers and integer-bias inputs, from a torch.fx trace.
-
-    A model fx cannot trace falls back to registration order (forward order for
-    sequential-style models) with no residual quantizers and no integer-bias emulation.
-    """
-    mods = dict(model.named_modules())
-    layers = {name for name, m in mods.items() if isinstance(m, _QUANTIZED)}
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """torch.fx trace of a deep copy of ``model``, or a QuantizeError with the offending line."""
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
     try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001  (any untraceable forward: fall back, see docstring)
-        return _Roles([name for name, m in mods.items() if isinstance(m, _QUANTIZED)])
-    calls = [n for n in graph.nodes if n.op == "call_module"]
-    roles = _Roles(list(dict.fromkeys(n.target for n in calls if n.target in layers)))
-    if set(roles.order) != layers:  # a layer forward never calls: keep registration order
-        roles.order = [name for name, m in mods.items() if isinstance(m, _QUANTIZED)]
-    if residual:
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target in _ADDS:
-                roles.residual += [a.target for a in node.args[:2]
-                                   if isinstance(a, torch.fx.Node) and a.op == "call_module"
-                                   and isinstance(mods[a.target], _QUANTIZED + _BATCHNORM)]
-        roles.residual = list(dict.fromkeys(roles.residual))
+        graph = tracer.trace(copy.deepcopy(model))
+    except Exception as exc:  # noqa: BLE001  (any untraceable forward: refused, named)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if "/torch/" not in f.filename and "/lowbit/quant/" not in f.filename]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" \
+            if frames else ""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantizeError(f"torch.fx cannot trace {type(model).__name__}{where} ({reason}); "
+                            f"lowbit quantizes models as graphs: make forward free of "
+                            f"data-dependent control flow") from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
-    def quantizer(node: torch.fx.Node) -> str | None:
-        """Name of the quantizer whose output ``node`` is, looking through pass-through ops."""
-        while (node.op == "call_module" and isinstance(mods[node.target], _PASS_MODULES)) or \
-                (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or \
-                (node.op == "call_method" and node.target in _PASS_METHODS):
-            node = node.args[0]
-        if node.op == "placeholder":
-            return "input_quant"
-        if node.op == "call_module" and isinstance(mods[node.target], _ACTIVATIONS):
-            return node.target
-        if node.op == "call_module" and node.target in roles.residual:
-            return node.target + ".output_quant"
-        return None
 
-    uses = collections.Counter(n.target for n in calls)
-    for node in calls:
-        if node.target not in layers or uses[node.target] != 1:
+def _canonicalise(gm: fx.GraphModule) -> None:
+    """Functional calls to modules, one stateless module per call site, no in-place ops."""
+    with warnings.catch_warnings():  # brevitas.graph warns on import (deprecated brevitas.fx,
+        warnings.simplefilter("ignore")  # optional fast_hadamard_transform)
+        from brevitas.graph.base import MethodToModule
+        from brevitas.graph.standardize import (
+            DuplicateSharedStatelessModule,
+            TorchFunctionalToModule,
+        )
+    TorchFunctionalToModule(TorchFunctionalToModule.FN_TO_MODULE_MAP + _MORE_FUNCTIONS).apply(gm)
+    for method, cls in _MORE_METHODS:
+        MethodToModule(method, cls).apply(gm)
+    for node in gm.graph.nodes:  # F.relu(input=x) and the like: the tensor positional
+        if node.op == "call_module" and "input" in node.kwargs:
+            kwargs = dict(node.kwargs)
+            node.args, node.kwargs = (kwargs.pop("input"), *node.args), kwargs
+    _mean_to_pool(gm)
+    DuplicateSharedStatelessModule().apply(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _INPLACE:
+            node.target = _INPLACE[node.target]
+        elif node.op == "call_method" and node.target in _INPLACE_METHODS and \
+                not node.kwargs and len(node.args) == 2:
+            node.op, node.target = "call_function", _INPLACE_METHODS[node.target]
+    for m in gm.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False  # a quantizer after it needs the float value intact
+    gm.recompile()
+
+
+def _mean_to_pool(gm: fx.GraphModule) -> None:
+    """``x.mean((2, 3))`` / ``torch.mean(x, -1)`` over all spatial dims -> AdaptiveAvgPool +
+    flatten (Brevitas' MeanMethodToAdaptiveAvgPool2d leaves the 4-d output in place, and
+    knows no 1-d case)."""
+    for node in list(gm.graph.nodes):
+        if not ((node.op == "call_method" and node.target == "mean") or
+                (node.op == "call_function" and node.target is torch.mean)):
             continue
-        act = quantizer(node.args[0])
-        users = list(node.users)
-        bn = users[0].target if len(users) == 1 and users[0].op == "call_module" and \
-            isinstance(mods[users[0].target], _BATCHNORM) and \
-            uses[users[0].target] == 1 else None
-        if act is not None and (bn is not None or mods[node.target].bias is not None):
-            roles.bias_inputs[node.target] = (act, bn)
-    return roles
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        pool = {frozenset({2, 3}): nn.AdaptiveAvgPool2d, frozenset({-1, -2}): nn.AdaptiveAvgPool2d,
+                frozenset({2}): nn.AdaptiveAvgPool1d, frozenset({-1}): nn.AdaptiveAvgPool1d
+                }.get(frozenset(dims))
+        if pool is None:
+            continue  # left for _check_supported to refuse by name
+        name = f"{node.name}_pool"
+        gm.add_submodule(name, pool(1))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        out = new
+        if not keepdim:
+            with gm.graph.inserting_after(new):
+                out = gm.graph.call_function(torch.flatten, (new, 1))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+def _where(node: fx.Node) -> str:
+    """The user's source line of ``node`` (from the trace's recorded stack), if known."""
+    lines = (node.stack_trace or "").strip().splitlines()
+    frames = [(lines[i].strip(), lines[i + 1].strip()) for i in range(len(lines) - 1)
+              if lines[i].lstrip().startswith("File ") and "/torch/" not in lines[i]]
+    return f" ({frames[-1][0]}: {frames[-1][1]})" if frames else ""
+
+
+def _check_supported(gm: fx.GraphModule) -> None:
+    """Refuse, by name, every layer and op lowbit cannot quantize or export."""
+    supported = ("Conv1d, Conv2d (incl. grouped/depthwise), Linear, BatchNorm1d/2d, ReLU, "
+                 "ReLU6, Hardtanh(0, c), SiLU, Hardswish, Hardsigmoid, GELU, LeakyReLU, "
+                 "Sigmoid, MaxPool/AvgPool/AdaptiveAvgPool 1d/2d, Flatten, Dropout, Identity, "
+                 "add, mul, cat, flatten/view/reshape")
+    bad = []
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise QuantizeError(f"the model takes {len(inputs)} inputs; lowbit quantizes models "
+                            f"with exactly one input tensor")
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[node.target]
+            ok = isinstance(m, WEIGHTED + BATCHNORM + PASS_MODULES + FLOAT_MODULES +
+                            (nn.ReLU, nn.ReLU6) + tuple(FLOAT_ACTIVATIONS)) or \
+                (isinstance(m, nn.Hardtanh) and m.min_val == 0)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
+                ok = False
+            what = f"layer {node.target!r} is a {type(m).__module__}.{type(m).__name__}"
+            if isinstance(m, BATCHNORM) and not m.track_running_stats:
+                # it normalises by batch statistics in eval mode too: nothing to fold into the
+                # integer convolution before it, and the student's eval forward fails
+                ok, what = False, what + "(track_running_stats=False): build it with " \
+                    "track_running_stats=True so it has running statistics to fold"
+        elif node.op == "call_function":
+            ok = node.target in _FUNCTIONS
+            what = f"call {getattr(node.target, '__name__', node.target)}()"
+        elif node.op == "call_method":
+            ok = node.target in _METHODS
+            what = f"method .{node.target}()"
+        else:
+            continue
+        if not ok:
+            bad.append(what + _where(node))
+    if bad:
+        raise QuantizeError(f"lowbit cannot quantize {'; '.join(bad[:8])}"
+                            f"{' ...' if len(bad) > 8 else ''}. Supported: {supported}")
+
+
+def _weighted_order(gm: fx.GraphModule) -> list[str]:
+    """Conv/Linear module paths in forward order; each must be called exactly once."""
+    modules = dict(gm.named_modules())
+    calls = [n.target for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(modules[n.target], WEIGHTED)]
+    shared = sorted({t for t in calls if calls.count(t) > 1})
+    if shared:
+        raise QuantizeError(f"layers {', '.join(shared)} are called more than once (shared "
+                            f"weights); lowbit quantizes each conv/linear call site as one "
+                            f"integer kernel: give each call its own layer")
+    if not calls:
+        raise QuantizeError("model has no Conv1d, Conv2d or Linear layer to quantize")
+    return calls
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an activation quantizer of the student."""
+    return _brevitas.is_act_quant(_module(gm, node))
+
+
+def passes_codes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` moves quantized codes without changing them (pool max, views)."""
+    return isinstance(_module(gm, node), PASS_MODULES) or \
+        (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _PASS_METHODS)
+
+
+def source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The producer of ``node``'s value, looking back through code-preserving ops."""
+    while passes_codes(gm, node):
+        node = node.args[0]
+    return node
+
+
+def quantized_downstream(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether every use of ``node`` reaches a quantizer through code-preserving ops."""
+    return all(is_quantizer(gm, u) or (passes_codes(gm, u) and quantized_downstream(gm, u))
+               for u in node.users)
+
+
+def layer_end(gm: fx.GraphModule, layer: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(last node of the layer's integer kernel, its BatchNorm node or None): a BatchNorm
+    that alone consumes the layer is folded into it by the exporter."""
+    users = list(layer.users)
+    if len(users) == 1 and isinstance(_module(gm, users[0]), BATCHNORM):
+        return users[0], users[0]
+    return layer, None
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module) -> fx.Node:
+    """Insert ``module`` (registered as ``name``) after ``node``; every use of ``node`` now
+    reads its output."""
+    if name in dict(gm.named_modules()):
+        raise QuantizeError(f"cannot add quantizer {name!r}: the model already has a module of "
+                            f"that name")
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
+
+
+def _quant_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``<module>.output_quant`` after a module (a child of it: the name checkpoints have
+    always used), ``<layer>_quant`` after a conv/linear (Brevitas' layers have an
+    ``output_quant`` of their own), ``<node>_quant`` after a function."""
+    if node.op != "call_module":
+        return f"{node.name}_quant"
+    if _brevitas.is_quant_layer(_module(gm, node)):
+        return f"{node.target}_quant"
+    return f"{node.target}.output_quant"
+
+
+def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
+    graph = gm.graph
+    (placeholder,) = [n for n in graph.nodes if n.op == "placeholder"]
+    _insert_after(gm, placeholder, "input_quant", _brevitas.act_quant(spec.input_bits, True))
+    for node in list(graph.nodes):
+        m = _module(gm, node)
+        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            clip = None if type(m) is nn.ReLU else float(getattr(m, "max_val", 6.0))
+            gm.set_submodule(node.target, _brevitas.quant_relu(spec.act_bits, clip))
+        elif type(m) in FLOAT_ACTIVATIONS:
+            _insert_after(gm, node, _quant_name(gm, node),
+                          _brevitas.act_quant(spec.act_bits, FLOAT_ACTIVATIONS[type(m)]))
+    layers = [n for n in graph.nodes if isinstance(_module(gm, n), WEIGHTED)]
+    # outputs: a layer whose output no quantizer covers gets one (residual adds always;
+    # everything else when requantization is on), the network's logits excepted
+    if spec.residual_bits is not None:
+        for layer in layers:
+            end, _ = layer_end(gm, layer)
+            if quantized_downstream(gm, end) or all(u.op == "output" for u in end.users):
+                continue
+            feeds_add = any(u.op == "call_function" and u.target in ADDS for u in end.users)
+            if feeds_add or spec.requant_bits is not None:
+                _insert_after(gm, end, _quant_name(gm, end),
+                              _brevitas.act_quant(spec.residual_bits, True))
+    # inputs: a layer reading a float op's output (pooling, add, mul, cat) gets a requantizer
+    if spec.requant_bits is not None:
+        for layer in layers:
+            src = source(gm, layer.args[0])
+            if not is_quantizer(gm, src):
+                _insert_after(gm, src, _quant_name(gm, src),
+                              _brevitas.act_quant(spec.requant_bits, True))
+    # integer bias: a layer consuming codes adds its bias as an integer kernel does
+    for layer in layers:
+        src = source(gm, layer.args[0])
+        end, bn = layer_end(gm, layer)
+        m = gm.get_submodule(layer.target)
+        if is_quantizer(gm, src) and (bn is not None or m.bias is not None):
+            _insert_after(gm, end, f"{layer.target}_integer_bias", _brevitas.IntegerBias(
+                src.target, gm.get_submodule(src.target), m,
+                None if bn is None else gm.get_submodule(bn.target)))
+
+

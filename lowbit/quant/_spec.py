@@ -30,6 +30,10 @@ class QuantSpec:
     residual_bits: signed bits of the quantizer on each residual-add input that comes from a
         conv/BatchNorm (8 lets onnxruntime run the conv and the add as integer kernels);
         ``None`` leaves those inputs float (the exported model then runs them in float).
+    requant_bits: signed bits of the requantizer after a float op (pooling, add, mul, cat)
+        that feeds a conv/linear, and of ``residual_bits``-style quantizers on every conv
+        output no quantizer covers (linear bottlenecks, float activations' inputs); ``None``
+        leaves them float (those layers then run as float kernels; ``describe`` says which).
     overrides: (layer name, weight bits) pairs that win over everything else.
     """
 
@@ -40,6 +44,7 @@ class QuantSpec:
     last_bits: int | None = 8
     scale_rule: str = "twn"
     residual_bits: int | None = 8
+    requant_bits: int | None = 8
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -56,9 +61,10 @@ class QuantSpec:
         if self.input_bits != 8:
             raise QuantizeError(f"input_bits: only 8-bit inputs are supported, got "
                                 f"{self.input_bits}")
-        if self.residual_bits not in (None, 8):
-            raise QuantizeError(f"residual_bits: only 8 (or None: float) is supported, got "
-                                f"{self.residual_bits}")
+        for name, bits in [("residual_bits", self.residual_bits),
+                           ("requant_bits", self.requant_bits)]:
+            if bits not in (None, 8):
+                raise QuantizeError(f"{name}: only 8 (or None: float) is supported, got {bits}")
         if self.scale_rule not in SCALE_RULES:
             raise QuantizeError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
 
@@ -84,6 +90,7 @@ class QuantSpec:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise QuantizeError(f"unknown QuantSpec fields: {', '.join(sorted(unknown))}")
-        # specs written before residual quantizers existed describe students without them
-        d = {"residual_bits": None, **d}
+        # specs written before residual quantizers / requantizers existed describe students
+        # without them
+        d = {"residual_bits": None, "requant_bits": None, **d}
         return cls(**{**d, "overrides": tuple(tuple(o) for o in d.get("overrides", ()))})
