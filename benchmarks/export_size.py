@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from common import float_onnx
 
 from lowbit import _checkpoint, data, models
 from lowbit._io import atomic_write, write_json
@@ -62,16 +63,6 @@ def brevitas_sizes(student: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return sizes
 
 
-def float_size(model: nn.Module, example: torch.Tensor) -> int:
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=18,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return len(buf.getvalue())
-
-
 def digits_model() -> nn.Module:
     model, _ = train(models.create("digits_cnn"), data.digits(train=True), epochs=10,
                      batch_size=64, lr=0.1, progress=False)
@@ -81,7 +72,7 @@ def digits_model() -> nn.Module:
 def measure(name: str, float_model: nn.Module, student: nn.Module, bits: int, verify,
             info, example: torch.Tensor, thresholds: Thresholds) -> dict:
     n = n_weights(float_model)
-    sizes = {"float": float_size(float_model, example), **brevitas_sizes(student, example)}
+    sizes = {"float": len(float_onnx(float_model, example)), **brevitas_sizes(student, example)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.onnx"
         # an open gate so the size is measured either way; pass/fail judged below

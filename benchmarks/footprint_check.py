@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx
 import torch
 import torch.nn as nn
+from common import float_onnx
 from tqdm import tqdm
 
 from lowbit import models
@@ -78,15 +79,6 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
     return model.eval()
-
-
-def _float_onnx(model: nn.Module, path: Path) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, *SHAPE),), str(path), dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
-    return path
 
 
 def weight_bytes_on_disk(path: Path) -> dict[str, int]:
@@ -167,7 +159,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         teacher = _randomize_bn(models.create("resnet20"))
-        files = {"resnet20 fp32": _float_onnx(teacher, tmp / "fp32.onnx")}
+        (tmp / "fp32.onnx").write_bytes(float_onnx(teacher, torch.zeros(1, *SHAPE)))
+        files = {"resnet20 fp32": tmp / "fp32.onnx"}
         students = {}
         for bits in (2, 4):
             torch.manual_seed(0)

@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import save_results
 
 from lowbit import _datafiles
-from lowbit._io import atomic_write, write_json
 from lowbit.runtime import Session, resident_bytes
 from lowbit.runtime._bench import time_calls
 
@@ -259,10 +259,8 @@ def main() -> None:
             "throughput": {str(b): b / v * 1e3 for b, v in r["latency_ms"].items()},
             "runs": {str(b): v for b, v in r["runs"].items()},
             "agreement": float((preds == refs[name]).mean()) if name in refs else None}
-    out_dir = Path(args.out)
-    write_json(out_dir / "runtime_speed.json", report)
     md = markdown(report)
-    atomic_write(out_dir / "runtime_speed.md", lambda t: t.write_text(md))
+    save_results(Path(args.out) / "runtime_speed", report, md)
     print(md)
 
 

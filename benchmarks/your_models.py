@@ -14,19 +14,17 @@ network, measured in the same run (median over interleaved rounds).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from common import float_onnx, save_results
 
 import lowbit
-from lowbit._io import atomic_write, write_json
 from lowbit.export import export
 from lowbit.quant import quantize
 from lowbit.runtime._bench import time_calls
@@ -36,17 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests"))  # the zoo the acceptance tests run
 import zoo_torchvision as zoo  # noqa: E402
-
-
-def float_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
-    """The float network as plain ONNX (the baseline onnxruntime runs in fp32)."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=18,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return buf.getvalue()
 
 
 def latency_ms(models: dict[str, bytes], shape: tuple[int, ...], batches: list[int],
@@ -133,10 +120,8 @@ def main() -> None:
         rows = [measure(arch, bits, args, Path(tmp)) for arch in args.arch for bits in args.bits]
     report = {"onnxruntime": ort.__version__, "threads": args.threads, "images": args.images,
               "batches": args.batch, "rows": rows}
-    out = Path(args.out)
-    write_json(out / "your_models.json", report)
     md = markdown(report)
-    atomic_write(out / "your_models.md", lambda t: t.write_text(md))
+    save_results(Path(args.out) / "your_models", report, md)
     print(md)
 
 

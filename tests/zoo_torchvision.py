@@ -234,7 +234,21 @@ class SqueezeExcitation(nn.Module):
         return scale * x
 
 
-class V3Block(nn.Module):
+class _ResidualBlock(nn.Module):
+    """``block(x)``, plus ``x`` in place when the block keeps the shape (torchvision's
+    MobileNetV3 and EfficientNet blocks share this forward)."""
+
+    block: nn.Sequential
+    use_res_connect: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.block(x)
+        if self.use_res_connect:
+            result += x
+        return result
+
+
+class V3Block(_ResidualBlock):
     """torchvision's MobileNetV3 InvertedResidual (expand, depthwise, SE, project)."""
 
     def __init__(self, cin: int, k: int, exp: int, cout: int, use_se: bool, act, stride: int):
@@ -250,11 +264,6 @@ class V3Block(nn.Module):
         layers.append(Conv2dNormActivation(exp, cout, kernel_size=1, activation_layer=None))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.block(x)
-        if self.use_res_connect:
-            result += x
-        return result
 
 
 class MobileNetV3Small(nn.Module):
@@ -282,7 +291,7 @@ class MobileNetV3Small(nn.Module):
 # -------------------------------------------------------------------- EfficientNet-B0 MBConv
 
 
-class MBConv(nn.Module):
+class MBConv(_ResidualBlock):
     """torchvision's EfficientNet MBConv: expand (SiLU), depthwise (SiLU), SE (SiLU, Sigmoid),
     project; stochastic depth is the identity in eval and left out."""
 
@@ -300,11 +309,6 @@ class MBConv(nn.Module):
         layers.append(Conv2dNormActivation(exp, cout, kernel_size=1, activation_layer=None))
         self.block = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.block(x)
-        if self.use_res_connect:
-            result += x
-        return result
 
 
 class EfficientNetB0Block(nn.Module):
