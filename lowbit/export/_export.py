@@ -136,7 +136,7 @@ def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
 
 
 def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | None,
-             ptq: PTQConfig, data: dict[str, Any]) -> tuple[nn.Module, list[str]]:
+             ptq: PTQConfig, data: dict[str, Any], progress: bool) -> tuple[nn.Module, list[str]]:
     """The model as a quantized student: as trained, or post-training quantized to ``bits``."""
     from ..data import stats_of
     from ..quant import QuantSpec, calibrate_data, quantize
@@ -158,7 +158,7 @@ def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | Non
         raise ExportError("post-training quantization of a float model needs calibration "
                           "data (calib=...)")
     spec = QuantSpec(weight_bits=bits, **({} if act_bits is None else {"act_bits": act_bits}))
-    student, n = calibrate_data(quantize(model, spec), calib, ptq, stats_of(data))
+    student, n = calibrate_data(quantize(model, spec), calib, ptq, stats_of(data), progress)
     note = (f"float model quantized post-training to {bits}-bit weights and {spec.act_bits}-bit "
             f"activations ({ptq.method} calibration on {n} examples); expect an accuracy "
             f"drop, 'lowbit distill' (quantization-aware training) recovers it")
@@ -315,8 +315,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     ladder below it). ``residual_add``: "integer" (onnxruntime fuses residual adds into
     QLinearAdd: fastest, but it rounds slightly differently, see ``FloatResidualAdds``),
     "float" (they run in float between the integer convolutions: exact) or "auto" (integer
-    when it passes the gate, else float, with a note). ``progress``: bars while the gate runs
-    (on a terminal only). Raises ExportError, writing nothing, when the gate fails.
+    when it passes the gate, else float, with a note). ``progress``: bars while calibration
+    and the gate run (on a terminal only). Raises ExportError, writing nothing, when the gate fails.
     """
     path = Path(path)
     formats = tuple(dict.fromkeys(formats))
@@ -336,7 +336,7 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     data = _data_info(data, example_input)
     example = example_input if example_input is not None else \
         torch.zeros((1, *data["input_shape"]))
-    student, notes = _student(model, bits, calib, act_bits, ptq, data)
+    student, notes = _student(model, bits, calib, act_bits, ptq, data, progress)
     inputs, labels, source = _verify_inputs(verify, example, data)
 
     from ..quant import bake_integer_bias

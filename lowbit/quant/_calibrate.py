@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ._brevitas import act_ranges
@@ -92,10 +93,12 @@ def choose_range(values: torch.Tensor, peak: float, qmax: float, method: str,
 
 @torch.no_grad()
 def calibrate_ranges(student: nn.Module, batches: Iterable[torch.Tensor],
-                     method: str = "max", percentile: float = 99.99, seed: int = 0) -> nn.Module:
+                     method: str = "max", percentile: float = 99.99, seed: int = 0,
+                     progress: bool = False) -> nn.Module:
     """Set every activation range of ``student`` from ``batches`` of normalised inputs by
     ``method`` (module docstring); weights and BatchNorm statistics are untouched (eval
-    mode) and later training does not re-initialise the ranges. Returns ``student``."""
+    mode) and later training does not re-initialise the ranges. ``progress``: a bar over
+    the two passes (on a terminal only). Returns ``student``."""
     if method not in CALIB_METHODS:
         raise UsageError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, "
                          f"got {method!r}")
@@ -122,15 +125,20 @@ def calibrate_ranges(student: nn.Module, batches: Iterable[torch.Tensor],
         r.seen.zero_()
         r.calibrating = True
     hooks = []
+    bar = tqdm(total=2 * len(batches), desc="calibrating", unit="batch", leave=False,
+               disable=None if progress else True)
     try:
         for x in batches:
             student(x)
+            bar.update()
         for r in ranges:
             r.calibrating = False
         hooks = [r.register_forward_pre_hook(observe) for r in ranges]
         for x in batches:  # pass 2: the quantizers' inputs, with pass-1 ranges upstream
             student(x)
+            bar.update()
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
         for r in ranges:
@@ -170,11 +178,11 @@ def calibration_batches(calib: Any, ptq: PTQConfig | None = None,
 
 
 def calibrate_data(student: nn.Module, calib: Any, ptq: PTQConfig | None = None,
-                   stats: tuple | None = None) -> tuple[nn.Module, int]:
+                   stats: tuple | None = None, progress: bool = False) -> tuple[nn.Module, int]:
     """Calibrate ``student``'s activation ranges as ``ptq`` says on data ``calib`` (see
     :func:`calibration_batches`); returns the student and the number of examples used."""
     ptq = ptq or PTQConfig()
     batches = calibration_batches(calib, ptq, stats)
-    return calibrate_ranges(student, batches, ptq.method, ptq.percentile), \
-        sum(len(b) for b in batches)
+    return calibrate_ranges(student, batches, ptq.method, ptq.percentile,
+                            progress=progress), sum(len(b) for b in batches)
 
