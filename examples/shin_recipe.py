@@ -179,8 +179,7 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
             rows.append({"step": name, "given": given,
                          "test_acc": lowbit.evaluate(model, test)})
             return model
-        torch.manual_seed(args.seed)  # the initial weights
-        step = recipe.run(name, lambda: models.create(arch, **kwargs, **extra),
+        step = recipe.run(name, lambda: models.create(arch, seed=args.seed, **kwargs, **extra),
                           lambda m, out, resume: lowbit.train(m, train, test, out=out,
                                                               resume=resume, **teacher_cfg))
         rows.append({"step": name, **step})
@@ -197,8 +196,7 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
 
     def student(name: str, act_bits: int, teacher: str | None = None, temperature: float = 1.0,
                 schedule: lowbit.GSLR | None = None) -> dict:
-        def build() -> torch.nn.Module:
-            torch.manual_seed(args.seed)
+        def build() -> torch.nn.Module:  # scheme C: the float ResNet20's weights
             return lowbit.quantize(resnet20, weight_bits=2, act_bits=act_bits)
 
         def fit(model, out, resume):
