@@ -22,7 +22,8 @@ print(f"teacher {lowbit.evaluate(teacher, test):.2%}, ternary student {record['v
 
 # 3. Packed ONNX (ternary weights at 1.6 bits), verified in onnxruntime against PyTorch.
 result = lowbit.export(student, "digits_ternary.onnx", formats=("onnx",), verify=test, data=train)
-print(result)
+print(result.layers)  # per layer: weight bits, input bits, the onnxruntime kernel that runs it
+print(result.verification["onnx-int"])  # top-1 agreement with PyTorch, integer kernels
 
 # 4. The torch-free runtime takes raw uint8 images.
 session = lowbit.Session("digits_ternary.onnx")

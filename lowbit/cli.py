@@ -246,7 +246,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
                    help="also checkpoint every N steps (0: once per epoch)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in -o")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing checkpoint at -o (default: refuse)")
+                   help="replace an existing checkpoint at -o (else refused)")
     p.add_argument("-o", "--output", required=True, help="checkpoint path (.pt)")
 
 
