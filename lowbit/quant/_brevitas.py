@@ -104,16 +104,17 @@ class LearnedRange(nn.Module):
         self.calibrating = False
         self.max_range: float | None = None  # an activation's clip (ReLU6: 6) caps the range
 
-    def observing(self) -> bool:
-        """Whether the next call reads its input's values (init steps, calibration)."""
-        return self.calibrating or (self.training and int(self.seen) < self.init_steps)
-
-    def forward(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        if self.observing():
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor,
+                relu: bool = False) -> torch.Tensor:
+        """``relu``: ``x`` is a ReLU's input, the range is of its output, max(x, 0)."""
+        if self.calibrating or (self.training and int(self.seen) < self.init_steps):
             with torch.no_grad():
                 n = int(self.seen)
-                lo, hi = torch.aminmax(x.detach())
-                batch_max = torch.maximum(hi, -lo).float()
+                if relu:  # max |max(x, 0)| = max(max x, 0)
+                    batch_max = x.detach().amax().clamp_min(0).float()
+                else:
+                    lo, hi = torch.aminmax(x.detach())
+                    batch_max = torch.maximum(hi, -lo).float()
                 if dist.is_available() and dist.is_initialized():
                     # DDP syncs gradients only: take the global batch's max so replicas agree
                     dist.all_reduce(batch_max, dist.ReduceOp.MAX)
@@ -164,7 +165,7 @@ class FakeQuantAct(nn.Module):
 
     def forward(self, x: torch.Tensor, relu: bool = False):
         """``relu``: quantize max(x, 0) in the same pass (see :class:`_ReLUQuant`)."""
-        scale = self.scaling_impl(x, self.threshold)
+        scale = self.scaling_impl(x, self.threshold, relu)
         y = _FakeQuant.apply(x, scale, self.code_min, self.threshold, relu)
         return y, scale, self.zero, self.msb_clamp_bit_width_impl()
 
@@ -173,14 +174,14 @@ class _ReLUQuant(FusedActivationQuantProxy):
     """QuantReLU's ReLU + quantizer, the ReLU fused into the quantizer's kernel in training.
 
     Same numbers as ReLU then quantizer, forward and backward (gradient 0 at x == 0, as
-    ReLU's); it saves two passes over the activation per step. While the range observes its
-    input (initialisation steps, calibration) and in eval mode the ReLU runs as a module, so
-    the range and any hook on it see what they always saw.
+    ReLU's; the range initialises from the ReLU's output max), two passes over the activation
+    fewer per step. In eval mode and during calibration the ReLU runs as a module, so the
+    calibration hooks on the range see the ReLU's output, as before.
     """
 
     def forward(self, x: torch.Tensor):
         tq = self.tensor_quant
-        if self.training and not tq.scaling_impl.observing():
+        if self.training and not tq.scaling_impl.calibrating:
             return tq(x, relu=True)
         return tq(self.activation_impl(x))
 
