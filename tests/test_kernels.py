@@ -147,3 +147,22 @@ def test_student_trains_identically_with_fused_relu(monkeypatch, fuse_min):
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
     old.eval(), new.eval()
     assert torch.equal(old(batches[0][0]), new(batches[0][0]))
+
+
+def test_fused_relu_keeps_brevitas_structure():
+    """The fused pair sits inside Brevitas' own proxy (whose exact type Brevitas' exporters
+    dispatch on), keeps the state-dict keys and survives load_state_dict (which rebuilds it)."""
+    from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
+
+    from lowbit import models
+    from lowbit.quant import quantize
+    from lowbit.quant._brevitas import _ReLUQuant
+
+    student = quantize(models.create("digits_cnn", width=4), weight_bits=2, act_bits=4)
+    keys = list(_unfused(student).state_dict())
+    student.load_state_dict(student.state_dict())
+    relus = [m for m in student.modules() if type(m).__name__ == "QuantReLU"]
+    assert len(relus) == 3 and list(student.state_dict()) == keys
+    for m in relus:
+        assert type(m.act_quant) is ActQuantProxyFromInjector
+        assert isinstance(m.act_quant.fused_activation_quant_proxy, _ReLUQuant)

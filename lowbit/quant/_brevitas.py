@@ -186,16 +186,14 @@ class _ReLUQuant(FusedActivationQuantProxy):
         return tq(self.activation_impl(x))
 
 
-class _ReLUQuantProxy(ActQuantProxyFromInjector):
-    """QuantReLU's activation proxy, running :class:`_ReLUQuant` (also once rebuilt by
-    Brevitas on ``load_state_dict``); module names and state-dict keys are Brevitas'."""
-
-    def init_tensor_quant(self) -> None:
-        super().init_tensor_quant()
-        p = self.fused_activation_quant_proxy
-        if p is not None and type(p.activation_impl) is nn.ReLU \
-                and isinstance(p.tensor_quant, FakeQuantAct):
-            self.fused_activation_quant_proxy = _ReLUQuant(p.activation_impl, p.tensor_quant)
+def _fuse_relu(proxy: ActQuantProxyFromInjector, _incompatible_keys=None) -> None:
+    """Run a QuantReLU's ReLU + quantizer as :class:`_ReLUQuant`; also a load_state_dict
+    post-hook, as Brevitas rebuilds the pair on load. The proxy keeps its type (Brevitas'
+    exporters dispatch on it) and the state-dict keys are unchanged."""
+    p = proxy.fused_activation_quant_proxy
+    if type(p) is FusedActivationQuantProxy and type(p.activation_impl) is nn.ReLU \
+            and isinstance(p.tensor_quant, FakeQuantAct):
+        proxy.fused_activation_quant_proxy = _ReLUQuant(p.activation_impl, p.tensor_quant)
 
 
 class _TWNWeight(NarrowIntQuant, WeightQuantSolver):
@@ -284,7 +282,9 @@ def quant_relu(bits: int, clip: float | None = None) -> QuantReLU:
     """ReLU followed by unsigned ``bits``-bit quantization with a learned per-tensor range;
     ``clip`` (ReLU6: 6) caps the range, so the quantizer's own clamp is the activation's clip:
     clamp(round(min(x, c) / s), 0, qmax) = clamp(round(x / s), 0, qmax) when qmax * s <= c."""
-    q = QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits, proxy_class=_ReLUQuantProxy))
+    q = QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits))
+    _fuse_relu(q.act_quant)
+    q.act_quant.register_load_state_dict_post_hook(_fuse_relu)
     _act_tensor_quant(q).scaling_impl.max_range = clip
     return q
 
