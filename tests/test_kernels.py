@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -53,3 +55,114 @@ def test_lsq_gradients():
     assert gx.tolist() == [0.0, 1.0, 1.0, 0.0]
     # t = -2, 0.6, 1.6, 18 -> 0 (clipped), 1 - 0.6, 2 - 1.6, 15 (clipped)
     torch.testing.assert_close(gs, torch.tensor(0.0 + 0.4 + 0.4 + 15.0))
+
+
+def _relu_inputs(seed: int, dtype: torch.dtype):
+    """Unsigned 4-bit inputs with exact zeros (+0 and -0), negatives, ties and clipping."""
+    x, grad, s, qmin, qmax = _inputs(seed, dtype, -15.0, 15.0)
+    x = torch.cat([x, torch.zeros(64, dtype=dtype), -torch.zeros(64, dtype=dtype)])
+    grad = torch.cat([grad, torch.randn(128).to(dtype)])
+    return x, grad, s, torch.tensor(0.0), qmax
+
+
+def _relu_then_quant(kernels, grad, x, s, qmin, qmax):
+    """The unfused path: ReLU (autograd) then the quantizer's kernels."""
+    xr = x.clone().requires_grad_()
+    r = torch.relu(xr)
+    y = kernels["forward"](r.detach(), s, qmin, qmax)
+    gr, gs = kernels["backward"](grad, r.detach(), s, qmin, qmax)
+    r.backward(gr)
+    return y, xr.grad, gs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_relu_is_relu_then_quantizer(dtype, compiled):
+    """relu=True equals ReLU then the quantizer bit for bit: output, dy/dx (0 at x == 0, as
+    ReLU's backward, where the quantizer alone passes it) and dy/ds."""
+    kernels = {n: _kernels.fused(n) for n in ("forward", "backward")} if compiled \
+        else _kernels._EAGER
+    for seed in range(3):
+        x, grad, s, qmin, qmax = _relu_inputs(seed, dtype)
+        y0, gx0, gs0 = _relu_then_quant(kernels, grad, x, s, qmin, qmax)
+        y = kernels["forward"](x, s, qmin, qmax, True)
+        gx, gs = kernels["backward"](grad, x, s, qmin, qmax, True)
+        assert y.dtype == gx.dtype == dtype
+        assert torch.equal(y, y0) and torch.equal(gx, gx0)
+        assert gx[x == 0].eq(0).all() and not gx0.eq(0).all()
+        assert torch.equal(gs, gs0) if not compiled else torch.allclose(gs, gs0, rtol=1e-5)
+
+
+def _unfused(student: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``student`` whose QuantReLUs run Brevitas' own ReLU-then-quantizer proxy."""
+    from brevitas.proxy.runtime_quant import FusedActivationQuantProxy
+
+    from lowbit.quant._brevitas import _ReLUQuant
+
+    old = copy.deepcopy(student)
+    for m in old.modules():
+        p = getattr(m, "fused_activation_quant_proxy", None)
+        if isinstance(p, _ReLUQuant):
+            m.fused_activation_quant_proxy = FusedActivationQuantProxy(p.activation_impl,
+                                                                       p.tensor_quant)
+    return old
+
+
+@pytest.mark.parametrize("fuse_min", [None, 0])
+def test_student_trains_identically_with_fused_relu(monkeypatch, fuse_min):
+    """A ternary student trained a few SGD steps (fp32: range-init steps, then trained ranges)
+    with the fused ReLU quantizers ends with the parameters and losses of the unfused one,
+    with the eager kernels (small tensors) and with the compiled ones (``fuse_min`` = 0)."""
+    from lowbit import models
+    from lowbit.quant import quantize
+    from lowbit.quant._brevitas import _ReLUQuant, act_ranges
+
+    if fuse_min is not None:
+        monkeypatch.setattr(_kernels, "FUSE_MIN_ELEMENTS", fuse_min)
+    torch.manual_seed(0)
+    new = quantize(models.create("digits_cnn", width=4), weight_bits=2, act_bits=4)
+    assert sum(isinstance(m, _ReLUQuant) for m in new.modules()) == 3
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
+               for _ in range(6)]
+    for r in act_ranges(new):
+        r.init_steps = 3  # 3 steps initialise the ranges from batch maxima, 3 train them
+    old = _unfused(new)
+    assert list(old.state_dict()) == list(new.state_dict())
+    runs = []
+    for model in (old, new):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4)
+        losses = []
+        for x, y in batches:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append((losses, model.state_dict()))
+    (losses0, sd0), (losses1, sd1) = runs
+    assert losses0 == losses1
+    assert all(int(r.seen) == 3 for r in act_ranges(new))
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    old.eval(), new.eval()
+    assert torch.equal(old(batches[0][0]), new(batches[0][0]))
+
+
+def test_fused_relu_keeps_brevitas_structure():
+    """The fused pair sits inside Brevitas' own proxy (whose exact type Brevitas' exporters
+    dispatch on), keeps the state-dict keys and survives load_state_dict (which rebuilds it)."""
+    from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector
+
+    from lowbit import models
+    from lowbit.quant import quantize
+    from lowbit.quant._brevitas import _ReLUQuant
+
+    student = quantize(models.create("digits_cnn", width=4), weight_bits=2, act_bits=4)
+    keys = list(_unfused(student).state_dict())
+    student.load_state_dict(student.state_dict())
+    relus = [m for m in student.modules() if type(m).__name__ == "QuantReLU"]
+    assert len(relus) == 3 and list(student.state_dict()) == keys
+    for m in relus:
+        assert type(m.act_quant) is ActQuantProxyFromInjector
+        assert isinstance(m.act_quant.fused_activation_quant_proxy, _ReLUQuant)

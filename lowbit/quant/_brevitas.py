@@ -36,6 +36,7 @@ from brevitas.core.function_wrapper import TensorClamp
 from brevitas.inject import value
 from brevitas.inject.enum import RestrictValueType, ScalingPerOutputType
 from brevitas.nn import QuantConv1d, QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjector, FusedActivationQuantProxy
 from brevitas.quant.base import NarrowIntQuant, UintQuant
 from brevitas.quant.scaled_int import Int8WeightPerChannelFloat
 from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
@@ -103,12 +104,17 @@ class LearnedRange(nn.Module):
         self.calibrating = False
         self.max_range: float | None = None  # an activation's clip (ReLU6: 6) caps the range
 
-    def forward(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, threshold: torch.Tensor,
+                relu: bool = False) -> torch.Tensor:
+        """``relu``: ``x`` is a ReLU's input, the range is of its output, max(x, 0)."""
         if self.calibrating or (self.training and int(self.seen) < self.init_steps):
             with torch.no_grad():
                 n = int(self.seen)
-                lo, hi = torch.aminmax(x.detach())
-                batch_max = torch.maximum(hi, -lo).float()
+                if relu:  # max |max(x, 0)| = max(max x, 0)
+                    batch_max = x.detach().amax().clamp_min(0).float()
+                else:
+                    lo, hi = torch.aminmax(x.detach())
+                    batch_max = torch.maximum(hi, -lo).float()
                 if dist.is_available() and dist.is_initialized():
                     # DDP syncs gradients only: take the global batch's max so replicas agree
                     dist.all_reduce(batch_max, dist.ReduceOp.MAX)
@@ -126,17 +132,19 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor,
-                qmax: torch.Tensor):
+                qmax: torch.Tensor, relu: bool):
         ctx.save_for_backward(x, scale, qmin, qmax)
-        return _kernels.kernel("forward", x.numel())(x, scale, qmin, qmax)
+        ctx.relu = relu
+        return _kernels.kernel("forward", x.numel())(x, scale, qmin, qmax, relu)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, scale, qmin, qmax = ctx.saved_tensors
         backward = _kernels.kernel("backward", x.numel())
-        grad_x, grad_s = backward(grad, x, scale, qmin, qmax)
+        grad_x, grad_s = backward(grad, x, scale, qmin, qmax, ctx.relu)
         return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_s.reshape(scale.shape) if ctx.needs_input_grad[1] else None, None, None)
+                grad_s.reshape(scale.shape) if ctx.needs_input_grad[1] else None,
+                None, None, None)
 
 
 class FakeQuantAct(nn.Module):
@@ -155,10 +163,37 @@ class FakeQuantAct(nn.Module):
         self.register_buffer("threshold", torch.tensor(self.qmax), persistent=False)
         self.register_buffer("code_min", torch.tensor(self.qmin), persistent=False)
 
-    def forward(self, x: torch.Tensor):
-        scale = self.scaling_impl(x, self.threshold)
-        y = _FakeQuant.apply(x, scale, self.code_min, self.threshold)
+    def forward(self, x: torch.Tensor, relu: bool = False):
+        """``relu``: quantize max(x, 0) in the same pass (see :class:`_ReLUQuant`)."""
+        scale = self.scaling_impl(x, self.threshold, relu)
+        y = _FakeQuant.apply(x, scale, self.code_min, self.threshold, relu)
         return y, scale, self.zero, self.msb_clamp_bit_width_impl()
+
+
+class _ReLUQuant(FusedActivationQuantProxy):
+    """QuantReLU's ReLU + quantizer, the ReLU fused into the quantizer's kernel in training.
+
+    Same numbers as ReLU then quantizer, forward and backward (gradient 0 at x == 0, as
+    ReLU's; the range initialises from the ReLU's output max), two passes over the activation
+    fewer per step. In eval mode and during calibration the ReLU runs as a module, so the
+    calibration hooks on the range see the ReLU's output, as before.
+    """
+
+    def forward(self, x: torch.Tensor):
+        tq = self.tensor_quant
+        if self.training and not tq.scaling_impl.calibrating:
+            return tq(x, relu=True)
+        return tq(self.activation_impl(x))
+
+
+def _fuse_relu(proxy: ActQuantProxyFromInjector, _incompatible_keys=None) -> None:
+    """Run a QuantReLU's ReLU + quantizer as :class:`_ReLUQuant`; also a load_state_dict
+    post-hook, as Brevitas rebuilds the pair on load. The proxy keeps its type (Brevitas'
+    exporters dispatch on it) and the state-dict keys are unchanged."""
+    p = proxy.fused_activation_quant_proxy
+    if type(p) is FusedActivationQuantProxy and type(p.activation_impl) is nn.ReLU \
+            and isinstance(p.tensor_quant, FakeQuantAct):
+        proxy.fused_activation_quant_proxy = _ReLUQuant(p.activation_impl, p.tensor_quant)
 
 
 class _TWNWeight(NarrowIntQuant, WeightQuantSolver):
@@ -248,6 +283,8 @@ def quant_relu(bits: int, clip: float | None = None) -> QuantReLU:
     ``clip`` (ReLU6: 6) caps the range, so the quantizer's own clamp is the activation's clip:
     clamp(round(min(x, c) / s), 0, qmax) = clamp(round(x / s), 0, qmax) when qmax * s <= c."""
     q = QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits))
+    _fuse_relu(q.act_quant)
+    q.act_quant.register_load_state_dict_post_hook(_fuse_relu)
     _act_tensor_quant(q).scaling_impl.max_range = clip
     return q
 

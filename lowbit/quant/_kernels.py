@@ -23,23 +23,30 @@ _log = logging.getLogger("lowbit")
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, qmin: torch.Tensor | float,
-               qmax: torch.Tensor | float) -> torch.Tensor:
+               qmax: torch.Tensor | float, relu: bool = False) -> torch.Tensor:
     """clamp(round(x / s), qmin, qmax) * s in float32, returned in ``x``'s dtype: the
     quantizer of the integer contract (``lowbit._intmath.quantize_codes`` times s) in torch,
-    for the student, the exporter's trace and calibration alike."""
-    return (torch.round(x.float() / scale).clamp(qmin, qmax) * scale).to(x.dtype)
+    for the student, the exporter's trace and calibration alike. ``relu``: of max(x, 0),
+    i.e. a ReLU in front fused into the same pass."""
+    t = x.float().clamp_min(0.0) if relu else x.float()
+    return (torch.round(t / scale).clamp(qmin, qmax) * scale).to(x.dtype)
 
 
 def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-                        qmin: torch.Tensor, qmax: torch.Tensor
+                        qmin: torch.Tensor, qmax: torch.Tensor, relu: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """LSQ gradients (Esser et al. 2020) of :func:`fake_quant` w.r.t. x and s.
 
     dy/dx = 1 inside [qmin, qmax] (straight-through round), 0 where clipped;
-    dy/ds = round(x/s) - x/s inside, the clipped code (qmin or qmax) outside.
+    dy/ds = round(x/s) - x/s inside, the clipped code (qmin or qmax) outside. ``relu``: of
+    fake_quant(max(x, 0)), as ReLU's backward composes: dy/dx = 0 also where x <= 0 (x == 0
+    included, where a straight-through clamp alone would pass the gradient).
     """
-    t = x.float() / scale
+    xf = x.float()
+    t = (xf.clamp_min(0.0) if relu else xf) / scale
     inside = (t >= qmin) & (t <= qmax)
+    if relu:
+        inside = inside & (xf > 0)
     g = grad.float()
     q = torch.round(t).clamp(qmin, qmax)
     grad_s = (g * torch.where(inside, q - t, q)).sum()
