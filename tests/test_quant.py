@@ -323,3 +323,28 @@ def test_old_specs_load_without_requantizers():
     names = {a.name for a in act_quants(quantize(models.create("resnet20"), spec))}
     assert "pool.output_quant" not in names and "layer1.0.bn2.output_quant" in names
     assert "pool.output_quant" in {a.name for a in act_quants(quantize(models.create("resnet20")))}
+
+
+def _relu6_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+def test_relu6_clip_survives_a_checkpoint(tmp_path):
+    """Brevitas rebuilds quantizers when a state dict is loaded: the clip must come back too,
+    or a loaded ReLU6 student (and the file exported from it) computes without its cap."""
+    import lowbit
+    from lowbit.quant._brevitas import act_ranges
+
+    torch.manual_seed(0)
+    student = quantize(_relu6_net(), weight_bits=4).eval()
+    clipped = [r for r in act_ranges(student) if r.max_range is not None]
+    assert [r.max_range for r in clipped] == [6.0]
+    with torch.no_grad():
+        clipped[0].value.fill_(10.0)  # a learned range beyond the clip: the clip decides
+    x = torch.randn(16, 3, 8, 8) * 4
+    want = student(x)
+    lowbit.save(student, tmp_path / "s.pt")
+    loaded = lowbit.load(tmp_path / "s.pt", model=_relu6_net())
+    assert [r.max_range for r in act_ranges(loaded) if r.max_range is not None] == [6.0]
+    assert torch.equal(loaded(x), want)

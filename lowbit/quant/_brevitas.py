@@ -96,13 +96,16 @@ class LearnedRange(nn.Module):
     r is a plain parameter trained by back-propagation (LSQ gradients, see ``_FakeQuant``).
     """
 
-    def __init__(self, range_shape: tuple[int, ...], init_steps: int) -> None:
+    def __init__(self, range_shape: tuple[int, ...], init_steps: int,
+                 max_range: float | None = None) -> None:
         super().__init__()
         self.value = nn.Parameter(torch.ones(range_shape))
         self.init_steps = init_steps
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # init calls so far
         self.calibrating = False
-        self.max_range: float | None = None  # an activation's clip (ReLU6: 6) caps the range
+        # an activation's clip (ReLU6: 6) caps the range; injected (not set afterwards), since
+        # Brevitas rebuilds its quantizers from the injector when a state dict is loaded
+        self.max_range = max_range
 
     def forward(self, x: torch.Tensor, threshold: torch.Tensor,
                 relu: bool = False) -> torch.Tensor:
@@ -225,6 +228,7 @@ class _UnsignedAct(UintQuant, ActQuantSolver):
     restrict_scaling_type = RestrictValueType.FP
     range_shape = ()
     init_steps = ACT_INIT_STEPS
+    max_range = None
 
 
 class _SignedAct(_UnsignedAct):
@@ -282,10 +286,9 @@ def quant_relu(bits: int, clip: float | None = None) -> QuantReLU:
     """ReLU followed by unsigned ``bits``-bit quantization with a learned per-tensor range;
     ``clip`` (ReLU6: 6) caps the range, so the quantizer's own clamp is the activation's clip:
     clamp(round(min(x, c) / s), 0, qmax) = clamp(round(x / s), 0, qmax) when qmax * s <= c."""
-    q = QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits))
+    q = QuantReLU(act_quant=_UnsignedAct.let(bit_width=bits, max_range=clip))
     _fuse_relu(q.act_quant)
     q.act_quant.register_load_state_dict_post_hook(_fuse_relu)
-    _act_tensor_quant(q).scaling_impl.max_range = clip
     return q
 
 
