@@ -112,7 +112,8 @@ def _unfused(student: torch.nn.Module) -> torch.nn.Module:
 def test_student_trains_identically_with_fused_relu(monkeypatch, fuse_min):
     """A ternary student trained a few SGD steps (fp32: range-init steps, then trained ranges)
     with the fused ReLU quantizers ends with the parameters and losses of the unfused one,
-    with the eager kernels (small tensors) and with the compiled ones (``fuse_min`` = 0)."""
+    with the eager kernels (small tensors: the ReLU stays a module) and with the compiled ones
+    (``fuse_min`` = 0: the ReLU runs inside the quantizer's kernel)."""
     from lowbit import models
     from lowbit.quant import quantize
     from lowbit.quant._brevitas import _ReLUQuant, act_ranges

@@ -178,13 +178,14 @@ class _ReLUQuant(FusedActivationQuantProxy):
 
     Same numbers as ReLU then quantizer, forward and backward (gradient 0 at x == 0, as
     ReLU's; the range initialises from the ReLU's output max), two passes over the activation
-    fewer per step. In eval mode and during calibration the ReLU runs as a module, so the
-    calibration hooks on the range see the ReLU's output, as before.
+    fewer per step where the compiled kernels run. In eval mode, during calibration and with
+    the eager kernels the ReLU runs as a module, so the calibration hooks on the range see the
+    ReLU's output, as before.
     """
 
     def forward(self, x: torch.Tensor):
         tq = self.tensor_quant
-        if self.training and not tq.scaling_impl.calibrating:
+        if self.training and not tq.scaling_impl.calibrating and _kernels.compiling(x.numel()):
             return tq(x, relu=True)
         return tq(self.activation_impl(x))
 

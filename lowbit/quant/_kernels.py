@@ -65,6 +65,12 @@ def kernel(name: str, numel: int) -> Callable:
     return fused(name) if numel >= FUSE_MIN_ELEMENTS else _EAGER[name]
 
 
+def compiling(numel: int) -> bool:
+    """Whether a tensor of ``numel`` elements runs the compiled kernels: fusing more work into
+    them (a ReLU) pays there, while in eager PyTorch it only adds passes."""
+    return numel >= FUSE_MIN_ELEMENTS and fused("forward") is not _EAGER["forward"]
+
+
 def fused(name: str) -> Callable:
     """The compiled kernel ``name``, or the eager one where inductor is unavailable."""
     fn = _fused.get(name)
