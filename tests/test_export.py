@@ -442,3 +442,19 @@ def test_shipped_students_pass_the_gate_on_cifar10(cifar10_dir, tmp_path, name):
     assert result.verification["onnx-int"].agreement >= 0.999
     bits = (tmp_path / "s.onnx").stat().st_size * 8 / 270_896  # ResNet20's conv/fc weights
     assert bits <= (2.5 if "ternary" in name else 4.7)
+
+
+def test_random_inputs_gate_the_logit_bound_not_top1(tmp_path):
+    """Noise drives a trained network to near-tied logits: the shipped ternary ResNet20 flips
+    top-1 on some of 256 random inputs while every logit stays within a fraction of an output
+    step. Without verification data the gate is that bound alone (agreement reported)."""
+    student, ckpt = _checkpoint.load_model(models.pretrained("resnet20_cifar10_ternary"))
+    result = export(student, tmp_path / "r.onnx", data=ckpt["data"], formats=("onnx",),
+                    thresholds=Thresholds(min_agreement=1.0))  # measured: 99.2-99.6%
+    checks = result.verification.values()
+    assert all(c.passed and not c.top1_gated and c.max_steps < 1 for c in checks)
+    assert "not gated on random inputs" in str(result.verification["onnx"])
+    with pytest.raises(ExportError, match="verification failed"):  # the bound still gates
+        export(student, tmp_path / "s.onnx", data=ckpt["data"], formats=("onnx",),
+               thresholds=Thresholds(max_steps=0.01))
+    assert not (tmp_path / "s.onnx").exists()

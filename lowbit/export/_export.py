@@ -51,7 +51,7 @@ from ._rewrites import (
     ShortenNames,
 )
 from ._trace import TRACE_OPSET, Act, shadow, trace
-from ._verify import Thresholds, Verification, compare
+from ._verify import RANDOM, Thresholds, Verification, compare
 
 FORMATS = ("onnx", "qonnx")
 WEIGHT_FORMS = ("cast", "dequant")
@@ -181,7 +181,7 @@ def _verify_inputs(verify: Any, example: torch.Tensor, data: dict[str, Any],
     normalised as the model's ``data`` says."""
     if verify is None:
         gen = torch.Generator().manual_seed(0)
-        return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), None, "random"
+        return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), None, RANDOM
     if isinstance(verify, torch.Tensor):
         return verify.float(), None, "given"
     from ..data import as_data, stats_of

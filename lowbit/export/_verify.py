@@ -14,6 +14,11 @@ requantize on their own. Measured on the shipped ternary and 4-bit ResNet20 stud
 CIFAR-10 test set: 100 % and 100 %; QLinearAdd dropped the second to 99.4 % on one 1-epoch
 student, where ``residual_add="auto"`` keeps the adds in float (``FloatResidualAdds``).
 
+On random inputs (no verification data given) the gate is the logit bound alone: noise drives
+a trained network to near-tied logits, where float rounding alone flips top-1 (the shipped
+ternary ResNet20 agrees on 99.2-99.6% of 256 noise images while every logit stays within
+0.5 output steps), so agreement there is reported, not gated; real data gates both.
+
 A non-finite logit on either side (NaN or inf, e.g. from a NaN BatchNorm statistic) fails the
 gate, whatever the agreement: NaN compares as neither larger nor smaller, so without this
 rule two all-NaN rows would "agree" and a NaN difference would vanish in ``max``.
@@ -29,6 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ExportError, UsageError
+
+RANDOM = "random"  # the source name of the gate's default inputs (no data given)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Verification:
     passed: bool
     nonfinite: int = 0  # inputs with a NaN/inf logit from the exported model
     nonfinite_student: int = 0  # ... from the PyTorch student
+    top1_gated: bool = True  # False on random inputs: agreement reported, not gated
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +75,8 @@ class Verification:
         bad = [f"{n} from the {side}" for n, side in ((self.nonfinite, "exported model"),
                                                       (self.nonfinite_student, "student")) if n]
         why = f" (non-finite logits on {', '.join(bad)} of the inputs)" if bad else ""
+        if not self.top1_gated:
+            why += " (agreement not gated on random inputs: pass verification data)"
         return (f"{self.format}: top-1 agreement {self.agreement:.2%} on {self.n} {self.source} "
                 f"inputs, max logit diff {self.max_diff:.3g} ({self.max_steps:.2f} output steps)"
                 f" -> {verdict}{why}")
@@ -105,6 +115,8 @@ def compare(fmt: str, source: str, student: torch.nn.Module,
             bar.update(len(x))
     n = len(inputs)
     agreement = agree / n if n else 1.0
-    passed = (bad_out == 0 and bad_ref == 0 and agreement >= thresholds.min_agreement
-              and max_steps <= thresholds.max_steps)
-    return Verification(fmt, source, n, agreement, max_diff, max_steps, passed, bad_out, bad_ref)
+    top1 = source != RANDOM  # see the module docstring
+    passed = (bad_out == 0 and bad_ref == 0 and max_steps <= thresholds.max_steps
+              and (agreement >= thresholds.min_agreement or not top1))
+    return Verification(fmt, source, n, agreement, max_diff, max_steps, passed, bad_out, bad_ref,
+                        top1)
