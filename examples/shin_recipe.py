@@ -9,10 +9,10 @@ weight during training. This script runs those experiments with lowbit:
 1. teachers: a float ResNet20 trained here (or ``--resnet20 CKPT``), optionally a wide
    ResNet20xN (``--teachers resnet20 wide_resnet20``, or ``--wide CKPT``);
 2. for each activation width (``--act-bits``, default: the budget's): ternary ResNet20
-   students started from the float ResNet20 (Apprentice scheme C) trained on labels only,
-   with KD at a fixed soft weight ``--lam`` (at each temperature of the sweep), and with
-   KD + GSLR at the best temperature (lam held for about half the epochs, then falling
-   linearly to 0 at the last epoch).
+   students started from the float ResNet20 (Apprentice scheme C) trained with KD at a
+   fixed soft weight ``--lam`` (at each temperature of the sweep), with KD + GSLR at the
+   best temperature (lam held for about half the epochs, then falling linearly to 0 at the
+   last epoch), and on labels only (run in that order, so the KD rows come first).
 
 Every step is a checkpointed lowbit run in ``--out``: a finished step is read back, an
 unfinished one resumes exactly from its last epoch, so the long schedules run piece by piece
@@ -167,7 +167,7 @@ def main() -> None:
 
 def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
               rows: list[dict]) -> None:
-    """Teachers, then for each activation width: labels only, KD (T sweep), KD + GSLR."""
+    """Teachers; then per activation width KD (T sweep), KD + GSLR, labels only."""
     args, train, test = recipe.args, recipe.train, recipe.test
     kwargs = {"num_classes": train.num_classes, "in_channels": train.input_shape[0]}
     teacher_cfg = dict(epochs=budget.teacher_epochs, lr=0.1, weight_decay=5e-4,
@@ -213,12 +213,18 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
         rows.append(row)
         return row
 
-    for a in budget.act_bits if args.act_bits is None else args.act_bits:
-        student(f"ternary_a{a}_labels", a)
+    # the goals first (KD at each width), then GSLR at the sweep's best T, then labels only:
+    # a long run that is stopped early has its most important rows
+    widths = budget.act_bits if args.act_bits is None else args.act_bits
+    best = {}
+    for a in widths:
         for name in teachers:
             sweep = [student(f"ternary_a{a}_kd_{name}_T{t:g}", a, name, t) for t in temperatures]
-            best = max(sweep, key=lambda r: r["test_acc"])["temperature"]
-            student(f"ternary_a{a}_kd_gslr_{name}_T{best:g}", a, name, best, gslr)
+            best[a, name] = max(sweep, key=lambda r: r["test_acc"])["temperature"]
+    for (a, name), t in best.items():
+        student(f"ternary_a{a}_kd_gslr_{name}_T{t:g}", a, name, t, gslr)
+    for a in widths:
+        student(f"ternary_a{a}_labels", a)
 
 
 def report(recipe: Recipe, budget: Budget, rows: list[dict]) -> None:
