@@ -3,8 +3,8 @@
 ``create(name, num_classes=...)`` builds a registered model (or ``package.module:factory``
 from the user's code); ``create(name, pretrained=True)`` a shipped checkpoint, timm-style;
 ``list()`` names the architectures, ``list_pretrained()`` the shipped checkpoints;
-``pretrained(name)`` gives a shipped checkpoint's path. Every place that takes a checkpoint
-path also takes a shipped checkpoint's name.
+``pretrained(name)`` gives a shipped checkpoint's path and ``pretrained_info(name)`` what it
+holds. Every place that takes a checkpoint path also takes a shipped checkpoint's name.
 """
 
 from __future__ import annotations
@@ -46,6 +46,19 @@ def pretrained(name: str) -> Path:
     return PRETRAINED[key]
 
 
+def pretrained_info(name: str) -> dict[str, Any]:
+    """What shipped checkpoint ``name`` holds, read from the checkpoint itself: architecture,
+    dataset, weight and activation bits (``None`` for a float model) and its test accuracy."""
+    from .._checkpoint import load
+
+    ckpt = load(pretrained(name))
+    quant = ckpt["quant"] or {}
+    return {"name": DEFAULT_PRETRAINED.get(name, name), "arch": ckpt["arch"]["name"],
+            "dataset": ckpt["data"]["name"], "weight_bits": quant.get("weight_bits"),
+            "act_bits": quant.get("act_bits"), "test_acc": ckpt["record"]["val_acc"],
+            "epochs": len(ckpt["record"]["history"])}
+
+
 _shipped = pretrained  # ``create``'s argument of that name hides the function
 
 
@@ -75,4 +88,5 @@ def create(name: str, *, pretrained: bool = False, seed: int | None = None,
 
 
 __all__ = ["DEFAULT_PRETRAINED", "PRETRAINED", "create", "factory", "is_user_code", "list",
-           "list_models", "list_pretrained", "locate", "pretrained", "register_model"]
+           "list_models", "list_pretrained", "locate", "pretrained", "pretrained_info",
+           "register_model"]
