@@ -31,12 +31,17 @@ def _test_data(request: pytest.FixtureRequest, dataset: str) -> str:
     return f"{dataset}:{request.getfixturevalue(f'{dataset}_dir')}"
 
 
-def _readme_accuracy(name: str) -> str:
+def _readme(name: str, pattern: str) -> str:
+    """What README's row for shipped checkpoint ``name`` says (``pattern``'s group 1)."""
     rows = [line for line in README.splitlines() if line.startswith(f"| `{name}` |")]
     assert len(rows) == 1, f"README's table of shipped checkpoints needs one row for {name}"
-    claimed = re.search(r"\*\*(\d+\.\d\d)%\*\*", rows[0])
-    assert claimed, f"README's row for {name} gives no **accuracy**"
+    claimed = re.search(pattern, rows[0])
+    assert claimed, f"README's row for {name} has no {pattern}"
     return claimed[1]
+
+
+def _readme_accuracy(name: str) -> str:
+    return _readme(name, r"\*\*(\d+\.\d\d)%\*\*")
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -75,5 +80,7 @@ def test_shipped_student_passes_the_gate(request, tmp_path, name):
     packed = sum(weights[layer].numel() * STORED_BITS[kind] / 8 + weights[layer].shape[0] * 8
                  for layer, kind in result.storage.items())
     assert path.stat().st_size <= packed + 24 * 1024
+    claimed = int(_readme(name, r"\| ([\d,]+) B \|").replace(",", ""))
+    assert abs(path.stat().st_size - claimed) <= 0.01 * claimed  # metadata varies by a few B
     narrow = "trits" if info["weight_bits"] == 2 else "int4"
     assert sum(kind == narrow for kind in result.storage.values()) == len(weights) - 2
