@@ -22,8 +22,9 @@ from ._registry import factory, is_user_code, list_models, register_model
 list = list_models  # noqa: A001  (lowbit.models.list() is the registry listing)
 
 _WEIGHTS = Path(__file__).parent / "weights"
-PRETRAINED = {  # name -> checkpoint: the float teacher and two distilled students of it
+PRETRAINED = {  # name -> checkpoint: float teachers and students distilled from them
     "resnet20_cifar10": _WEIGHTS / "resnet20_cifar10.pt",
+    "resnet20_cifar100": _WEIGHTS / "resnet20_cifar100.pt",
     "resnet20_cifar10_ternary": _WEIGHTS / "resnet20_cifar10_ternary.pt",
     "resnet20_cifar10_w4": _WEIGHTS / "resnet20_cifar10_w4.pt",
 }
@@ -36,10 +37,10 @@ def list_pretrained() -> list[str]:
 
 
 def pretrained(name: str) -> Path:
-    """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` (the float CIFAR-10
-    teacher), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students distilled from
-    it: ternary and 4-bit weights, 4-bit activations); an architecture with shipped weights
-    (``resnet20``) gives its float checkpoint."""
+    """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` / ``resnet20_cifar100``
+    (float teachers), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students
+    distilled from the CIFAR-10 one: ternary and 4-bit weights, 4-bit activations); an
+    architecture with shipped weights (``resnet20``) gives its CIFAR-10 float checkpoint."""
     key = DEFAULT_PRETRAINED.get(name, name)
     if key not in PRETRAINED:
         raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
