@@ -386,7 +386,15 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
         from . import models
 
         print("architectures:\n  " + "\n  ".join(models.list()))
-        print("shipped checkpoints:\n  " + "\n  ".join(models.list_pretrained()))
+        print("shipped checkpoints (test accuracy as trained; lowbit eval NAME --data ... "
+              "reproduces it):")
+        for name in models.list_pretrained():
+            info = models.pretrained_info(name)
+            w = info["weight_bits"]
+            bits = "float" if w is None else (f"{'ternary' if w == 2 else f'{w}-bit'} weights, "
+                                              f"{info['act_bits']}-bit activations")
+            print(f"  {name:<28} {info['arch']} on {info['dataset']}, {bits}: "
+                  f"{info['test_acc']:.2%}")
 
     p.set_defaults(func=run)
 

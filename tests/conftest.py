@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CIFAR-10 directory (via LOWBIT_DATA) and small datasets."""
+"""Shared fixtures: the real CIFAR-10 and CIFAR-100 directories (via LOWBIT_DATA and
+LOWBIT_CIFAR100) and small datasets."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ def cifar10_dir() -> Path:
     if path is None or not path.is_dir():
         pytest.skip("set LOWBIT_DATA to a directory holding cifar-10-batches-py/")
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir() -> Path:
+    """``$LOWBIT_CIFAR100`` (a ``cifar-100-python`` directory, as ``cifar100-unpack`` writes it;
+    ``make test`` sets it); tests that need it skip when it is absent."""
+    root = os.environ.get("LOWBIT_CIFAR100")
+    if not root or not Path(root).is_dir():
+        pytest.skip("set LOWBIT_CIFAR100 to a cifar-100-python/ directory")
+    return Path(root)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 ``create(name, num_classes=...)`` builds a registered model (or ``package.module:factory``
 from the user's code); ``create(name, pretrained=True)`` a shipped checkpoint, timm-style;
 ``list()`` names the architectures, ``list_pretrained()`` the shipped checkpoints;
-``pretrained(name)`` gives a shipped checkpoint's path. Every place that takes a checkpoint
-path also takes a shipped checkpoint's name.
+``pretrained(name)`` gives a shipped checkpoint's path and ``pretrained_info(name)`` what it
+holds. Every place that takes a checkpoint path also takes a shipped checkpoint's name.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from ._registry import factory, is_user_code, list_models, register_model
 list = list_models  # noqa: A001  (lowbit.models.list() is the registry listing)
 
 _WEIGHTS = Path(__file__).parent / "weights"
-PRETRAINED = {  # name -> checkpoint: the float teacher and two distilled students of it
+PRETRAINED = {  # name -> checkpoint: float teachers and students distilled from them
     "resnet20_cifar10": _WEIGHTS / "resnet20_cifar10.pt",
+    "resnet20_cifar100": _WEIGHTS / "resnet20_cifar100.pt",
     "resnet20_cifar10_ternary": _WEIGHTS / "resnet20_cifar10_ternary.pt",
     "resnet20_cifar10_w4": _WEIGHTS / "resnet20_cifar10_w4.pt",
 }
@@ -36,14 +37,27 @@ def list_pretrained() -> list[str]:
 
 
 def pretrained(name: str) -> Path:
-    """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` (the float CIFAR-10
-    teacher), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students distilled from
-    it: ternary and 4-bit weights, 4-bit activations); an architecture with shipped weights
-    (``resnet20``) gives its float checkpoint."""
+    """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` / ``resnet20_cifar100``
+    (float teachers), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students
+    distilled from the CIFAR-10 one: ternary and 4-bit weights, 4-bit activations); an
+    architecture with shipped weights (``resnet20``) gives its CIFAR-10 float checkpoint."""
     key = DEFAULT_PRETRAINED.get(name, name)
     if key not in PRETRAINED:
         raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
     return PRETRAINED[key]
+
+
+def pretrained_info(name: str) -> dict[str, Any]:
+    """What shipped checkpoint ``name`` holds, read from the checkpoint itself: architecture,
+    dataset, weight and activation bits (``None`` for a float model) and its test accuracy."""
+    from .._checkpoint import load
+
+    ckpt = load(pretrained(name))
+    quant = ckpt["quant"] or {}
+    return {"name": DEFAULT_PRETRAINED.get(name, name), "arch": ckpt["arch"]["name"],
+            "dataset": ckpt["data"]["name"], "weight_bits": quant.get("weight_bits"),
+            "act_bits": quant.get("act_bits"), "test_acc": ckpt["record"]["val_acc"],
+            "epochs": len(ckpt["record"]["history"])}
 
 
 _shipped = pretrained  # ``create``'s argument of that name hides the function
@@ -75,4 +89,5 @@ def create(name: str, *, pretrained: bool = False, seed: int | None = None,
 
 
 __all__ = ["DEFAULT_PRETRAINED", "PRETRAINED", "create", "factory", "is_user_code", "list",
-           "list_models", "list_pretrained", "locate", "pretrained", "register_model"]
+           "list_models", "list_pretrained", "locate", "pretrained", "pretrained_info",
+           "register_model"]
