@@ -66,8 +66,9 @@ BUDGETS = {
 }
 
 
-class OutOfTime(Exception):
-    """The ``--hours`` budget of this piece is spent."""
+class OutOfTime(BaseException):
+    """The ``--hours`` budget of this piece is spent. A BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` it interrupts (a kernel compiler's fallback) swallows it."""
 
 
 def _out_of_time(signum: int, frame: object) -> None:
