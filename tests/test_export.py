@@ -213,8 +213,8 @@ def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, ternar
 
 def test_residual_add_forms(tmp_path):
     """float: residual adds as Sum (onnxruntime leaves them unfused); integer: Add (fused into
-    QLinearAdd); the 21 convs read quantized codes and get int32 biases either way (the
-    shipped student predates the pool's requantizer, so its classifier reads float)."""
+    QLinearAdd); the 21 convs and the classifier (behind the pool's requantizer) read
+    quantized codes and get int32 biases either way."""
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32)
     student = _checkpoint.load_model(models.pretrained("resnet20_cifar10_ternary"))[0]
@@ -227,7 +227,7 @@ def test_residual_add_forms(tmp_path):
         ops[form] = [n.op_type for n in proto.graph.node]
         int32 = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.INT32}
         assert sum(n.op_type == "DequantizeLinear" and n.input[0] in int32
-                   for n in proto.graph.node) == 21  # (equal zero biases share bytes)
+                   for n in proto.graph.node) == 22  # (equal zero biases share bytes)
     assert ops["float"].count("Sum") == ops["integer"].count("Add") == 9
     assert "Add" not in ops["float"] and "Sum" not in ops["integer"]
     with pytest.raises(ExportError, match="residual_add"):
