@@ -81,7 +81,7 @@ def measure(name: str, float_model: nn.Module, student: nn.Module, bits: int, ve
         sizes["lowbit"] = out.stat().st_size
         check = result.verification["onnx"].to_dict()
     check["passed"] = check["agreement"] >= thresholds.min_agreement and \
-        check["max_steps"] <= thresholds.max_steps
+        check["median_steps"] <= thresholds.max_steps
     row = {"model": name, "bits": bits, "weights": n, "bytes": sizes,
            "bits_per_weight": {k: v * 8 / n for k, v in sizes.items()}, "verification": check}
     print(name, bits, {k: round(v, 2) for k, v in row["bits_per_weight"].items()}, check)

@@ -784,8 +784,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write MODEL.ort (onnxruntime's ORT format, as lowbit convert-ort)")
     p.add_argument("--max-steps", type=_non_negative_float, default=gate.max_steps,
                    metavar="STEPS",
-                   help="gate: largest logit difference in output quantization steps (one "
-                   "flipped code of the last activation times the largest last-layer weight)")
+                   help="gate: largest logit difference of the median input in output "
+                   "quantization steps (one flipped code of the last activation times the "
+                   "largest last-layer weight); the maximum over inputs is reported")
     p.set_defaults(func=_export)
 
 
@@ -795,7 +796,8 @@ _EXPORT_DESCRIPTION = (
     "are quantized exactly as in the student. After building, each file is run on the "
     "verification inputs and compared with the PyTorch student, with onnxruntime's float "
     "kernels (the file's reference semantics) and with the integer kernels it fuses for "
-    "speed: top-1 agreement >= 99.9% and max logit difference <= 4 output steps for both; if "
+    "speed: top-1 agreement >= 99.9% and logit difference <= 4 output steps on the median "
+    "input for both; if "
     "that fails, nothing is written and the exit status is 2. Files are written atomically.")
 
 

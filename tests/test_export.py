@@ -38,8 +38,10 @@ from lowbit.export import (
     unpack_int4,
     unpack_trits,
 )
+from lowbit.export._export import _onnx_runner
 from lowbit.export._rewrites import FoldBatchNorm
 from lowbit.export._trace import trace
+from lowbit.export._verify import RANDOM, compare
 from lowbit.quant import calibrate, quantize
 
 
@@ -211,8 +213,8 @@ def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, ternar
 
 def test_residual_add_forms(tmp_path):
     """float: residual adds as Sum (onnxruntime leaves them unfused); integer: Add (fused into
-    QLinearAdd); the 21 convs read quantized codes and get int32 biases either way (the
-    shipped student predates the pool's requantizer, so its classifier reads float)."""
+    QLinearAdd); the 21 convs and the classifier (behind the pool's requantizer) read
+    quantized codes and get int32 biases either way."""
     torch.manual_seed(0)
     x = torch.randn(16, 3, 32, 32)
     student = _checkpoint.load_model(models.pretrained("resnet20_cifar10_ternary"))[0]
@@ -225,7 +227,7 @@ def test_residual_add_forms(tmp_path):
         ops[form] = [n.op_type for n in proto.graph.node]
         int32 = {t.name for t in proto.graph.initializer if t.data_type == TensorProto.INT32}
         assert sum(n.op_type == "DequantizeLinear" and n.input[0] in int32
-                   for n in proto.graph.node) == 21  # (equal zero biases share bytes)
+                   for n in proto.graph.node) == 22  # (equal zero biases share bytes)
     assert ops["float"].count("Sum") == ops["integer"].count("Add") == 9
     assert "Add" not in ops["float"] and "Sum" not in ops["integer"]
     with pytest.raises(ExportError, match="residual_add"):
@@ -404,16 +406,18 @@ def test_cli_bad_verify_data(checkpoints, tmp_path, capsys):
 
 
 def test_random_inputs_gate_the_logit_bound_not_top1(tmp_path):
-    """Noise drives a trained network to near-tied logits: the shipped ternary ResNet20 flips
-    top-1 on some of 256 random inputs while every logit stays within a fraction of an output
-    step. Without verification data the gate is that bound alone (agreement reported)."""
+    """Noise drives a trained network to near-tied logits: the shipped ternary ResNet20 may
+    flip top-1 on some of 256 random inputs while the logits stay within the bound. Without
+    verification data the gate is that bound alone (agreement reported), and it gates: a
+    file off by more on every input fails."""
     student, ckpt = _checkpoint.load_model(models.pretrained("resnet20_cifar10_ternary"))
     result = export(student, tmp_path / "r.onnx", data=ckpt["data"], formats=("onnx",),
-                    thresholds=Thresholds(min_agreement=1.0))  # measured: 99.2-99.6%
+                    thresholds=Thresholds(min_agreement=1.0))
     checks = result.verification.values()
-    assert all(c.passed and not c.top1_gated and c.max_steps < 1 for c in checks)
+    assert all(c.passed and not c.top1_gated and c.median_steps < 1 for c in checks)
     assert "not gated on random inputs" in str(result.verification["onnx"])
-    with pytest.raises(ExportError, match="verification failed"):  # the bound still gates
-        export(student, tmp_path / "s.onnx", data=ckpt["data"], formats=("onnx",),
-               thresholds=Thresholds(max_steps=0.01))
-    assert not (tmp_path / "s.onnx").exists()
+    x = torch.randn(16, 3, 32, 32)
+    run = _onnx_runner(onnx.load(str(tmp_path / "r.onnx")), "all")
+    off = compare("onnx", RANDOM, student, lambda a: run(a) + 5.0, x, np.ones(10),
+                  Thresholds(min_agreement=1.0), progress=False)  # top-1 unchanged
+    assert off.median_steps > 4 and not off.passed

@@ -209,6 +209,50 @@ def test_gate_all_nan_rows_do_not_agree():
     assert same.passed
 
 
+def test_gate_bounds_the_median_input_and_reports_the_largest():
+    """A flipped code at a near-tie moves some inputs' logits by many output steps, a wrong
+    graph moves every input's: the logit bound is gated on the median input."""
+    student = nn.Linear(3, 4)
+    x = torch.randn(8, 3)
+
+    def shifted(rows: int, steps: float):  # every logit of the first ``rows`` inputs
+        def run(a: np.ndarray) -> np.ndarray:
+            out = student(torch.from_numpy(a)).detach().numpy()
+            out[:rows] += steps
+            return out
+        return run
+
+    few = compare("onnx", "given", student, shifted(3, 10.0), x, np.ones(4), Thresholds(),
+                  progress=False)
+    assert few.passed and few.agreement == 1.0
+    assert few.max_steps == pytest.approx(10.0) and few.median_steps < 1e-5
+    assert "10.00 output steps; median input 0.00" in str(few)
+    most = compare("onnx", "given", student, shifted(5, 10.0), x, np.ones(4), Thresholds(),
+                   progress=False)
+    assert not most.passed and most.median_steps == pytest.approx(10.0)
+
+
+def test_gate_counts_a_flip_at_a_near_tie_as_agreeing():
+    """A file that swaps the student's top two classes on one input of eight agrees at a
+    near-tie (the student's margin within the logit bound), and disagrees beyond it."""
+    student = nn.Linear(3, 4)
+    x = torch.randn(8, 3)
+    ref = student(x).detach().numpy()
+    top2 = np.argsort(ref[0])[-2:]
+    margin = float(ref[0, top2[1]] - ref[0, top2[0]])
+
+    def swapped(a: np.ndarray) -> np.ndarray:
+        out = student(torch.from_numpy(a)).detach().numpy()
+        out[0, top2] = out[0, top2[::-1]]
+        return out
+
+    for step, tie in [(margin / 3, True), (margin / 5, False)]:  # the bound: 4 steps
+        check = compare("onnx", "given", student, swapped, x, np.full(4, step), Thresholds(),
+                        progress=False)
+        assert check.agreement == 7 / 8 and check.near_ties == int(tie)
+        assert check.passed == tie and ("near-ties" in str(check)) == tie
+
+
 def test_session_refuses_non_finite_input(tmp_path, student):
     out = tmp_path / "m.onnx"
     assert export_main([str(student), "--format", "onnx", "-o", str(out)]) == 0

@@ -26,7 +26,10 @@ PRETRAINED = {  # name -> checkpoint: float teachers and students distilled from
     "resnet20_cifar10": _WEIGHTS / "resnet20_cifar10.pt",
     "resnet20_cifar100": _WEIGHTS / "resnet20_cifar100.pt",
     "resnet20_cifar10_ternary": _WEIGHTS / "resnet20_cifar10_ternary.pt",
+    "resnet20_cifar10_ternary_a8": _WEIGHTS / "resnet20_cifar10_ternary_a8.pt",
     "resnet20_cifar10_w4": _WEIGHTS / "resnet20_cifar10_w4.pt",
+    "resnet20_cifar100_ternary": _WEIGHTS / "resnet20_cifar100_ternary.pt",
+    "resnet20_cifar100_ternary_a8": _WEIGHTS / "resnet20_cifar100_ternary_a8.pt",
 }
 DEFAULT_PRETRAINED = {"resnet20": "resnet20_cifar10"}  # architecture -> its shipped weights
 
@@ -38,9 +41,10 @@ def list_pretrained() -> list[str]:
 
 def pretrained(name: str) -> Path:
     """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` / ``resnet20_cifar100``
-    (float teachers), ``resnet20_cifar10_ternary`` / ``resnet20_cifar10_w4`` (students
-    distilled from the CIFAR-10 one: ternary and 4-bit weights, 4-bit activations); an
-    architecture with shipped weights (``resnet20``) gives its CIFAR-10 float checkpoint."""
+    (float teachers), ``resnet20_cifar10_ternary`` / ``resnet20_cifar100_ternary`` (ternary
+    students distilled from them, 4-bit activations; ``..._a8``: 8-bit activations),
+    ``resnet20_cifar10_w4`` (4-bit weights and activations); an architecture with shipped
+    weights (``resnet20``) gives its CIFAR-10 float checkpoint."""
     key = DEFAULT_PRETRAINED.get(name, name)
     if key not in PRETRAINED:
         raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
