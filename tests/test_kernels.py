@@ -167,3 +167,24 @@ def test_fused_relu_keeps_brevitas_structure():
     for m in relus:
         assert type(m.act_quant) is ActQuantProxyFromInjector
         assert isinstance(m.act_quant.fused_activation_quant_proxy, _ReLUQuant)
+
+
+def test_no_cxx_compiler_falls_back_to_eager_once(monkeypatch, caplog):
+    """Where inductor cannot build (no C++ compiler), the first call logs one line and runs
+    the eager kernel, and every later call runs the eager kernel without trying again."""
+
+    def forward(*args):  # a function dynamo has not compiled yet in this process
+        return _kernels.fake_quant(*args)
+
+    monkeypatch.setattr(_kernels, "_EAGER", {**_kernels._EAGER, "forward": forward})
+    monkeypatch.setattr(_kernels, "_fused", {})
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    x, _, s, qmin, qmax = _inputs(0, torch.float32, -8.0, 7.0)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        for y in (x, x * 2):
+            assert torch.equal(_kernels.fused("forward")(y, s, qmin, qmax),
+                               _kernels.fake_quant(y, s, qmin, qmax))
+    assert _kernels.fused("forward") is forward
+    warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "InvalidCxxCompiler" in warnings[0]

@@ -88,7 +88,9 @@ def _with_fallback(name: str, compiled: Callable, eager: Callable) -> Callable:
     def run(*args: torch.Tensor):
         try:
             return compiled(*args)
-        except Exception as exc:  # noqa: BLE001  (inductor raises many kinds; eager is exact)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # inductor's failures (no C++
+            # compiler: InvalidCxxCompiler inside BackendCompilerFailed); eager is exact, and
+            # anything wrong with the arguments themselves raises again from it
             _log.warning("lowbit: fused quantizer kernels unavailable (%s: %s); using eager "
                          "PyTorch kernels (same numbers, slower QAT)", type(exc).__name__,
                          str(exc).splitlines()[0][:200] if str(exc) else "")
