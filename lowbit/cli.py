@@ -257,7 +257,8 @@ _TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "war
 def _train_config(args: argparse.Namespace):
     from .distill import TrainConfig
 
-    return TrainConfig(**{name: getattr(args, name) for name in _TRAIN_OPTIONS})
+    extra = {"bn_batches": args.bn_batches} if "bn_batches" in args else {}  # distill's
+    return TrainConfig(**{name: getattr(args, name) for name in _TRAIN_OPTIONS}, **extra)
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -362,6 +363,9 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default=kd.teacher_precision,
                    help="schemes B/C: precision of the frozen teacher's forward (None: "
                    "--precision); bf16 is ~3x faster on AMX CPUs")
+    p.add_argument("--bn-batches", type=_non_negative, default=DISTILL_CONFIG.bn_batches,
+                   help="after the last epoch, re-estimate the student's BatchNorm statistics "
+                   "over this many training batches (0: keep the running averages)")
     _add_training_options(p, DISTILL_CONFIG)
     p.set_defaults(func=_distill)
 

@@ -220,6 +220,7 @@ def test_cli_defaults_are_the_config_dataclasses():
     for field in cli._TRAIN_OPTIONS:
         assert getattr(train, field) == getattr(TrainConfig(), field), field
         assert getattr(distill, field) == getattr(DISTILL_CONFIG, field), field
+    assert distill.bn_batches == DISTILL_CONFIG.bn_batches  # students only
     for field in cli._KD_OPTIONS:
         assert getattr(distill, field) == getattr(KDConfig(), field), field
     assert (distill.bits, distill.act_bits) == (QuantSpec().weight_bits, QuantSpec().act_bits)

@@ -31,6 +31,7 @@ from lowbit.distill import (
     train,
 )
 from lowbit.distill._kd import _objective, fingerprint
+from lowbit.quant._brevitas import IntegerBias
 
 # --------------------------------------------------------------- hand-computed reference math
 
@@ -311,6 +312,60 @@ def test_resume_is_exact(tmp_path, teacher_ckpt, small, scheme, stop_step):
                  _checkpoint.load(tmp_path / "cut.pt")["state_dict"])
 
 
+def test_bn_statistics_reestimated_after_the_last_epoch(tmp_path, teacher, small, digits_split):
+    """A finished QAT run's BatchNorm statistics are the average over ``bn_batches`` training
+    batches, drawn as for one more epoch; everything else is what a run without it ends with."""
+
+    def run(bn_batches: int, out):
+        torch.manual_seed(0)
+        student = student_for("C", teacher, weight_bits=2, act_bits=4)
+        _, record = distill(student, teacher, small, digits_split[1], scheme="C", lam=0.7,
+                            epochs=2, batch_size=32, bn_batches=bn_batches, out=out,
+                            progress=False)
+        return student, record
+
+    plain, plain_record = run(0, tmp_path / "plain.pt")
+    fixed, record = run(3, tmp_path / "fixed.pt")
+    assert "bn_reestimated" not in plain_record
+    assert record["bn_reestimated"] == {"batches": 3, "val_acc_before": plain_record["val_acc"],
+                                        "val_acc": record["val_acc"]}
+    assert record["val_acc"] == evaluate(fixed, digits_split[1])
+    p, f = _state(plain), _state(fixed)
+    stats = {k for k in p if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert len(stats) == 9 and all(torch.equal(p[k], f[k]) for k in p.keys() - stats)
+    assert _same(_checkpoint.load(tmp_path / "fixed.pt")["state_dict"], f)
+
+    # by hand: each BatchNorm's input, batch statistics in every BatchNorm, the rest in eval
+    probe = copy.deepcopy(plain).eval()
+    bns = [m for m in probe.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[int, list] = {i: [] for i in range(len(bns))}
+    for m in probe.modules():
+        if isinstance(m, IntegerBias):
+            m.train()  # its eval-mode rounding reads the statistics being estimated
+    for i, m in enumerate(bns):
+        m.train()
+        m.register_forward_hook(lambda mod, inp, out, i=i: seen[i].append(inp[0].detach()))
+    loader = data.as_data(small).loader(32, train=True, seed=0)
+    loader.set_epoch(2)  # the batches of the epoch after the last
+    with torch.no_grad():
+        for x, _ in list(loader)[:3]:
+            probe(x.contiguous(memory_format=torch.channels_last))  # as training feeds it
+    for i, m in enumerate(m for m in fixed.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        means = torch.stack([t.mean((0, 2, 3)) for t in seen[i]]).mean(0)
+        variances = torch.stack([t.var((0, 2, 3)) for t in seen[i]]).mean(0)
+        torch.testing.assert_close(m.running_mean, means)
+        torch.testing.assert_close(m.running_var, variances)
+        assert m.momentum == 0.1 and not m.training
+
+
+def test_float_training_keeps_running_statistics(digits_split):
+    """``bn_batches`` is for quantized models: a float model ends with its running averages."""
+    torch.manual_seed(0)
+    _, record = train(models.create("digits_cnn", width=4), digits_split[0].subset(64), None,
+                      epochs=1, batch_size=32, bn_batches=2, progress=False)
+    assert record["config"]["bn_batches"] == 2 and "bn_reestimated" not in record
+
+
 def test_non_finite_loss_names_epoch_and_step_and_keeps_checkpoint(tmp_path, teacher, small):
     student = student_for("C", teacher, weight_bits=2, act_bits=4)
     calls = []
@@ -405,10 +460,11 @@ def test_cli_distill_end_to_end(tmp_path, teacher_ckpt, capsys):
     args = ["distill", "--teacher", str(teacher_ckpt), "--data", "digits", "--scheme", "C",
             "--bits", "2", "--act-bits", "4", "--temperature", "4", "--lam", "0.8",
             "--gslr", "0:2", "--gslr-shape", "cosine", "--epochs", "2", "--batch-size", "64",
-            "--limit", "384", "-o", str(out)]
+            "--limit", "384", "--bn-batches", "2", "-o", str(out)]
     assert cli.main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
     model, ckpt = _checkpoint.load_model(out)
+    assert ckpt["record"]["bn_reestimated"]["batches"] == 2
     assert ckpt["quant"]["weight_bits"] == 2 and ckpt["quant"]["act_bits"] == 4
     kd = ckpt["record"]["kd"]
     assert kd["scheme"] == "C" and kd["gslr"]["shape"] == "cosine" and kd["temperature"] == 4

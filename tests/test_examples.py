@@ -137,3 +137,26 @@ def test_demo_bad_data(tmp_path: Path, spec: str) -> None:
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lowbit: error:"), res.stderr
+
+
+def test_reestimate_bn_writes_a_finished_student_and_keeps_inputs(tmp_path: Path) -> None:
+    import lowbit
+    from lowbit import data, models, quantize
+
+    student = quantize(models.create("digits_cnn", width=4), weight_bits=2, act_bits=4)
+    lowbit.train(student, data.digits(), data.digits(train=False), epochs=1, batch_size=64,
+                 out=tmp_path / "s.pt", progress=False)
+    before = (tmp_path / "s.pt").read_bytes()
+    cmd = [sys.executable, str(EXAMPLES / "reestimate_bn.py"), str(tmp_path / "s.pt"),
+           "--data", "digits", "--batches", "3", "-o", str(tmp_path / "bn.pt")]
+    res = run(cmd, tmp_path)
+    got = re.search(r"accuracy (\S+)% -> (\S+)% with BatchNorm statistics re-estimated over 3 "
+                    r"training batches", res.stdout)
+    ckpt = torch.load(tmp_path / "bn.pt", weights_only=True)
+    info = ckpt["record"]["bn_reestimated"]
+    assert got and info["batches"] == 3 and "resume" not in ckpt
+    assert f"{100 * info['val_acc_before']:.2f}" == got[1]
+    assert f"{100 * info['val_acc']:.2f}" == got[2] == f"{100 * ckpt['record']['val_acc']:.2f}"
+    assert (tmp_path / "s.pt").read_bytes() == before
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr

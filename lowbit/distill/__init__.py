@@ -8,11 +8,12 @@ import sys
 import types
 
 from ._kd import DISTILL_CONFIG, GSLR, KDConfig, apprentice_loss, distill, hinton_loss, student_for
-from ._loop import TrainConfig, TrainingError, evaluate
+from ._loop import TrainConfig, TrainingError, evaluate, reestimate_bn
 from ._train import train
 
 __all__ = ["DISTILL_CONFIG", "GSLR", "KDConfig", "TrainConfig", "TrainingError",
-           "apprentice_loss", "distill", "evaluate", "hinton_loss", "student_for", "train"]
+           "apprentice_loss", "distill", "evaluate", "hinton_loss", "reestimate_bn", "student_for",
+           "train"]
 
 
 class _CallablePackage(types.ModuleType):

@@ -45,10 +45,15 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": autocast matmuls/convs to bfloat16 (2.5x on AMX CPUs)
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: once per epoch)
+    # quantized models: after the last epoch, BatchNorm statistics re-estimated over this many
+    # training batches (``reestimate_bn``; 0: keep the running averages)
+    bn_batches: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise UsageError("epochs and batch_size must be >= 1")
+        if self.bn_batches < 0:
+            raise UsageError(f"bn_batches must be >= 0, got {self.bn_batches}")
         if self.schedule not in ("cosine", "step"):
             raise UsageError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -205,9 +210,76 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
         if rank == 0 and progress:  # progress=False (--quiet): the final record only
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in entry.items()))
-        save(step, finished=epoch + 1 == cfg.epochs)
+        last = epoch + 1 == cfg.epochs
+        if last and cfg.bn_batches and getattr(model, "lowbit_quant", None) is not None:
+            _finish_bn(model, train_data, val_data, cfg, record, progress and rank == 0)
+        save(step, finished=last)
     model.eval()
     return record
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data: DataLike, batches: int = 100, *,
+                  batch_size: int = 128, seed: int = 0, epoch: int = 0) -> int:
+    """Set every BatchNorm's running statistics to their average over ``batches`` training
+    batches (augmented as in training, fp32; the rest of ``model`` in eval mode, except the
+    student's integer-bias rounding, which reads the statistics being estimated).
+
+    In QAT, weights near a quantization threshold keep flipping, so BatchNorm's running
+    averages lag the weights the model ends with (Nagel et al. 2022, "Overcoming oscillations
+    in quantization-aware training"); re-estimating them with the final weights fixes that.
+    The batches are augmented because the model trained on such statistics (CIFAR's padded
+    crops shift them). ``seed``/``epoch`` pick the batches as the training loader does.
+    Returns the number of batches used.
+    """
+    from ..quant._brevitas import IntegerBias  # here: float training never imports Brevitas
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+        m.train()
+    for m in model.modules():
+        if isinstance(m, IntegerBias):
+            m.train()  # as in training: the float bias
+    loader = as_data(data, split="train").loader(batch_size, train=True, seed=seed)
+    loader.set_epoch(epoch)
+    used = 0
+    try:
+        for x, _ in loader:
+            if used == batches:
+                break
+            model(_layout(x))
+            used += 1
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if used == 0:
+        raise DataError("no training batch to re-estimate BatchNorm statistics on")
+    return used
+
+
+def _finish_bn(model: nn.Module, train_data: DataLike, val_data: DataLike | None,
+               cfg: TrainConfig, record: dict[str, Any], verbose: bool) -> None:
+    """Re-estimate a finished QAT model's BatchNorm statistics (batches drawn as for one more
+    epoch) and record the validation accuracy before and after."""
+    used = reestimate_bn(model, train_data, cfg.bn_batches, batch_size=cfg.batch_size,
+                         seed=cfg.seed, epoch=cfg.epochs)
+    info: dict[str, Any] = {"batches": used}
+    if val_data is not None:
+        info["val_acc_before"] = record["val_acc"]
+        info["val_acc"] = record["val_acc"] = evaluate(model, val_data)
+    record["bn_reestimated"] = info
+    if verbose:
+        change = (f": val_acc {info['val_acc_before']:.4f} -> {info['val_acc']:.4f}"
+                  if val_data is not None else "")
+        tqdm.write(f"BatchNorm statistics re-estimated over {used} training batches{change}")
 
 
 def _restore(out: str | Path | None, modules: dict[str, nn.Module], record: dict[str, Any],
