@@ -281,6 +281,22 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
+def test_zero_soft_weight_is_label_training_without_the_teacher(teacher, small):
+    # lam = 0 is plain QAT on the labels: the same weights as lowbit.train, bit for bit, and
+    # the frozen teacher is never run (a teacher whose logits are NaN cannot spoil the loss)
+    class NaNLogits(torch.nn.Module):
+        def forward(self, x):
+            return x * float("nan")
+
+    broken = torch.nn.Sequential(copy.deepcopy(teacher), NaNLogits())
+    cfg = dict(epochs=2, batch_size=32, lr=0.02, progress=False, seed=3)
+    by_distill = student_for("C", teacher, weight_bits=2, act_bits=4)
+    distill(by_distill, broken, small, None, scheme="C", lam=0.0, **cfg)
+    by_train = student_for("C", teacher, weight_bits=2, act_bits=4)
+    train(by_train, small, None, **cfg)
+    assert _same(_state(by_distill), _state(by_train))
+
+
 @pytest.mark.parametrize("scheme,stop_step", [("C", 8), ("C", 5), ("A", 8)])
 def test_resume_is_exact(tmp_path, teacher_ckpt, small, scheme, stop_step):
     # 4 steps per epoch, checkpoints after steps 3, 4 (epoch end), 6, and at the end (8).

@@ -186,13 +186,17 @@ def _objective(kd: KDConfig, teacher: nn.Module):
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
         s = model(x)  # [B, classes]
+        w = kd.soft_weight(epoch)
+        if w == 0 and kd.loss == "hinton" and kd.scheme != "A":
+            # labels only (lam = 0, or GSLR's end): the frozen teacher's forward would be
+            # multiplied by zero, so skip it; the loss and its gradient are those below, exactly
+            return F.cross_entropy(s.float(), y), s, {}
         if kd.scheme == "A":
             t = teacher(x)
         else:  # frozen teacher: no graph, no saved activations, its own precision
             with torch.inference_mode(), torch.autocast("cpu", enabled=False):
                 t = teacher(x.to(dtype))
             t = t.clone()  # an ordinary tensor, which autograd may save for backward
-        w = kd.soft_weight(epoch)
         s32, t32 = s.float(), t.float()
         if kd.loss == "hinton":
             loss = hinton_loss(s32, t32, y, lam=w, temperature=kd.temperature,
