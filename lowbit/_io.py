@@ -78,9 +78,16 @@ def atomic_write_all(writes: Mapping[str | Path, Writer]) -> list[Path]:
         for path, write in zip(paths, writes.values(), strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-            # O_EXCL: never an existing file; mode 0o666 less the umask, as open() gives
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            # listed before it exists: an interrupt (SIGTERM, Ctrl-C) landing right after the
+            # create must still find it to remove
             tmps.append(tmp)
+            try:
+                # O_EXCL: never an existing file; mode 0o666 less the umask, as open() gives
+                fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                tmps.pop()  # somebody else's file: not ours to remove
+                raise
+            os.close(fd)
             write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

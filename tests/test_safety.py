@@ -133,6 +133,21 @@ def test_failed_pair_write_keeps_old_files_and_leaves_no_temp(tmp_path):
         atomic_write_all({link: lambda tmp: tmp.write_text("x")})
 
 
+def test_interrupt_right_after_the_temp_is_created_leaves_no_temp(tmp_path, monkeypatch):
+    """SIGTERM lands on any bytecode: here, between creating the temp file and writing it."""
+    close = os.close
+
+    def close_then_interrupt(fd: int) -> None:
+        close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_all({tmp_path / "run.json": lambda tmp: tmp.write_text("{}")})
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def _killed_run(tmp_path: Path, *args: str) -> tuple[Path, subprocess.Popen]:
     """Start a long run that checkpoints every step; SIGTERM it once a checkpoint exists."""
     out = tmp_path / "run.pt"
