@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,13 +23,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lowbit import _checkpoint, cli, models
+from lowbit import _checkpoint, cli, data, models
 from lowbit._io import atomic_write_all
 from lowbit.cli import export_main, main
 from lowbit.errors import InputError, ModelError, OutputError, QuantizeError, TrainingError
 from lowbit.export import Thresholds
-from lowbit.export._verify import compare
-from lowbit.quant import quantize
+from lowbit.export._export import build_onnx
+from lowbit.export._verify import compare, locate
+from lowbit.quant import act_quants, bake_integer_bias, quantize
 from lowbit.runtime import Session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,15 +204,50 @@ def test_checkpoint_without_new_fields_still_resumes(tmp_path, teacher):
 # -------------------------------------------------------------------- broken passed as good
 
 
+def _batchnorms_and_next_quantizer(model: nn.Module) -> list[tuple[nn.BatchNorm2d, str]]:
+    """Each BatchNorm of a graph-mode student with the first activation quantizer after it."""
+    acts = {a.name for a in act_quants(model)}
+    found = []
+    for name, bn in model.named_modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            node = next(n for n in model.graph.nodes if n.target == name)
+            while node.target not in acts:
+                node = next(iter(node.users))
+            found.append((bn, node.target))
+    return found
+
+
 def test_gate_fails_nan_batchnorm_and_writes_nothing(tmp_path, student, capsys):
     model, ckpt = _checkpoint.load_model(student)
-    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn, after = _batchnorms_and_next_quantizer(model)[0]
     bn.running_var[0] = float("nan")
     bad = _checkpoint.save(tmp_path / "bad.pt", model, data=ckpt["data"], record={})
     assert export_main([str(bad), "--format", "onnx", "-o", str(tmp_path / "bad.onnx")]) == 2
     line = _one_line_error(capsys, "lowbit-export")
     assert "FAILED" in line and "non-finite" in line
+    # and where: the quantizer after the NaN channel, the whole channel (1 of 16 here)
+    assert f"first difference at quantizer {after}: " in line, line
+    assert line.endswith(" non-finite in the student")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_locate_names_where_a_wrong_graph_departs_and_calls_ties_ties(student):
+    model = _checkpoint.load_model(student)[0]
+    baked = bake_integer_bias(model)
+    x = next(iter(data.load("digits", train=False).loader(128)))[0]
+    proto, _, _, acts = build_onnx(baked, x[:1])
+    # the file is the student: any first difference is a float rounding tie
+    where = locate(baked, proto, acts, x)
+    assert where == "" or re.search(r": (\d+) of \d+ codes, off by up to 1, \1 at a rounding "
+                                    r"tie$", where), where
+    bn, after = _batchnorms_and_next_quantizer(baked)[1]
+    with torch.no_grad():
+        bn.running_mean += 3 * bn.running_var.sqrt()  # now the file computes another network
+    where = locate(baked, proto, acts, x)
+    found = re.fullmatch(rf"first difference at quantizer {re.escape(after)}: (\d+) of \d+ "
+                         r"codes, off by up to (\d+), (\d+) at a rounding tie", where)
+    assert found, where
+    assert int(found[2]) > 1 and int(found[3]) < int(found[1]) / 10
 
 
 def test_gate_all_nan_rows_do_not_agree():

@@ -51,7 +51,7 @@ from ._rewrites import (
     ShortenNames,
 )
 from ._trace import TRACE_OPSET, Act, shadow, trace
-from ._verify import RANDOM, Thresholds, Verification, compare
+from ._verify import RANDOM, Thresholds, Verification, compare, locate
 
 FORMATS = ("onnx", "qonnx")
 WEIGHT_FORMS = ("cast", "dequant")
@@ -384,7 +384,9 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         built["qonnx"] = (path if formats == ("qonnx",) else qonnx_path(path), qproto)
     failed = [str(v) for v in checks.values() if not v.passed]
     if failed:
-        raise ExportError("verification failed, nothing written: " + "; ".join(failed))
+        where = locate(student, proto, acts, inputs[:16]) if "onnx" in formats else ""
+        raise ExportError("verification failed, nothing written: " + "; ".join(failed)
+                          + (f"; {where}" if where else ""))
     accuracy, cautions = {}, []
     if student is not model and labels is not None and "onnx" in built:  # PTQ: its cost
         with torch.inference_mode():

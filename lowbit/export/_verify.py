@@ -28,6 +28,10 @@ a trained network to near-tied logits, where float rounding alone flips top-1 (t
 ternary ResNet20 agrees on 99.2-99.6% of 256 noise images while every logit stays within
 0.5 output steps), so agreement there is reported, not gated; real data gates both.
 
+When the gate fails, ``locate`` says where: the first activation quantizer whose codes
+differ, and whether the differing codes sat at rounding ties (float rounding) or not (a
+wrong graph).
+
 A non-finite logit on either side (NaN or inf, e.g. from a NaN BatchNorm statistic) fails the
 gate, whatever the agreement: NaN compares as neither larger nor smaller, so without this
 rule two all-NaN rows would "agree" and a NaN difference would vanish in ``max``.
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import _intmath
 from ..errors import ExportError, UsageError
 
 RANDOM = "random"  # the source name of the gate's default inputs (no data given)
@@ -146,3 +151,74 @@ def compare(fmt: str, source: str, student: torch.nn.Module,
               and ((agree + ties) / max(n, 1) >= thresholds.min_agreement or not top1))
     return Verification(fmt, source, n, agreement, max_diff, max_steps, passed, bad_out, bad_ref,
                         top1, median_steps, ties)
+
+
+def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor) -> str:
+    """Where the file first departs from the student on ``inputs``: the first activation
+    quantizer, in graph order, whose codes differ, how many and by how much, and how many
+    of those sit at a rounding tie in the student (float rounding) rather than off (a wrong
+    graph). "" when every quantizer agrees. Runs the file at the basic level (float kernels).
+
+    Each ``acts`` entry (the exporter's ``Act``) is matched to the first unused QuantizeLinear
+    with its scale, in graph order; the file's codes are read from that node's output.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from ..runtime._session import session_options
+
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    qnodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    where: dict[str, int] = {}  # act name -> index into qnodes
+    for act in acts:
+        for i, node in enumerate(qnodes):
+            s = consts.get(node.input[1])
+            if i not in where.values() and s is not None and s.shape == act.scale.shape \
+                    and np.array_equal(s, act.scale):
+                where[act.name] = i
+                break
+    if not where:
+        return ""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    names = [qnodes[i].output[0] for i in where.values()]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(optimization="basic"),
+                                providers=["CPUExecutionProvider"])
+    file_codes = dict(zip(where, sess.run(names, {sess.get_inputs()[0].name: inputs.numpy()}),
+                          strict=True))
+
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # act name -> (input, output)
+    hooks = [student.get_submodule(name).register_forward_hook(
+        lambda m, i, o, name=name: seen.__setitem__(name, (i[0].detach(), o.detach())))
+        for name in where]
+    try:
+        with torch.no_grad():
+            student(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    by_act = {a.name: a for a in acts}
+    for name in sorted(where, key=where.get):  # graph order
+        act = by_act[name]
+        lo, hi = _intmath.code_range(act.bits, act.signed)
+        offset = 128 if act.signed else 0  # signed codes are stored as uint8 + 128
+        got = np.clip(file_codes[name].astype(np.int64) - offset, lo, hi)
+        x, y = (t.float().numpy() for t in seen[name])
+        scale = np.asarray(act.scale, np.float32)
+        scale = scale.reshape(1, -1, *[1] * (x.ndim - 2)) if scale.ndim else scale
+        want = np.round(y / scale)
+        off = got != want
+        if got.shape != want.shape or off.any():
+            if got.shape != want.shape:
+                return f"quantizer {name}: file shape {got.shape}, student {want.shape}"
+            t = (x if act.signed else np.maximum(x, 0)) / scale
+            ties = int((np.abs(t - np.floor(t) - 0.5) < 1e-3)[off].sum())
+            bad = int((~np.isfinite(want))[off].sum())
+            far = np.abs(got - want)[off & np.isfinite(want)]
+            how = [f"off by up to {int(far.max())}, {ties} at a rounding tie"] if far.size else []
+            how += [f"{bad} non-finite in the student"] if bad else []
+            return (f"first difference at quantizer {name}: {int(off.sum())} of {off.size} "
+                    f"codes, " + ", ".join(how))
+    return ""
