@@ -87,12 +87,13 @@ def brevitas_qcdq(student, example, path: Path) -> None:
             raise RuntimeError(f"{a.name}: snapping the weights changed its quantization")
     export_onnx_qcdq(baked, example, export_path=str(path), input_names=[_onnx_meta.INPUT_NAME],
                      dynamic_axes={_onnx_meta.INPUT_NAME: {0: "N"}}, opset_version=18)
-    model = onnx.load(path)
+    model = onnx.load(path)  # with the weights torch's exporter wrote beside it
     weights = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    onnx.save(model, path)
+    onnx.save(model, path)  # one file, weights inside
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[dict, dict]:
