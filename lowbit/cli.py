@@ -238,7 +238,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
                    default=d.warmup_epochs,
                    help="warm-up epochs (linear)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
-                   help="bf16 autocast: ~2.5x faster on CPUs with AMX/AVX512-BF16")
+                   help="bf16 autocast: faster on CPUs with AMX/AVX512-BF16 (README: Training "
+                   "speed)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds every random draw: initial weights, shuffling, augmentation")
     p.add_argument("--checkpoint-every", type=_non_negative, default=d.checkpoint_every,
@@ -362,7 +363,7 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
                    help="scheme A: also save the jointly trained teacher here")
     p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default=kd.teacher_precision,
                    help="schemes B/C: precision of the frozen teacher's forward (None: "
-                   "--precision); bf16 is ~3x faster on AMX CPUs")
+                   "--precision); bf16 is faster on CPUs with AMX/AVX512-BF16")
     p.add_argument("--bn-batches", type=_non_negative, default=DISTILL_CONFIG.bn_batches,
                    help="after the last epoch, re-estimate the student's BatchNorm statistics "
                    "over this many training batches (0: keep the running averages)")
@@ -778,7 +779,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-add", choices=["auto", "integer", "float"], default="auto",
                    help="integer: residual adds fused into onnxruntime's QLinearAdd (fastest; "
                    "its rounding differs slightly from the student's); float: in float between "
-                   "the integer convolutions (exact, ~15-25%% slower on 2 threads); auto: "
+                   "the integer convolutions (exact, slower: README, Runtime speed); auto: "
                    "integer when it passes the gate, else float")
     p.add_argument("--ternary-storage", choices=["trits", "int"], default="trits",
                    help="ternary weights as trits (five per byte, 1.6 bits, decoded by a "

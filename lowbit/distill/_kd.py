@@ -87,8 +87,8 @@ class KDConfig:
     ``teacher_grad`` (scheme A only) lets the soft term push gradients into the teacher too;
     by default the teacher learns from its own cross-entropy alone. ``teacher_precision``
     ("fp32" or "bf16"; default: the training precision) sets the frozen teacher's forward
-    alone: "bf16" makes it ~3x faster on CPUs with AMX, and its soft targets change only by
-    bf16 rounding of the logits (~3 significant digits).
+    alone: "bf16" is much faster on CPUs with AMX, and its soft targets change only by
+    bf16 rounding of the logits.
     """
 
     scheme: str = "C"

@@ -42,7 +42,7 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule: fractions of the epochs
     gamma: float = 0.1  # step schedule: lr factor at each milestone
     warmup_epochs: float = 0.0
-    precision: str = "fp32"  # "bf16": autocast matmuls/convs to bfloat16 (2.5x on AMX CPUs)
+    precision: str = "fp32"  # "bf16": autocast matmuls/convs to bfloat16 (faster on AMX CPUs)
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: once per epoch)
     # quantized models: after the last epoch, BatchNorm statistics re-estimated over this many

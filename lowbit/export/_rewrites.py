@@ -208,11 +208,10 @@ class FloatResidualAdds(Transformation):
     """Write each Add of two dequantized tensors (a residual add) as the equivalent ``Sum``.
 
     onnxruntime fuses DequantizeLinear -> Add -> QuantizeLinear into QLinearAdd, whose
-    requantization is less precise than float: on one ternary ResNet20 student about 3e-4 of
-    its output codes differ by one from exact rounding, and the flips propagate (99.4-99.7 %
-    top-1 agreement on CIFAR-10; other students agree 100 %). It leaves ``Sum`` unfused, so
-    the add runs in float between the integer convolutions (still fused), exactly as the
-    student computes it, for ~20 % more latency at batch 1 on 2 threads.
+    requantization is less precise than float: some output codes differ by one from exact
+    rounding, and the flips propagate (README, Known limitations). It leaves ``Sum``
+    unfused, so the add runs in float between the integer convolutions (still fused),
+    exactly as the student computes it, at some latency (``benchmarks/runtime_speed.py``).
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
@@ -377,7 +376,8 @@ def _short_name(i: int) -> str:
 class ShortenNames(Transformation):
     """Short names (``_short_name``) for initializers and intermediate tensors, except graph
     inputs/outputs and the initializers in ``keep`` (the packed weights, named by layer); node
-    names, doc strings and value_info are dropped. Saves ~10 % of a ternary ResNet20 file."""
+    names, doc strings and value_info are dropped: names are a visible share of a packed
+    low-bit file."""
 
     def __init__(self, keep: frozenset[str] = frozenset()) -> None:
         super().__init__()

@@ -19,14 +19,13 @@ Two onnxruntime runs are gated alike: ``onnx`` at the basic optimisation level (
 kernels: the file's reference semantics, which the student reproduces up to float rounding)
 and ``onnx-int`` at the default level, where onnxruntime fuses the QDQ patterns into integer
 kernels (QLinearConv, and QLinearAdd unless residual adds are kept in float) that
-requantize on their own. Measured on the shipped ternary and 4-bit ResNet20 students over the
-CIFAR-10 test set: 100 % and 100 %; QLinearAdd dropped the second to 99.4 % on one 1-epoch
-student, where ``residual_add="auto"`` keeps the adds in float (``FloatResidualAdds``).
+requantize on their own; where QLinearAdd misses the gate, ``residual_add="auto"`` keeps the
+adds in float (``FloatResidualAdds``).
 
 On random inputs (no verification data given) the gate is the logit bound alone: noise drives
-a trained network to near-tied logits, where float rounding alone flips top-1 (the shipped
-ternary ResNet20 agrees on 99.2-99.6% of 256 noise images while every logit stays within
-0.5 output steps), so agreement there is reported, not gated; real data gates both.
+a trained network to near-tied logits, where float rounding alone flips top-1 while every
+logit stays in bounds (README gives the figures), so agreement there is reported, not
+gated; real data gates both.
 
 When the gate fails, ``locate`` says where: the first activation quantizer whose codes
 differ, and whether the differing codes sat at rounding ties (float rounding) or not (a

@@ -17,8 +17,9 @@ talks in ``QuantSpec`` terms. Quantizers (per-output-channel weights, per-tensor
 - activations (unsigned after ReLU, and the signed 8-bit network input): a learned
   per-tensor range r (scale = r / qmax, qmax = 2^b - 1 unsigned, 127 signed; signed codes
   span [-128, 127]) whose first ``ACT_INIT_STEPS`` training calls set r to the running mean
-  of the batch max |x|. This replaces Brevitas' default percentile statistics (``kthvalue``
-  over 300 steps, ~70% of a QAT step on CPU) by an ``amax``, with the same kind of init.
+  of the batch max |x|. This replaces Brevitas' default percentile statistics (a
+  ``kthvalue`` per call over its first 300 steps, most of a CPU QAT step's time) by an
+  ``amax``, with the same kind of init.
 
 Rounding everywhere is ``torch.round`` (round half to even); zero points are 0.
 """

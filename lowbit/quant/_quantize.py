@@ -1,12 +1,9 @@
 """``quantize(model, spec)``: a float CNN -> a torch.fx GraphModule quantization-aware student.
 
-Default ternary scale rule: "twn" (exact TWN, see the adapter's module docstring). Measured
-with ``benchmarks/quant_rules.py`` (2 loaded CPU cores, so short runs): digits_cnn, 4 QAT
-epochs from a 98.3% float model: twn 98.3%, learned 98.1%; ResNet20 from a 68.2% float
-checkpoint, 60 steps of batch 64 on CIFAR-10: twn 75.7%, learned 77.5% (1,000 test images,
-standard error ~1.3 points). Neither rule wins beyond noise, so the default is the one with
-no extra parameters, no initialisation to get wrong and a closed form the exporter and the
-papers share: "twn". "learned" remains a spec option (LSQ-style per-channel range).
+Default ternary scale rule: "twn" (exact TWN, see the adapter's module docstring). Neither
+rule wins beyond noise in ``benchmarks/quant_rules.py`` (README), so the default is the one
+with no extra parameters, no initialisation to get wrong and a closed form the exporter and
+the papers share: "twn". "learned" remains a spec option (LSQ-style per-channel range).
 
 The float model is traced once (torch.fx), canonicalised by Brevitas' passes
 (functional calls and ``x.mean((2, 3))`` to modules, shared stateless modules duplicated per
