@@ -1,4 +1,4 @@
-"""Pieces every benchmark script shares: the float ONNX baseline and writing a result pair."""
+"""Pieces the benchmark scripts share: the float ONNX and Brevitas baselines, writing results."""
 
 from __future__ import annotations
 
@@ -22,6 +22,43 @@ def float_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return buf.getvalue()
+
+
+def brevitas_student(student: nn.Module) -> nn.Module:
+    """A copy of ``student`` that Brevitas' exporters turn into a file computing what it
+    computes: integer biases baked, and each weight stored as its codes x scale (Brevitas
+    writes round(w / scale), while TWN thresholds at 0.7 E|w|; the snapped weights are a
+    fixed point of TWN, which this checks)."""
+    from lowbit import quant
+
+    baked = quant.bake_integer_bias(student)
+    layers = quant.quant_layers(baked)
+    with torch.no_grad():
+        for info in layers:
+            w = baked.get_submodule(info.name).weight
+            w.copy_(info.int_weight.float() * info.scale.view(-1, *[1] * (w.ndim - 1)))
+    for a, b in zip(layers, quant.quant_layers(baked), strict=True):
+        if not (torch.equal(a.int_weight, b.int_weight) and torch.allclose(a.scale, b.scale)):
+            raise RuntimeError(f"{a.name}: snapping the weights changed its quantization")
+    return baked
+
+
+def brevitas_qcdq(student: nn.Module, example: torch.Tensor) -> bytes:
+    """Brevitas' QCDQ export of :func:`brevitas_student` (int8 weights, TorchScript exporter),
+    with a dynamic batch: ``input`` -> ``logits``."""
+    import onnx
+    from brevitas.export import export_onnx_qcdq
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # dynamic_axes fails inside Brevitas' TorchScript path: the batch is renamed below
+        export_onnx_qcdq(brevitas_student(student).eval(), args=example, export_path=buf,
+                         input_names=["input"], output_names=["logits"], dynamo=False)
+    model = onnx.load_from_string(buf.getvalue())
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return model.SerializeToString()
 
 
 def save_results(stem: Path, report: dict[str, Any], markdown: str) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from common import float_onnx
+from common import brevitas_qcdq, brevitas_student, float_onnx
 
 from lowbit import _checkpoint, data, models
 from lowbit._io import atomic_write, write_json
@@ -48,19 +48,15 @@ def n_weights(model: nn.Module) -> int:
 
 
 def brevitas_sizes(student: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    from brevitas.export import export_onnx_qcdq, export_qonnx
+    from brevitas.export import export_qonnx
 
-    from lowbit.quant import bake_integer_bias
-
-    student = bake_integer_bias(student)  # eval-mode hooks as plain biases, as lowbit exports
-    sizes = {}
-    for name, fn in [("brevitas_qcdq", export_onnx_qcdq), ("brevitas_qonnx", export_qonnx)]:
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            fn(student.eval(), args=example, export_path=buf, dynamo=False)
-        sizes[name] = len(buf.getvalue())
-    return sizes
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        export_qonnx(brevitas_student(student).eval(), args=example, export_path=buf,
+                     dynamo=False)
+    return {"brevitas_qcdq": len(brevitas_qcdq(student, example)),
+            "brevitas_qonnx": len(buf.getvalue())}
 
 
 def digits_model() -> nn.Module:

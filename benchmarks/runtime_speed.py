@@ -4,7 +4,7 @@ Builds (full install) the ONNX files of one ResNet20, or takes any ``--model NAM
 
 * ``float``        torch.onnx.export of the float model (onnxruntime folds BatchNorm)
 * ``ort_int8``     onnxruntime's own ``quantize_static`` (QDQ, per-channel int8, MinMax)
-* ``brevitas_qcdq`` Brevitas' QCDQ export of the ternary student (see ``brevitas_qcdq``)
+* ``brevitas_qcdq`` Brevitas' QCDQ export of the ternary student (``common.brevitas_qcdq``)
 * ``lowbit_w2``    ``lowbit.export`` of the ternary student (trits, 1.6 bits per weight)
 * ``lowbit_w2_floatadd`` the same with ``residual_add="float"`` (no QLinearAdd)
 * ``lowbit_w4``    ``lowbit.export`` of the 4-bit student (INT4 weights)
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import save_results
+from common import brevitas_qcdq, save_results
 
 from lowbit import _datafiles
 from lowbit.runtime import Session, resident_bytes
@@ -62,38 +62,6 @@ def _shipped_student(bits: int):
 
     path = models.PRETRAINED.get({2: "resnet20_cifar10_ternary", 4: "resnet20_cifar10_w4"}[bits])
     return _checkpoint.load_model(path)[0] if path is not None and path.is_file() else None
-
-
-def brevitas_qcdq(student, example, path: Path) -> None:
-    """Brevitas' QCDQ export (its default exporter) of ``student``, made to compute what the
-    student does: integer biases baked, weights stored as codes x scale (Brevitas rounds
-    w / scale, TWN ternary thresholds at 0.7 E|w|; TWN is a fixed point of the snapped
-    weights), and the weights moved out of the graph inputs, as onnxruntime's load warning
-    advises, so that it can fold their Quantize/Clip at load."""
-    import onnx
-    import torch
-    from brevitas.export import export_onnx_qcdq
-
-    from lowbit import _onnx_meta, quant
-
-    baked = quant.bake_integer_bias(student)
-    layers = quant.quant_layers(baked)
-    with torch.no_grad():
-        for info in layers:
-            w = baked.get_submodule(info.name).weight
-            w.copy_(info.int_weight.float() * info.scale.view(-1, *[1] * (w.ndim - 1)))
-    for a, b in zip(layers, quant.quant_layers(baked), strict=True):
-        if not (torch.equal(a.int_weight, b.int_weight) and torch.allclose(a.scale, b.scale)):
-            raise RuntimeError(f"{a.name}: snapping the weights changed its quantization")
-    export_onnx_qcdq(baked, example, export_path=str(path), input_names=[_onnx_meta.INPUT_NAME],
-                     dynamic_axes={_onnx_meta.INPUT_NAME: {0: "N"}}, opset_version=18)
-    model = onnx.load(path)  # with the weights torch's exporter wrote beside it
-    weights = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in weights]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    onnx.save(model, path)  # one file, weights inside
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[dict, dict]:
@@ -160,7 +128,7 @@ def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[d
                    data=info, residual_add="float")
             refs[name + "_floatadd"] = refs[name]
             paths["brevitas_qcdq"] = out / "brevitas_qcdq.onnx"
-            brevitas_qcdq(student, x[:1], paths["brevitas_qcdq"])
+            paths["brevitas_qcdq"].write_bytes(brevitas_qcdq(student, x[:1]))
             refs["brevitas_qcdq"] = refs[name]
     print(f"built {len(paths)} files from {source}", file=sys.stderr)
     return paths, refs
