@@ -43,9 +43,9 @@ def brevitas_student(student: nn.Module) -> nn.Module:
     return baked
 
 
-def brevitas_qcdq(student: nn.Module, example: torch.Tensor) -> bytes:
-    """Brevitas' QCDQ export of :func:`brevitas_student` (int8 weights, TorchScript exporter),
-    with a dynamic batch: ``input`` -> ``logits``."""
+def brevitas_qcdq(ready: nn.Module, example: torch.Tensor) -> bytes:
+    """Brevitas' QCDQ export (int8 weights, TorchScript exporter) of a student prepared by
+    :func:`brevitas_student`, with a dynamic batch: ``input`` -> ``logits``."""
     import onnx
     from brevitas.export import export_onnx_qcdq
 
@@ -53,7 +53,7 @@ def brevitas_qcdq(student: nn.Module, example: torch.Tensor) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # dynamic_axes fails inside Brevitas' TorchScript path: the batch is renamed below
-        export_onnx_qcdq(brevitas_student(student).eval(), args=example, export_path=buf,
+        export_onnx_qcdq(ready.eval(), args=example, export_path=buf,
                          input_names=["input"], output_names=["logits"], dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     for value in (*model.graph.input, *model.graph.output):

@@ -50,12 +50,12 @@ def n_weights(model: nn.Module) -> int:
 def brevitas_sizes(student: nn.Module, example: torch.Tensor) -> dict[str, int]:
     from brevitas.export import export_qonnx
 
+    ready = brevitas_student(student)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        export_qonnx(brevitas_student(student).eval(), args=example, export_path=buf,
-                     dynamo=False)
-    return {"brevitas_qcdq": len(brevitas_qcdq(student, example)),
+        export_qonnx(ready.eval(), args=example, export_path=buf, dynamo=False)
+    return {"brevitas_qcdq": len(brevitas_qcdq(ready, example)),
             "brevitas_qonnx": len(buf.getvalue())}
 
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import brevitas_qcdq, save_results
+from common import brevitas_qcdq, brevitas_student, save_results
 
 from lowbit import _datafiles
 from lowbit.runtime import Session, resident_bytes
@@ -128,7 +128,7 @@ def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[d
                    data=info, residual_add="float")
             refs[name + "_floatadd"] = refs[name]
             paths["brevitas_qcdq"] = out / "brevitas_qcdq.onnx"
-            paths["brevitas_qcdq"].write_bytes(brevitas_qcdq(student, x[:1]))
+            paths["brevitas_qcdq"].write_bytes(brevitas_qcdq(brevitas_student(student), x[:1]))
             refs["brevitas_qcdq"] = refs[name]
     print(f"built {len(paths)} files from {source}", file=sys.stderr)
     return paths, refs

@@ -202,8 +202,9 @@ def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor) -> str:
     for name in sorted(where, key=where.get):  # graph order
         act = by_act[name]
         lo, hi = _intmath.code_range(act.bits, act.signed)
-        offset = 128 if act.signed else 0  # signed codes are stored as uint8 + 128
-        got = np.clip(file_codes[name].astype(np.int64) - offset, lo, hi)
+        node = qnodes[where[name]]  # the file's own zero point (absent: 0)
+        zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else 0
+        got = np.clip(file_codes[name].astype(np.int64) - np.int64(zero), lo, hi)
         x, y = (t.float().numpy() for t in seen[name])
         scale = np.asarray(act.scale, np.float32)
         scale = scale.reshape(1, -1, *[1] * (x.ndim - 2)) if scale.ndim else scale
