@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lowbit._backend import cpu_features
 from lowbit._io import atomic_write, write_json
 
 
@@ -61,7 +63,14 @@ def brevitas_qcdq(ready: nn.Module, example: torch.Tensor) -> bytes:
     return model.SerializeToString()
 
 
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    """``report`` as JSON, written atomically, with the machine it was measured on (CPU and
+    the flags that pick onnxruntime's and torch's kernels: ``cpu_features``)."""
+    write_json(path, {**report, "machine": {**cpu_features(),
+                                             "logical_cpus": len(os.sched_getaffinity(0))}})
+
+
 def save_results(stem: Path, report: dict[str, Any], markdown: str) -> None:
     """``stem``.json (every number) and ``stem``.md (the table), each written atomically."""
-    write_json(stem.with_suffix(".json"), report)
+    write_report(stem.with_suffix(".json"), report)
     atomic_write(stem.with_suffix(".md"), lambda path: path.write_text(markdown))

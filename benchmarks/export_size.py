@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from common import brevitas_qcdq, brevitas_student, float_onnx
+from common import brevitas_qcdq, brevitas_student, float_onnx, write_report
 
 from lowbit import _checkpoint, data, models
-from lowbit._io import atomic_write, write_json
+from lowbit._io import atomic_write
 from lowbit.data import normalize
 from lowbit.distill import train
 from lowbit.export import Thresholds, export
@@ -159,7 +159,7 @@ def main() -> None:
                             torch.zeros(1, 1, 8, 8), thresholds))
 
     RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "export_size.json", {"rows": rows, "resnet20": str(ckpt),
+    write_report(RESULTS / "export_size.json", {"rows": rows, "resnet20": str(ckpt),
                                              "verification_data": args.data or "random"})
     atomic_write(RESULTS / "export_size.md", lambda f: f.write_text(markdown(rows)))
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import onnx
 import torch
 import torch.nn as nn
-from common import float_onnx
+from common import float_onnx, write_report
 from tqdm import tqdm
 
 from lowbit import models
-from lowbit._io import atomic_write, write_json
+from lowbit._io import atomic_write
 from lowbit._onnx_meta import TRITS_BITS
 from lowbit.footprint import footprint
 
@@ -197,7 +197,7 @@ def main() -> None:
             report["models"][name] = entry
         bar.close()
     RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "footprint_check.json", report)
+    write_report(RESULTS / "footprint_check.json", report)
     atomic_write(RESULTS / "footprint_check.md", lambda p: p.write_text(_markdown(report)))
     print(_markdown(report))
 

@@ -26,9 +26,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from common import write_report
 
 from lowbit import _checkpoint, data, models
-from lowbit._io import atomic_write, write_json
+from lowbit._io import atomic_write
 from lowbit.distill import GSLR, distill, evaluate, student_for, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,7 +133,7 @@ def main() -> None:
               "student": "ternary weights (TWN), 4-bit activations, 8-bit first/last layer",
               "teacher": teacher_source, "teacher_acc": teacher_acc, "rows": rows}
     out = args.out or str(RESULTS / f"kd_{train_set.name}")
-    write_json(f"{out}.json", result)
+    write_report(f"{out}.json", result)
     lines = [f"| model | scheme | test accuracy ({args.seeds} seed(s): mean, spread) |",
              "|---|---|---|", f"| float teacher | - | {teacher_acc:.2%} |"]
     lines += [f"| {r['student']} | {r['scheme']} | {r['mean']:.2%} (±{r['spread'] / 2:.2%}) |"

@@ -22,9 +22,10 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from common import write_report
 
 from lowbit import _checkpoint, data, models
-from lowbit._io import atomic_write, write_json
+from lowbit._io import atomic_write
 from lowbit.distill import evaluate, train
 from lowbit.quant import calibrate, quantize
 
@@ -84,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = digits_rows(args) + (cifar_rows(args) if args.data else [])
     out = {"threads": args.threads, "args": vars(args), "rows": rows}
-    write_json(RESULTS / "quant_rules.json", out)
+    write_report(RESULTS / "quant_rules.json", out)
     keys = ["setting", "rule", "val_acc", "val_acc_step0", "img_per_s", "seconds"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:

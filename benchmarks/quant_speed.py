@@ -30,9 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from brevitas.nn import QuantConv2d, QuantLinear, QuantReLU
 from brevitas.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+from common import write_report
 
 from lowbit import models
-from lowbit._io import atomic_write, write_json
+from lowbit._io import atomic_write
 from lowbit.quant import calibrate, quantize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,7 +109,7 @@ def main() -> None:
         same = next(b for b in rows if b["config"] == "float" and b["precision"] == r["precision"])
         r["vs_float_fp32"] = round(r["img_per_s"] / base["img_per_s"], 3)
         r["vs_float_same_precision"] = round(r["img_per_s"] / same["img_per_s"], 3)
-    write_json(RESULTS / "quant_speed.json", {"threads": args.threads, "batch": args.batch,
+    write_report(RESULTS / "quant_speed.json", {"threads": args.threads, "batch": args.batch,
                                               "rounds": args.rounds, "rows": rows})
     keys = ["config", "precision", "img_per_s", "vs_float_fp32", "vs_float_same_precision"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from lowbit._backend import cpu_features
 from lowbit._io import atomic_write, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,20 +91,9 @@ BENCHMARKS = (
 )
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return {}
-    return {k.strip(): v.strip() for k, sep, v in (line.partition(":")
-                                                   for line in first.splitlines()) if sep}
-
-
 def machine() -> dict:
     """What the numbers were measured on: CPU, cores, memory, versions, commit, date."""
-    cpu = _cpuinfo()
-    features = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
+    cpu = cpu_features()
     versions = {}
     for pkg in ("lowbit", "torch", "onnxruntime", "brevitas", "onnx", "qonnx", "numpy"):
         try:
@@ -115,8 +105,7 @@ def machine() -> dict:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            text=True, capture_output=True).stdout.strip()
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
-            "cpu_features": sorted(features & set(cpu.get("flags", "").split())),
+            "cpu": cpu["cpu"], "cpu_features": cpu["flags"], "u8s8": cpu["u8s8"],
             "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
                                 / 2**30, 1),

@@ -3,7 +3,8 @@
 Builds (full install) the ONNX files of one ResNet20, or takes any ``--model NAME=PATH``:
 
 * ``float``        torch.onnx.export of the float model (onnxruntime folds BatchNorm)
-* ``ort_int8``     onnxruntime's own ``quantize_static`` (QDQ, per-channel int8, MinMax)
+* ``ort_int8``     onnxruntime's own ``quantize_static`` (QDQ, per-channel int8, MinMax;
+  ``reduce_range`` (7-bit weights) on x86 without VNNI, as onnxruntime advises there)
 * ``brevitas_qcdq`` Brevitas' QCDQ export of the ternary student (``common.brevitas_qcdq``)
 * ``lowbit_w2``    ``lowbit.export`` of the ternary student (trits, 1.6 bits per weight)
 * ``lowbit_w2_floatadd`` the same with ``residual_add="float"`` (no QLinearAdd)
@@ -34,10 +35,12 @@ import numpy as np
 from common import brevitas_qcdq, brevitas_student, save_results
 
 from lowbit import _datafiles
+from lowbit._backend import cpu_features
 from lowbit.runtime import Session, resident_bytes
 from lowbit.runtime._bench import time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REDUCE_RANGE = cpu_features()["u8s8"] == "int16 pairs"
 
 
 # -- building the files (full install: torch, brevitas, onnx) --------------------------------
@@ -107,7 +110,10 @@ def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[d
     quantize_static(str(paths["float"]), str(paths["ort_int8"]), Reader(),
                     quant_format=QuantFormat.QDQ, per_channel=True,
                     # U8S8: with int8 activations (S8S8) onnxruntime 1.31 runs float Convs on x86
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    # onnxruntime's advice for x86 without VNNI, whose U8S8 kernels saturate
+                    # pairs of products in int16: 7-bit weights
+                    reduce_range=REDUCE_RANGE)
     refs["ort_int8"] = refs["float"]  # a different model: agreement with the float teacher
 
     for bits in (2, 4):
@@ -238,8 +244,12 @@ def main() -> None:
     res = measure(paths, images, args.batch, args.threads, args.rounds, args.min_time)
     import onnxruntime
 
+    cpu = cpu_features()
     report = {"onnxruntime": onnxruntime.__version__, "threads": args.threads,
-              "cpu": f"{os.cpu_count()} logical CPUs", "batches": args.batch,
+              "cpu": f"{cpu['cpu']} ({', '.join(cpu['flags']) or 'no AVX2'}; uint8 x int8 "
+                     f"kernels: {cpu['u8s8']}), {os.cpu_count()} logical CPUs",
+              "ort_int8_reduce_range": REDUCE_RANGE if not args.model else None,
+              "batches": args.batch,
               "images": len(images), "source": f"{source}; agreement on {len(images)} "
               f"{'CIFAR-10 test' if spec else 'random'} images", "models": {}}
     base = res.get("float", next(iter(res.values())))["latency_ms"]

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from common import write_report
 
 from lowbit import data, models
-from lowbit._io import atomic_write, write_json
+from lowbit._io import atomic_write
 from lowbit.distill import distill, student_for, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,9 +99,9 @@ def main() -> None:
     result = {"arch": "resnet20", "student": "ternary weights, 4-bit activations (scheme C)",
               "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps,
               "rounds": args.rounds, "data": train_set.name, "torch": torch.__version__,
-              "machine": platform.processor() or platform.machine(), "rows": rows,
+              "rows": rows,
               "load_average": os.getloadavg()}
-    write_json(f"{args.out}.json", result)
+    write_report(f"{args.out}.json", result)
     lines = ["| training | precision | img/s | vs float (same precision) | vs float fp32 |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['precision']} | {r['img_per_s']:.0f} | "

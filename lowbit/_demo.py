@@ -114,10 +114,13 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
                     verify=test_set, data=train_set)
     for check in result.verification.values():
         print(f"  {check}")
+    print(f"  {result.arithmetic}")
     fp = footprint(result.paths["onnx"], BATCHES)
     n_weights = sum(layer.weight_elements for layer in fp.layers)
     summary["export"] = {
         "quantized_weights": n_weights, "storage": result.storage,
+        "arithmetic": {"exact_on_every_cpu": all(c.passed for c in result.contract),
+                       "integer_layers": [str(c) for c in result.contract]},
         **{fmt: {"path": str(path), "bytes": path.stat().st_size,
                  "bits_per_weight": path.stat().st_size * 8 / n_weights,
                  "verification": result.verification[fmt].to_dict()}

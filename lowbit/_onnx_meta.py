@@ -17,6 +17,11 @@ STD = PREFIX + "std"  # JSON list: per-channel std on the 0..255 pixel scale
 INPUT_SHAPE = PREFIX + "input_shape"  # JSON [C, H, W]
 ARCH = PREFIX + "arch"  # JSON {"name", "kwargs"}
 VERIFICATION = PREFIX + "verification"  # JSON list: each onnxruntime run vs PyTorch
+# JSON {"exact": true when every integer layer is proven exact on every onnxruntime CPU kernel
+# family, "layers": integer layers checked, "pair": the largest int16 pair sum of a uint8 x
+# int8 layer (null: none), "int32": the largest accumulator, "cpu": the gate machine
+# (lowbit._backend.cpu_features), "onnxruntime": its version}
+KERNELS = PREFIX + "kernels"
 # JSON list per conv/linear, in the order of STORAGE's layer names: [weight bits, input code
 # bits or null (float input), 1 if onnxruntime runs it as an integer kernel else 0]
 # (lowbit.quant.describe)

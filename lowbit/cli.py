@@ -116,6 +116,50 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _width(text: str) -> int | str:
+    """``--first-bits``/``--last-bits``: weight bits, or "same" (the model's --bits)."""
+    from .quant import WEIGHT_BITS
+
+    if text == "same":
+        return text
+    if text.isdigit() and int(text) in WEIGHT_BITS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, WEIGHT_BITS))} or "
+                                     f"'same', got {text!r}")
+
+
+def _layer_width(text: str) -> tuple[str, int]:
+    """``--layer-bits NAME=BITS``."""
+    name, sep, bits = text.rpartition("=")
+    if not (sep and name and bits.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected LAYER=BITS (e.g. layer1.0.conv1=4), got "
+                                         f"{text!r}")
+    return name, int(bits)
+
+
+def _layer_width_options(p: argparse.ArgumentParser, spec, what: str) -> None:
+    """The user's precision policy: ``--first-bits``, ``--last-bits``, ``--layer-bits``."""
+    def shown(bits):
+        return "same" if bits is None else bits
+
+    p.add_argument("--first-bits", type=_width, default=shown(spec.first_bits) if spec else None,
+                   metavar="BITS|same", help=f"weight bits of the first conv/linear layer "
+                   f"(same: --bits){what}")
+    p.add_argument("--last-bits", type=_width, default=shown(spec.last_bits) if spec else None,
+                   metavar="BITS|same", help=f"weight bits of the last layer (same: --bits){what}")
+    p.add_argument("--layer-bits", type=_layer_width, action="append", default=[],
+                   metavar="LAYER=BITS", help="weight bits of one layer by its module name "
+                   "(repeatable; wins over --first-bits/--last-bits; names: lowbit footprint "
+                   "or describe())")
+
+
+def _layer_widths(args: argparse.Namespace) -> dict:
+    """QuantSpec fields of the options ``_layer_width_options`` adds (unset ones left out)."""
+    widths = {k: (None if v == "same" else v) for k, v in
+              (("first_bits", args.first_bits), ("last_bits", args.last_bits)) if v is not None}
+    return {**widths, **({"overrides": tuple(args.layer_bits)} if args.layer_bits else {})}
+
+
 def _build(arch: str, args: argparse.Namespace, train_set, seed: int):
     """The fresh model ``--arch`` names, its weights drawn from ``--seed``."""
     from . import models
@@ -287,7 +331,7 @@ def _distill(args: argparse.Namespace) -> None:
     else:
         init = _build(arch, args, train_set, args.seed)
     student = student_for(args.scheme, init, weight_bits=args.bits, act_bits=args.act_bits,
-                          seed=args.seed)
+                          seed=args.seed, **_layer_widths(args))
     gslr = None
     if args.gslr:
         start, sep, end = args.gslr.partition(":")
@@ -339,6 +383,7 @@ def _distill_options(p: argparse.ArgumentParser) -> None:
                    help="weight bits: 2 (ternary), 4 or 8")
     p.add_argument("--act-bits", type=int, default=spec.act_bits, help="activation bits: 2, 4 "
                    "or 8")
+    _layer_width_options(p, spec, "")
     p.add_argument("--scheme", choices=["A", "B", "C"], default=kd.scheme,
                    help="Apprentice scheme")
     p.add_argument("--loss", choices=["hinton", "apprentice"], default=kd.loss,
@@ -692,7 +737,8 @@ def _export(args: argparse.Namespace) -> None:
         # the PTQ warnings (quantized post-training; its cost) are printed here in the CLI's words
         warnings.filterwarnings("ignore", message="(float model quantized|post-training "
                                 "quantization costs)")
-        result = export(model, out, bits=args.bits, act_bits=args.act_bits, formats=formats,
+        result = export(model, out, bits=args.bits, act_bits=args.act_bits,
+                        layer_bits=_layer_widths(args), formats=formats,
                         opset=args.opset, verify=verify, calib=calib, ptq=ptq, data=info,
                         weight_form=args.weight_form, thresholds=thresholds,
                         ternary_storage=args.ternary_storage, residual_add=args.residual_add,
@@ -702,6 +748,8 @@ def _export(args: argparse.Namespace) -> None:
     if result.kernels and not args.quiet:
         print(f"onnxruntime kernels: {result.kernels['integer']} integer, "
               f"{result.kernels['float']} float conv/linear")
+    if result.arithmetic and not args.quiet:
+        print(result.arithmetic)
     for check in result.verification.values() if not args.quiet else ():
         print(check)
     if result.accuracy:
@@ -743,6 +791,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, choices=[2, 4, 8], default=None,
                    help=f"post-training quantization: activation bits (unset: QuantSpec's "
                    f"{QuantSpec().act_bits}; a student keeps its own)")
+    _layer_width_options(p, None, f" (unset: QuantSpec's {QuantSpec().first_bits}; a student "
+                         f"keeps its own)")
     p.add_argument("--calib-method", choices=CALIB_METHODS, default=ptq.method,
                    help="post-training quantization: activation-range calibration (max |x|; "
                    "a percentile of |x|; the range of least squared error)")

@@ -31,6 +31,7 @@ from lowbit.distill import (
     train,
 )
 from lowbit.distill._kd import _objective, fingerprint
+from lowbit.quant import describe
 from lowbit.quant._brevitas import IntegerBias
 
 # --------------------------------------------------------------- hand-computed reference math
@@ -476,12 +477,17 @@ def test_cli_distill_end_to_end(tmp_path, teacher_ckpt, capsys):
     args = ["distill", "--teacher", str(teacher_ckpt), "--data", "digits", "--scheme", "C",
             "--bits", "2", "--act-bits", "4", "--temperature", "4", "--lam", "0.8",
             "--gslr", "0:2", "--gslr-shape", "cosine", "--epochs", "2", "--batch-size", "64",
-            "--limit", "384", "--bn-batches", "2", "-o", str(out)]
+            "--limit", "384", "--bn-batches", "2", "--first-bits", "4", "--layer-bits",
+            "features.3=4", "-o", str(out)]
     assert cli.main(args) == 0
     assert "test accuracy" in capsys.readouterr().out
     model, ckpt = _checkpoint.load_model(out)
     assert ckpt["record"]["bn_reestimated"]["batches"] == 2
     assert ckpt["quant"]["weight_bits"] == 2 and ckpt["quant"]["act_bits"] == 4
+    # the user's precision policy reaches the student and describe()
+    assert ckpt["quant"]["first_bits"] == 4 and ckpt["quant"]["last_bits"] == 8
+    bits = {r.name: r.weight_bits for r in describe(model)}
+    assert bits["features.0"] == 4 and bits["features.3"] == 4 and bits["fc"] == 8
     kd = ckpt["record"]["kd"]
     assert kd["scheme"] == "C" and kd["gslr"]["shape"] == "cosine" and kd["temperature"] == 4
     assert [h["soft_weight"] for h in ckpt["record"]["history"]] == pytest.approx([0.8, 0.4])

@@ -28,6 +28,7 @@ from lowbit.distill import train as lowbit_train
 from lowbit.export import (
     ExportError,
     Thresholds,
+    check_kernels,
     export,
     make_tensor,
     pack_int2,
@@ -170,6 +171,12 @@ def _check_file(path, n_in: tuple[int, ...]) -> onnx.ModelProto:
     for batch in (1, 5):  # and it really runs at any batch
         out = _ort(proto, np.random.default_rng(0).standard_normal((batch, *n_in), np.float32))
         assert out.shape[0] == batch
+    # exact on every CPU: the file says so, and the proof holds when re-run on the file alone
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props[meta.KERNELS])["exact"]
+    x = np.random.default_rng(1).standard_normal((2, *n_in), np.float32)
+    checks = check_kernels(proto, x)
+    assert all(c.passed for c in checks)
     return proto
 
 
@@ -195,7 +202,10 @@ def test_digits_export_agrees(digits_float, digits_split, tmp_path, bits, ternar
     assert json.loads(props[meta.MEAN]) == list(test.mean)
     storages = json.loads(props[meta.STORAGE])
     assert storages["features.3"] == name
-    assert storages["features.0"] == storages["fc"] == "int8"  # first/last stay 8-bit
+    # first/last stay 8-bit; fed by the 8-bit input the first conv could overflow x86's
+    # uint8 x int8 kernels without VNNI, so it is stored as uint8 + 128 (lowbit._backend);
+    # the classifier runs as a float Gemm and keeps int8
+    assert (storages["features.0"], storages["fc"]) == ("uint8", "int8")
     packed = {t.name: t for t in proto.graph.initializer}
     assert packed["features.3"].data_type == storage
     # what lands on disk is packed: 32*16*3*3 codes
@@ -284,7 +294,8 @@ def test_opset_ladder(digits_float, digits_split, tmp_path):
         proto = _check_file(out, (1, 8, 8))
         assert proto.opset_import[0].version == opset
         assert {t.name: t.data_type for t in proto.graph.initializer}["features.3"] == dtype
-        assert set(result.storage.values()) == ({"int4", "int8"} if opset == 21 else {"int8"})
+        assert set(result.storage.values()) == ({"int4", "int8", "uint8"} if opset == 21
+                                                 else {"int8", "uint8"})
     # trits need no sub-byte type: the same bytes at any opset
     result = export(student, tmp_path / "t13.onnx", opset=13, data=test, verify=test,
                     formats=("onnx",), thresholds=Thresholds(min_agreement=0.99))
@@ -357,6 +368,29 @@ def test_cli_exports_student(checkpoints, tmp_path, capsys):
     assert ort_file.is_file() and f"ort: {ort_file}" in stdout
     x = np.random.default_rng(0).integers(0, 17, (16, 1, 8, 8), dtype=np.uint8)
     np.testing.assert_array_equal(Session(ort_file).predict(x), Session(out).predict(x))
+
+
+def test_cli_layer_widths(checkpoints, tmp_path, capsys):
+    """--first-bits / --last-bits / --layer-bits set which layers stay wider (post-training),
+    shown per layer; a student keeps its own and says so."""
+    out = tmp_path / "w.onnx"
+    code, stdout, err = _cli(capsys, checkpoints / "float.pt", "--bits", "2", "--first-bits", "4",
+                             "--last-bits", "same", "--layer-bits", "features.3=8", "-o", out,
+                             "--format", "onnx", "--verify-data", "digits", "--max-drop", "1")
+    assert code == 0, err
+    spec = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[meta.QUANT_SPEC])
+    assert (spec["first_bits"], spec["last_bits"], spec["overrides"]) == \
+        (4, None, [["features.3", 8]])
+    storage = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[meta.STORAGE])
+    assert storage["features.0"] == "int4" and storage["fc"] == "trits"
+    assert storage["features.3"] in ("int8", "uint8")  # 8-bit: the overflow rule decides
+    assert "integer arithmetic:" in stdout and "exact on every onnxruntime CPU" in stdout
+    code, _, err = _cli(capsys, checkpoints / "student4.pt", "--first-bits", "2", "-o",
+                        tmp_path / "x.onnx")
+    assert code == 2 and "first_bits = 8 but 2 was asked" in err
+    with pytest.raises(SystemExit) as exc:  # argparse's own one-line error
+        _cli(capsys, checkpoints / "float.pt", "--bits", "2", "--layer-bits", "fc3")
+    assert exc.value.code == 2 and "LAYER=BITS" in capsys.readouterr().err
 
 
 def test_cli_float_checkpoint_is_quantized_with_warning(checkpoints, tmp_path, capsys):

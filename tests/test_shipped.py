@@ -21,9 +21,9 @@ from lowbit.export import export
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 SHIPPED = {name: models.pretrained_info(name) for name in models.list_pretrained()}
 STUDENTS = sorted(name for name, info in SHIPPED.items() if info["weight_bits"] is not None)
-STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8}
+STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8, "uint8": 8}
 PACKED_TYPE = {"trits": TensorProto.UINT8, "int2": TensorProto.INT2, "int4": TensorProto.INT4,
-               "int8": TensorProto.INT8}
+               "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
 
 
 def _test_data(request: pytest.FixtureRequest, dataset: str) -> str:
@@ -84,3 +84,5 @@ def test_shipped_student_passes_the_gate(request, tmp_path, name):
     assert abs(path.stat().st_size - claimed) <= 0.01 * claimed  # metadata varies by a few B
     narrow = "trits" if info["weight_bits"] == 2 else "int4"
     assert sum(kind == narrow for kind in result.storage.values()) == len(weights) - 2
+    # the 8-bit first conv reads the 8-bit input: uint8 + 128, exact on every CPU family
+    assert result.storage["conv1"] == "uint8" and all(c.passed for c in result.contract)

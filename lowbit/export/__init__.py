@@ -1,14 +1,18 @@
 """Export a quantized student as packed standard ONNX (INT2/INT4 weights) and QONNX.
 
-``export(model, path)`` writes verified files atomically; the packers (``pack_int2`` ...)
-are torch-free and document the bit layouts; the graph rewrites live in ``_rewrites``.
+``export(model, path)`` writes verified files atomically; ``check_kernels(proto, inputs)``
+proves a file's integer layers exact on every onnxruntime CPU (``_contract``); the packers
+(``pack_int2`` ...) are torch-free and document the bit layouts; the graph rewrites live in
+``_rewrites``.
 The package is callable: ``lowbit.export(model, path, ...)`` is :func:`export`.
 """
 
 import sys
 import types
 
-from ._export import FORMATS, WEIGHT_FORMS, ExportResult, export, qonnx_path, storage_for
+from .._backend import storage_for
+from ._contract import KernelCheck, check_kernels
+from ._export import FORMATS, WEIGHT_FORMS, ExportResult, export, qonnx_path
 from ._pack import (
     make_tensor,
     pack_int2,
@@ -22,10 +26,10 @@ from ._pack import (
 from ._rewrites import ExportError
 from ._verify import Thresholds, Verification
 
-__all__ = ["FORMATS", "WEIGHT_FORMS", "ExportError", "ExportResult", "Thresholds",
-           "Verification", "export", "make_tensor", "pack_int2", "pack_int4", "pack_trits",
-           "qonnx_path", "read_tensor", "storage_for", "unpack_int2", "unpack_int4",
-           "unpack_trits"]
+__all__ = ["FORMATS", "WEIGHT_FORMS", "ExportError", "ExportResult", "KernelCheck",
+           "Thresholds", "Verification", "check_kernels", "export", "make_tensor", "pack_int2",
+           "pack_int4", "pack_trits", "qonnx_path", "read_tensor", "storage_for", "unpack_int2",
+           "unpack_int4", "unpack_trits"]
 
 
 class _CallablePackage(types.ModuleType):

@@ -5,12 +5,9 @@ Standard ONNX: the student traced in plain torch (``_trace``), then the rewrites
 Ternary weights are stored as trits by default: five codes per byte (1.6 bits), decoded by a
 Gather from a 243-entry table that onnxruntime folds at load, at any opset >= 13. With
 ``ternary_storage="int"`` (and for 4/8-bit weights) they take the opset's narrowest packed
-integer type (the opset ladder):
-
-    weight bits  opset >= 25   21..24   13..20
-    2 (ternary)  INT2          INT4     INT8
-    4            INT4          INT4     INT8
-    8            INT8          INT8     INT8
+integer type (the opset ladder, ``lowbit._backend.storage_for``). 8-bit weights that
+could overflow onnxruntime's x86 uint8 x int8 kernels (``lowbit._backend``) are stored as
+uint8 codes + 128 instead of INT8.
 
 Every file is built and verified in memory first and written only if it passes the gate, by
 ``lowbit._io.atomic_write_all`` (temp files + renames, the files as a pair): a failed
@@ -36,8 +33,10 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 
 from .. import __version__
 from .. import _onnx_meta as meta
+from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, cpu_features
 from .._io import atomic_write_all
 from ..quant import PTQConfig
+from ._contract import KernelCheck, check_kernels, summary
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -60,6 +59,7 @@ RESIDUAL_ADDS = ("auto", "integer", "float")
 DEFAULT_OPSET = 25
 MIN_OPSET = 13  # per-axis DequantizeLinear
 RANDOM_INPUTS = 256
+KERNEL_INPUTS = 4  # verification inputs the saturating-kernel model runs on
 DEFAULT_THRESHOLDS = Thresholds()
 DEFAULT_PTQ = PTQConfig()
 
@@ -67,8 +67,9 @@ DEFAULT_PTQ = PTQConfig()
 @dataclass(frozen=True)
 class ExportResult:
     """Paths written per format, their verification, how each layer's weights are stored,
-    the per-layer description (``lowbit.quant.describe``) and the conv/linear kernels
-    onnxruntime runs for the ONNX file (``{"integer": n, "float": n}``)."""
+    the per-layer description (``lowbit.quant.describe``), the conv/linear kernels
+    onnxruntime runs for the ONNX file (``{"integer": n, "float": n}``) and the arithmetic
+    contract checked per integer layer (``_contract``)."""
 
     paths: dict[str, Path]
     verification: dict[str, Verification]
@@ -79,13 +80,12 @@ class ExportResult:
     warnings: tuple[str, ...] = field(default_factory=tuple)  # what the user should act on
     layers: tuple = field(default_factory=tuple)
     kernels: dict[str, int] = field(default_factory=dict)
+    contract: tuple[KernelCheck, ...] = field(default_factory=tuple)  # per integer layer
 
-
-# onnxruntime ops that run a conv/linear on integer codes, and the float ones
-INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
-                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-FLOAT_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul",
-                 "FusedMatMul"}
+    @property
+    def arithmetic(self) -> str:
+        """One line on the integer layers' contract (empty without an ONNX file)."""
+        return summary(self.contract) if self.contract else ""
 
 
 def optimized_ops(proto: onnx.ModelProto) -> list[str]:
@@ -108,18 +108,6 @@ def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
             "float": sum(op in FLOAT_KERNELS for op in ops)}
 
 
-def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
-    """How ``bits``-bit codes are stored at ``opset``: trits for ternary (unless
-    ``ternary_storage="int"``), else the narrowest packed type onnxruntime runs (the ladder)."""
-    if bits == 2 and ternary_storage == "trits":
-        return "trits"
-    if bits == 2 and opset >= 25:
-        return "int2"
-    if bits <= 4 and opset >= 21:
-        return "int4"
-    return "int8"
-
-
 def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
     """Metadata about the inputs: a ``lowbit.data.Dataset``, a checkpoint's data dict or None."""
     if data is not None and not isinstance(data, dict):
@@ -136,13 +124,21 @@ def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
 
 
 def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | None,
-             ptq: PTQConfig, data: dict[str, Any], progress: bool) -> tuple[nn.Module, list[str]]:
-    """The model as a quantized student: as trained, or post-training quantized to ``bits``."""
+             layer_bits: dict[str, Any], ptq: PTQConfig, data: dict[str, Any],
+             progress: bool) -> tuple[nn.Module, list[str]]:
+    """The model as a quantized student: as trained, or post-training quantized to ``bits``
+    (``layer_bits``: QuantSpec's first_bits / last_bits / overrides)."""
     from ..data import stats_of
     from ..quant import QuantSpec, calibrate_data, quantize
 
     spec = getattr(model, "lowbit_quant", None)
     if spec is not None:
+        asked = QuantSpec(**{**spec.to_dict(), **layer_bits})
+        for key in layer_bits:
+            if getattr(asked, key) != getattr(spec, key):
+                raise ExportError(f"the model is a student trained with {key} = "
+                                  f"{getattr(spec, key)} but {getattr(asked, key)} was asked; "
+                                  f"export it as trained or distill another student")
         if bits is not None and bits != spec.weight_bits:
             raise ExportError(f"the model is a {spec.weight_bits}-bit student but {bits}-bit "
                               f"export was asked; export it at {spec.weight_bits} bits (drop "
@@ -157,7 +153,8 @@ def _student(model: nn.Module, bits: int | None, calib: Any, act_bits: int | Non
     if calib is None:
         raise ExportError("post-training quantization of a float model needs calibration "
                           "data (calib=...)")
-    spec = QuantSpec(weight_bits=bits, **({} if act_bits is None else {"act_bits": act_bits}))
+    spec = QuantSpec(weight_bits=bits, **({} if act_bits is None else {"act_bits": act_bits}),
+                     **layer_bits)
     student, n = calibrate_data(quantize(model, spec), calib, ptq, stats_of(data), progress)
     note = (f"float model quantized post-training to {bits}-bit weights and {spec.act_bits}-bit "
             f"activations ({ptq.method} calibration on {n} examples); expect an accuracy "
@@ -212,7 +209,7 @@ def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAUL
     """The packed standard-ONNX graph of a baked ``student`` (``bake_integer_bias``: no
     eval-mode hooks to trace), unverified and without metadata, with the weight storage per
     layer and the student's layer and activation infos. Residual adds stay ``Add``."""
-    from ..quant import act_quants, quant_layers
+    from ..quant import act_quants, quant_layers, weight_storages
 
     layers = quant_layers(student)
     acts = [Act(a.name, a.bits, a.signed, a.scale.detach().float().numpy(),
@@ -221,8 +218,7 @@ def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAUL
     if not layers:
         raise ExportError("the student has no quantized conv/linear layer")
     traced = trace(shadow(student, layers, acts), example, min(opset, TRACE_OPSET))
-    storage = {info.name: storage_for(info.weight_bits, opset, ternary_storage)
-               for info in layers}
+    storage = weight_storages(student, opset, ternary_storage)
     params = {t.name for t in traced.graph.initializer}
     codes = {}
     for info in layers:
@@ -262,9 +258,18 @@ def _layer_table(layers) -> list[list]:
             if r.weight_bits is not None]
 
 
+def _kernel_record(contract: Sequence[KernelCheck]) -> dict[str, Any]:
+    """The file's arithmetic guarantee (``meta.KERNELS``)."""
+    pairs = [c.bound.pair for c in contract if c.bound.pair is not None]
+    return {"exact": all(c.passed for c in contract), "layers": len(contract),
+            "pair": max(pairs, default=None),
+            "int32": max((c.bound.int32 for c in contract), default=0),
+            "cpu": cpu_features(), "onnxruntime": ort.__version__}
+
+
 def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
               verification: list[Verification], num_classes: int,
-              layers=()) -> dict[str, str]:
+              layers=(), contract: Sequence[KernelCheck] = ()) -> dict[str, str]:
     spec = student.lowbit_quant
     classes = data.get("classes") or [str(i) for i in range(num_classes)]
     return {meta.VERSION: __version__, meta.WEIGHT_BITS: _json(spec.weight_bits),
@@ -275,7 +280,8 @@ def _metadata(student: nn.Module, data: dict[str, Any], storage: dict[str, str],
             meta.STD: _json(data["std"]),
             meta.INPUT_SHAPE: _json(list(data["input_shape"])),
             meta.ARCH: _json(getattr(student, "lowbit_arch", None)),
-            meta.VERIFICATION: _json([v.to_dict() for v in verification])}
+            meta.VERIFICATION: _json([v.to_dict() for v in verification]),
+            meta.KERNELS: _json(_kernel_record(contract))}
 
 
 def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
@@ -292,8 +298,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
            verify: Any = None, calib: Any = None, data: Any = None,
            thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast",
            ternary_storage: str = "trits", residual_add: str = "auto",
-           act_bits: int | None = None, ptq: PTQConfig = DEFAULT_PTQ,
-           progress: bool = True) -> ExportResult:
+           act_bits: int | None = None, layer_bits: dict[str, Any] | None = None,
+           ptq: PTQConfig = DEFAULT_PTQ, progress: bool = True) -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
@@ -301,7 +307,9 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     :func:`qonnx_path`). ``bits`` must match a student's weight bits; a float model needs
     ``bits`` and ``calib`` (data as ``lowbit.data.as_data`` takes it, or a tensor of
     normalised inputs) and is quantized post-training to ``bits``-bit weights and
-    ``act_bits``-bit activations (default ``QuantSpec``'s), calibrated as ``ptq`` says
+    ``act_bits``-bit activations (default ``QuantSpec``'s) with ``layer_bits`` (QuantSpec's
+    ``first_bits``, ``last_bits``, ``overrides``: which layers stay wider; a student must
+    match its own), calibrated as ``ptq`` says
     (:class:`lowbit.quant.PTQConfig`: method max/percentile/mse, examples, ``max_drop``).
     ``verify``: data for the gate (anything ``as_data`` takes, or a tensor of normalised
     inputs; default: 256 random N(0, 1) inputs); when it has labels, a post-training
@@ -336,7 +344,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     data = _data_info(data, example_input)
     example = example_input if example_input is not None else \
         torch.zeros((1, *data["input_shape"]))
-    student, notes = _student(model, bits, calib, act_bits, ptq, data, progress)
+    student, notes = _student(model, bits, calib, act_bits, dict(layer_bits or {}), ptq, data,
+                              progress)
     inputs, labels, source = _verify_inputs(verify, example, data)
 
     from ..quant import bake_integer_bias
@@ -383,8 +392,15 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
                                   progress=progress)
         built["qonnx"] = (path if formats == ("qonnx",) else qonnx_path(path), qproto)
     failed = [str(v) for v in checks.values() if not v.passed]
+    contract: tuple[KernelCheck, ...] = ()
+    if "onnx" in formats:  # the same answer on every CPU: proven, and modelled on real inputs
+        contract = check_kernels(proto, inputs[:KERNEL_INPUTS].numpy(), storage)
+        failed += [f"integer kernels not exact on every CPU: {c}" for c in contract
+                   if not c.passed]
     if failed:
-        where = locate(student, proto, acts, inputs[:16]) if "onnx" in formats else ""
+        # only the integer kernels disagree: look where they run
+        level = "all" if "onnx" in checks and checks["onnx"].passed else "basic"
+        where = locate(student, proto, acts, inputs[:16], level) if "onnx" in formats else ""
         raise ExportError("verification failed, nothing written: " + "; ".join(failed)
                           + (f"; {where}" if where else ""))
     accuracy, cautions = {}, []
@@ -418,10 +434,12 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     writes = {}
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
-        _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers))
+        _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers,
+                                   contract if fmt == "onnx" else ()))
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
     atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
                         student.lowbit_quant, tuple(notes), accuracy=accuracy,
-                        warnings=tuple(cautions), layers=layers, kernels=kernels)
+                        warnings=tuple(cautions), layers=layers, kernels=kernels,
+                        contract=contract)
 

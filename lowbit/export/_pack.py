@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from .._backend import SIGNED_OFFSET, UNSIGNED_WEIGHTS
 from .._intmath import code_range
 
 # storage name -> (bits per code, smallest code, largest code, ONNX element type)
@@ -108,7 +109,8 @@ def trits_table() -> np.ndarray:
 
 def make_tensor(name: str, codes: np.ndarray, storage: str) -> TensorProto:
     """An ONNX initializer holding integer ``codes`` packed as ``storage``: "int2"|"int4"|"int8"
-    (shaped like ``codes``) or "trits" (UINT8 [ceil(n / 5)], see ``pack_trits``).
+    (shaped like ``codes``), "uint8" (codes + 128, shaped like ``codes``: read with zero point
+    128) or "trits" (UINT8 [ceil(n / 5)], see ``pack_trits``).
 
     Written as raw bytes; ``helper.make_tensor`` with a list would store INT2/INT4 as varints.
     """
@@ -117,6 +119,10 @@ def make_tensor(name: str, codes: np.ndarray, storage: str) -> TensorProto:
         data = pack_trits(codes)
         return TensorProto(name=name, data_type=TensorProto.UINT8, dims=[len(data)],
                            raw_data=data)
+    if storage == UNSIGNED_WEIGHTS:
+        flat = _check_codes(codes, 8) + SIGNED_OFFSET
+        return TensorProto(name=name, data_type=TensorProto.UINT8, dims=list(codes.shape),
+                           raw_data=flat.astype(np.uint8).tobytes())
     bits, _, _, dtype = STORAGE[storage]
     t = TensorProto(name=name, data_type=dtype, dims=list(codes.shape))
     flat = _check_codes(codes, bits)
@@ -125,12 +131,16 @@ def make_tensor(name: str, codes: np.ndarray, storage: str) -> TensorProto:
 
 
 def read_tensor(t: TensorProto) -> np.ndarray:
-    """int8 codes of a packed INT2/INT4/INT8 initializer (inverse of :func:`make_tensor`)."""
+    """int8 codes of a packed INT2/INT4/INT8 or uint8-stored (codes + 128) initializer
+    (inverse of :func:`make_tensor`; trits are read with :func:`unpack_trits`)."""
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type == TensorProto.UINT8 and t.HasField("raw_data"):
+        raw = np.frombuffer(t.raw_data, np.uint8)[:count].astype(np.int16) - SIGNED_OFFSET
+        return raw.astype(np.int8).reshape(tuple(t.dims))
     by_type = {dtype: (storage, bits) for storage, (bits, _, _, dtype) in STORAGE.items()}
     if t.data_type not in by_type or not t.HasField("raw_data"):
-        raise ValueError(f"{t.name}: not a raw INT2/INT4/INT8 tensor")
+        raise ValueError(f"{t.name}: not a raw INT2/INT4/INT8/UINT8 tensor")
     _, bits = by_type[t.data_type]
-    count = int(np.prod(t.dims, dtype=np.int64))
     flat = (np.frombuffer(t.raw_data, np.int8)[:count] if bits == 8
             else _unpack(t.raw_data, count, bits))
     return flat.reshape(tuple(t.dims))

@@ -19,6 +19,7 @@ from qonnx.transformation.base import Transformation
 
 from .. import _intmath
 from .. import _onnx_meta as meta
+from .._backend import SIGNED_OFFSET, UNSIGNED_WEIGHTS, activation_range
 from ..errors import ExportError
 from ._pack import make_tensor, trits_table
 from ._trace import DOMAIN
@@ -119,7 +120,8 @@ class PackWeights(Transformation):
     """Replace float weights by packed integer codes and a per-channel DequantizeLinear.
 
     ``codes`` maps a weight initializer name to (int8 codes, storage "int2"|"int4"|"int8"|
-    "trits"; trits are decoded in-graph by :func:`_decode_trits`).
+    "uint8"|"trits"; trits are decoded in-graph by :func:`_decode_trits`, uint8 codes + 128
+    carry zero point 128: ``lowbit._backend``'s overflow rule).
     The per-channel scale is recovered from the (BatchNorm-folded) float weight; a negative
     scale (negative BN gamma) flips the channel's codes so every stored scale is positive.
     ``cast=True`` inserts ``Cast(to=INT8)`` after an INT2/INT4 initializer: onnxruntime folds
@@ -152,14 +154,18 @@ class PackWeights(Transformation):
             src = name.removesuffix(".weight")
             model.graph.initializer.append(make_tensor(src, q, storage))
             model.set_initializer(name + "_scale", np.abs(s).astype(np.float32))
+            args = [name + "_scale"]
             if storage == "trits":
                 src = _decode_trits(model, src, q.shape, name)
+            elif storage == UNSIGNED_WEIGHTS:  # codes + 128: the zero point says so
+                model.set_initializer(name + "_zp", np.full(s.shape, SIGNED_OFFSET, np.uint8))
+                args.append(name + "_zp")
             elif self.cast and storage != "int8":
                 model.graph.node.append(helper.make_node("Cast", [src], [name + "_i8"],
                                                          to=TensorProto.INT8))
                 src = name + "_i8"
             model.graph.node.append(helper.make_node(
-                "DequantizeLinear", [src, name + "_scale"], [name], axis=axis))
+                "DequantizeLinear", [src, *args], [name], axis=axis))
             return model, True  # ModelWrapper.transform's cleanup re-sorts the nodes
         return model, False
 
@@ -230,7 +236,8 @@ def _attr(node: onnx.NodeProto, name: str):
 class QuantizeActivations(Transformation):
     """Lower each ``lowbit::ActQuant`` to QuantizeLinear [-> Clip] -> DequantizeLinear.
 
-    Every activation is stored as uint8 codes: unsigned codes c as is (the saturation at 0
+    Every activation is stored as uint8 codes (``lowbit._backend.activation_range``):
+    unsigned codes c as is (the saturation at 0
     is the ReLU), signed codes c as c + 128 (zero point 128), the form onnxruntime's x86
     integer kernels take (its own int8 -> uint8 conversion skips a quantizer whose codes
     feed two ops, or pass a Clip, and the conv before it then stays float). QuantizeLinear
@@ -247,10 +254,9 @@ class QuantizeActivations(Transformation):
             scale = np.asarray(_attr(node, "scale"), np.float32)
             zp = np.asarray(_attr(node, "zero_point"))
             dtype = np.uint8
-            offset = 128 if signed else 0
-            lo, hi = (c + offset for c in _intmath.code_range(bits, bool(signed)))
+            lo, hi = activation_range(bits, bool(signed))
             per_channel = scale.size > 1
-            zp = (zp + offset).astype(dtype)
+            zp = (zp + (SIGNED_OFFSET if signed else 0)).astype(dtype)
             if not per_channel:
                 scale, zp = scale[0], zp[0]
             model.set_initializer(name + ".scale", np.asarray(scale, np.float32))

@@ -152,11 +152,13 @@ def compare(fmt: str, source: str, student: torch.nn.Module,
                         top1, median_steps, ties)
 
 
-def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor) -> str:
+def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor,
+           optimization: str = "basic") -> str:
     """Where the file first departs from the student on ``inputs``: the first activation
     quantizer, in graph order, whose codes differ, how many and by how much, and how many
     of those sit at a rounding tie in the student (float rounding) rather than off (a wrong
-    graph). "" when every quantizer agrees. Runs the file at the basic level (float kernels).
+    graph). "" when every quantizer agrees. Runs the file at ``optimization`` ("basic":
+    float kernels; "all": the integer kernels onnxruntime fuses, whose outputs are the codes).
 
     Each ``acts`` entry (the exporter's ``Act``) is matched to the first unused QuantizeLinear
     with its scale, in graph order; the file's codes are read from that node's output.
@@ -183,7 +185,8 @@ def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor) -> str:
     probe.CopyFrom(proto)
     names = [qnodes[i].output[0] for i in where.values()]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    sess = ort.InferenceSession(probe.SerializeToString(), session_options(optimization="basic"),
+    sess = ort.InferenceSession(probe.SerializeToString(),
+                                session_options(optimization=optimization),
                                 providers=["CPUExecutionProvider"])
     file_codes = dict(zip(where, sess.run(names, {sess.get_inputs()[0].name: inputs.numpy()}),
                           strict=True))

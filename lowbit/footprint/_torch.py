@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._backend import UNSIGNED_WEIGHTS
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE_ELEMENTS
 from ..errors import FootprintError
 from ..quant._brevitas import IntegerBias
@@ -74,9 +75,9 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
                              f"({str(exc).splitlines()[0][:200]}); export it to ONNX and "
                              f"analyze the .onnx file instead") from None
     modules = dict(model.named_modules())
-    weight_bits, act_bits = _quant_bits(model)
+    storage, act_bits = _quant_bits(model)
     unknown = [c[1] for n in graph.nodes if n.op.startswith("call")
-               for c in [_classify(n, modules, weight_bits, act_bits, None)] if c[0] == "unknown"]
+               for c in [_classify(n, modules, storage, act_bits, None)] if c[0] == "unknown"]
     if unknown:
         raise FootprintError(f"{source}: cannot account for {len(unknown)} op(s): "
                              f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}; "
@@ -95,10 +96,10 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
             continue
         if node.op == "get_attr":
             continue
-        kind, name, params, macs, bits = _classify(node, modules, weight_bits, act_bits, shape)
+        kind, name, params, macs, bits = _classify(node, modules, storage, act_bits, shape)
         if kind is None or shape is None:  # shape queries and other non-tensor results
             continue
-        if weight_bits.get(name) == TRITS_BITS and not table_counted:
+        if storage.get(name) == "trits" and not table_counted:
             params = [*params, Param("table", TRITS_TABLE_ELEMENTS, 8)]  # decoding table, once
             table_counted = True
         ops.append(Op(name, kind, [a for a in _nodes((node.args, node.kwargs)) if a in shapes],
@@ -113,15 +114,14 @@ def _nodes(args) -> list[str]:
     return found
 
 
-def _quant_bits(model: nn.Module) -> tuple[dict[str, float], dict[str, int]]:
-    """Weight bits per conv/linear and bits per activation quantizer of a lowbit student."""
+def _quant_bits(model: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
+    """How each conv/linear's weights are stored (``lowbit.quant.weight_storages``: as
+    ``lowbit.export`` writes them) and bits per activation quantizer of a lowbit student."""
     if getattr(model, "lowbit_quant", None) is None:
         return {}, {}
-    from ..quant import act_quants, quant_layers
+    from ..quant import act_quants, weight_storages
 
-    # ternary weights are exported as trits (lowbit.export's default): 1.6 bits per code
-    return ({q.name: TRITS_BITS if q.weight_bits == 2 else q.weight_bits
-             for q in quant_layers(model)}, {a.name: a.bits for a in act_quants(model)})
+    return weight_storages(model), {a.name: a.bits for a in act_quants(model)}
 
 
 def _shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...],
@@ -153,7 +153,7 @@ def _shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...],
     return shapes
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[str, int],
+def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, str],
               act_bits: dict[str, int], shape: tuple[int, ...] | None) -> tuple:
     """(kind, name, params, macs, bits) of one fx node; kind "unknown" if unsupported."""
     stack = list((node.meta.get("nn_module_stack") or {}).keys())
@@ -162,7 +162,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[st
         if name in act_bits:
             return UNARY, name, [], 0, act_bits[name]
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            return (*_weighted(name, m, weight_bits.get(name), shape)[:4], None)
+            return (*_weighted(name, m, storage.get(name), shape)[:4], None)
         if isinstance(m, _BN_MODULES):
             c = m.num_features
             return AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0, None
@@ -186,12 +186,19 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], weight_bits: dict[st
     return kind, name if kind != "unknown" else f"{node.name} ({base})", [], 0, None
 
 
-def _weighted(name: str, m: nn.Module, bits: int | None, shape: tuple[int, ...] | None) -> tuple:
-    """(kind, name, params, MACs) of a conv/linear; ``bits`` None means a float layer."""
+# bits per stored code (lowbit.export's storage names); uint8 codes carry a zero point too
+_STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8, UNSIGNED_WEIGHTS: 8}
+
+
+def _weighted(name: str, m: nn.Module, storage: str | None, shape: tuple[int, ...] | None
+              ) -> tuple:
+    """(kind, name, params, MACs) of a conv/linear; ``storage`` None means a float layer."""
     n_out = m.weight.shape[0]
-    params = [Param("weight", m.weight.numel(), bits or FP32)]
-    if bits is not None:
+    params = [Param("weight", m.weight.numel(), _STORED_BITS[storage] if storage else FP32)]
+    if storage is not None:
         params.append(Param("scale", n_out, FP32))
+    if storage == UNSIGNED_WEIGHTS:
+        params.append(Param("zero_point", n_out, 8))
     if m.bias is not None:
         params.append(Param("bias", m.bias.numel(), FP32))
     out = math.prod(shape) if shape else 0

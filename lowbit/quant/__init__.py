@@ -3,7 +3,8 @@ returns a torch.fx GraphModule whose quantizers are nodes; ``describe(student)``
 layer the weight bits, input bits and the onnxruntime kernel that will run it.
 
 ``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
-exporter's contract, see ``_inspect``); ``calibrate`` (running mean of batch max) and
+exporter's contract, see ``_inspect``), ``weight_storages`` how the exporter stores them;
+``calibrate`` (running mean of batch max) and
 ``calibrate_ranges`` / ``calibrate_data`` (max, percentile or MSE on batches or on any data,
 see ``_calibrate``) set activation ranges for post-training quantization;
 ``bake_integer_bias`` folds the eval-mode integer-bias rounding into plain biases for tracing.
@@ -18,11 +19,11 @@ from ._calibrate import (
     calibration_batches,
 )
 from ._describe import Description, LayerDescription, describe
-from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers
+from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers, weight_storages
 from ._quantize import calibrate, quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
 __all__ = ["ACT_BITS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo",
            "Description", "LayerDescription", "PTQConfig", "QuantLayerInfo", "QuantSpec",
            "act_quants", "bake_integer_bias", "calibrate", "calibrate_data", "calibrate_ranges",
-           "calibration_batches", "describe", "quant_layers", "quantize"]
+           "calibration_batches", "describe", "quant_layers", "quantize", "weight_storages"]

@@ -3,9 +3,10 @@
 Read from the student's graph, by the rules onnxruntime's QDQ fusion applies on the CPU
 (default optimisation level, onnxruntime 1.2x): a conv whose input is a quantizer's codes
 and whose output (after its BatchNorm) goes straight into a quantizer runs as QLinearConv;
-anything else runs in float, and the row says why. Linear layers run as float Gemm (the
-CPU provider fuses no quantized Gemm; measured: per-channel or per-tensor, with or
-without bias); their weights are still stored at their bits. Float activations (SiLU,
+anything else runs in float, and the row says why. Linear layers run as float Gemm
+(onnxruntime fuses QGemm only for weights with an explicit zero point, which lowbit's int8
+weights do not carry: ``lowbit._backend.integer_kernel``); their weights are still stored at
+their bits. Float activations (SiLU,
 GELU, ...) run in float between quantizers; Sigmoid and LeakyReLU have integer lookup
 kernels (QLinearSigmoid, QLinearLeakyRelu). ``lowbit.export`` counts the kernels of the
 optimised graph and notes every conv/linear left in float.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
+from .._backend import INTEGER_KERNELS
 from . import _brevitas
 from ._quantize import (
     ADDS,
@@ -33,7 +35,6 @@ from ._quantize import (
 _ACTIVATION_KERNELS = {nn.SiLU: "float Sigmoid+Mul", nn.Hardswish: "float HardSwish",
                        nn.GELU: "float Erf (GELU)", nn.Hardsigmoid: "float HardSigmoid",
                        nn.Sigmoid: "QLinearSigmoid", nn.LeakyReLU: "QLinearLeakyRelu"}
-INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _weighted_row(gm: fx.GraphModule, node: fx.Node) -> LayerDescription:
     if in_bits is None:
         kernel = f"float {op} (input not quantized: add requant_bits)"
     elif op == "Linear":
-        kernel = "float Gemm (onnxruntime's CPU provider fuses no quantized Gemm)"
+        kernel = "float Gemm (onnxruntime fuses QGemm only for weights with a zero point)"
     elif out_quantized:
         kernel = "QLinearConv"
     elif logits:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .._backend import activation_range, storage_for, weight_storage
 from .._intmath import code_range
 from . import _brevitas
 
@@ -86,3 +87,19 @@ def act_quants(model: nn.Module) -> list[ActQuantInfo]:
     found = [(name, m) for name, m in model.named_modules() if _brevitas.is_act_quant(m)]
     found.sort(key=lambda nm: nm[0] != "input_quant")  # stable: the rest keep module order
     return [ActQuantInfo(name, *_brevitas.act_params(m)) for name, m in found]
+
+
+def weight_storages(model: nn.Module, opset: int = 25, ternary_storage: str = "trits",
+                    ) -> dict[str, str]:
+    """How ``lowbit.export`` stores each layer's codes at ``opset``: the ladder, and uint8 +
+    128 where an integer kernel fed by the layer's input codes could overflow
+    (``lowbit._backend``)."""
+    acts = {a.name: a for a in act_quants(model)}
+    storage = {}
+    for info in quant_layers(model):
+        act = acts.get(info.bias_input)
+        x_max = None if act is None else activation_range(act.bits, act.signed)[1]
+        storage[info.name] = weight_storage(
+            info.int_weight.numpy(), x_max,
+            storage_for(info.weight_bits, opset, ternary_storage), info.kind)
+    return storage

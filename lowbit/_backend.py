@@ -1,0 +1,155 @@
+"""onnxruntime's CPU execution provider as lowbit's files rely on it: one description.
+
+Torch- and onnx-free (numpy only): the exporter, ``describe``, the gate and the runtime read it.
+
+- **Kernels.** onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv
+  (integer codes in, integer codes out); the op names below are those of its optimised graph.
+- **Activations** are stored as uint8 codes: unsigned codes as they are, signed codes + 128
+  (zero point 128), the form its x86 integer kernels take.
+- **Weights** take the opset's narrowest packed type (:func:`storage_for`), ternary as trits,
+  and are decoded at load into int8 codes; or, where the overflow rule below says so, uint8
+  codes + 128 (zero point 128).
+- **The overflow rule.** onnxruntime's integer GEMM (MLAS) accumulates uint8 activations
+  times weights per CPU family:
+
+  ========================================  =================  ============================
+  family                                    uint8 x int8       uint8 x uint8
+  ========================================  =================  ============================
+  x86 SSE4.1 / AVX2 / AVX-512 without VNNI  pairs of products  widened to int16, int32 sums
+                                            summed into a
+                                            saturating int16
+                                            (``pmaddubsw``)
+  x86 AVX-VNNI / AVX512-VNNI                int32 (vpdpbusd)   int32
+  ARM64 NEON, dot product, i8mm             int32              int32
+  WebAssembly SIMD                          int32 (widened)    int32
+  ========================================  =================  ============================
+
+  Adjacent products along the reduction axis K (for QLinearConv: kernel row, kernel column,
+  input channel, the NHWC order it runs in) form the pairs. A layer is exact on every family
+  when its int32 accumulator cannot overflow and, stored as int8, no pair of products can
+  leave int16 for any input code it can receive (:func:`kernel_bound`). Where that pair
+  bound fails (8-bit weights beyond +-64 fed by 8-bit codes), the weights are stored as
+  uint8 with zero point 128 and run in the uint8 x uint8 kernels, exact everywhere, at the
+  same size; everywhere else the int8 path stays (``lowbit._intmath.accumulate`` models both).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import _intmath
+
+# onnxruntime ops that run a conv/linear on integer codes, and the float ones
+INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger",
+                             "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul",
+                           "FusedMatMul"})
+
+SIGNED_OFFSET = 128  # signed activation codes (and uint8-stored weights) are stored + 128
+UNSIGNED_WEIGHTS = "uint8"  # storage name of weights stored as uint8 codes + 128
+
+
+def activation_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(lowest, highest) stored uint8 value of ``bits``-bit activation codes."""
+    lo, hi = _intmath.code_range(bits, signed)
+    offset = SIGNED_OFFSET if signed else 0
+    return lo + offset, hi + offset
+
+
+def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
+    """How ``bits``-bit weight codes are stored at ``opset``: trits for ternary (unless
+    ``ternary_storage="int"``), else the narrowest packed type onnxruntime runs:
+
+        weight bits  opset >= 25   21..24   13..20
+        2 (ternary)  INT2          INT4     INT8
+        4            INT4          INT4     INT8
+        8            INT8          INT8     INT8
+    """
+    if bits == 2 and ternary_storage == "trits":
+        return "trits"
+    if bits == 2 and opset >= 25:
+        return "int2"
+    if bits <= 4 and opset >= 21:
+        return "int4"
+    return "int8"
+
+
+@dataclass(frozen=True)
+class KernelBound:
+    """The worst accumulations an integer layer can reach for stored inputs up to ``x_max``:
+    ``pair`` the largest |sum of two products| an int8-weight (u8s8) kernel forms (None for
+    uint8 weights, whose kernels widen to int16 first), ``int32`` the largest |accumulator|."""
+
+    x_max: int
+    pair: int | None
+    int32: int
+
+    @property
+    def exact(self) -> bool:
+        """True when no kernel family can overflow: the file computes the same everywhere."""
+        return (self.pair is None or self.pair <= _intmath.INT16_MAX) and \
+            self.int32 <= _intmath.INT32_MAX
+
+    def __str__(self) -> str:
+        pair = "" if self.pair is None else \
+            f"pairs of products up to {self.pair:,} (int16 holds {_intmath.INT16_MAX:,}), "
+        return f"inputs up to {self.x_max}: {pair}accumulator up to {self.int32:,}"
+
+
+def kernel_bound(w_stored: np.ndarray, x_max: int, axis: int = 0) -> KernelBound:
+    """:class:`KernelBound` of a layer whose stored weights are ``w_stored`` (int8 codes, or
+    uint8 codes + 128; output channels along ``axis``) and whose stored inputs lie in
+    [0, ``x_max``]: any pairing of products along K, so it holds for every kernel's packing."""
+    w = np.moveaxis(np.asarray(w_stored), axis, 0).reshape(np.shape(w_stored)[axis], -1)
+    signed = np.issubdtype(w.dtype, np.signedinteger)
+    w = w.astype(np.int64)
+    return KernelBound(int(x_max), _intmath.pair_peak(w, x_max) if signed else None,
+                       int(x_max * np.abs(w).sum(1).max(initial=0)))
+
+
+def integer_kernel(op_type: str, weight_zero_point: bool) -> bool:
+    """Whether onnxruntime fuses a ``op_type`` node whose input and weights are dequantized
+    codes into an integer kernel: always for Conv (QLinearConv); for Gemm (QGemm) only when
+    the weights' DequantizeLinear has an explicit zero point, which lowbit writes for uint8
+    weights alone, so its int8 Linear layers run as float Gemm."""
+    return op_type != "Gemm" or weight_zero_point
+
+
+def weight_storage(codes: np.ndarray, x_max: int | None, storage: str, kind: str = "conv",
+                   axis: int = 0) -> str:
+    """``storage`` (the ladder's choice), or uint8 where int8 weights fed by stored inputs up
+    to ``x_max`` (None: float input, no integer kernel) could overflow a u8s8 kernel. A
+    ``kind`` "linear" layer stays int8: it runs as a float Gemm (:func:`integer_kernel`)."""
+    if x_max is None or storage != "int8" or kind == "linear" or \
+            kernel_bound(np.asarray(codes, np.int8), x_max, axis).exact:
+        return storage
+    return UNSIGNED_WEIGHTS
+
+
+# CPU flags that decide which integer (and bf16) kernels onnxruntime and torch run
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+                "amx_bf16", "asimddp", "i8mm")
+
+
+def cpu_features() -> dict[str, object]:
+    """This machine as far as integer kernels go: CPU name, architecture, the
+    :data:`KERNEL_FLAGS` it has, and how its uint8 x int8 kernels accumulate ("int16 pairs"
+    on x86 without VNNI, else "int32"); recorded with every gate run and benchmark."""
+    fields: dict[str, str] = {}
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, sep, v in
+                  (line.partition(":") for line in first.splitlines()) if sep}
+    except OSError:
+        pass
+    present = set((fields.get("flags") or fields.get("Features") or "").split())
+    machine = platform.machine()
+    x86 = machine.lower() in ("x86_64", "amd64", "i686", "x86")
+    vnni = bool({"avx512_vnni", "avx_vnni"} & present)
+    return {"cpu": fields.get("model name") or platform.processor() or machine,
+            "machine": machine, "flags": sorted(present & set(KERNEL_FLAGS)),
+            "u8s8": "int16 pairs" if x86 and not vnni else "int32"}
