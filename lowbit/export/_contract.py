@@ -130,17 +130,14 @@ def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[st
         if dx is None or dw is None or \
                 not integer_kernel(node.op_type, len(dw.input) > 2 and bool(dw.input[2])):
             continue
+        zp = dx.input[2] if len(dx.input) > 2 and dx.input[2] else None
+        if zp is not None and (zp not in inits or inits[zp].data_type not in _CODE_TYPES):
+            continue  # not the uint8 codes lowbit's files feed integer kernels
+        x_max = _CODE_TYPES[inits[zp].data_type] if zp else 255  # no zero point: uint8
         src = producers.get(dx.input[0])
         if src is not None and src.op_type == "Clip" and len(src.input) > 2 and \
-                value(src.input[2]) is not None:
-            x_max = int(value(src.input[2]))
-        elif src is not None and src.op_type == "QuantizeLinear" and len(src.input) > 2 and \
-                src.input[2] in inits and inits[src.input[2]].data_type in _CODE_TYPES:
-            x_max = _CODE_TYPES[inits[src.input[2]].data_type]
-        elif src is not None and src.op_type == "QuantizeLinear" and len(src.input) < 3:
-            x_max = 255  # no zero point: uint8
-        else:
-            continue  # not codes lowbit's kernels read
+                value(src.input[2]) is not None:  # fewer bits: the Clip's upper bound
+            x_max = min(x_max, int(value(src.input[2])))
         found.append((node, dx, dw, x_max))
     if not found:
         return ()
