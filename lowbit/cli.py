@@ -654,7 +654,7 @@ def _export(args: argparse.Namespace) -> None:
     from .quant import PTQConfig
 
     prog = getattr(args, "prog", "lowbit-export")
-    thresholds = Thresholds(args.min_agreement, args.max_steps)
+    thresholds = Thresholds(args.min_agreement, args.max_steps, args.max_near_ties)
     ptq = PTQConfig(method=args.calib_method, calib=args.calib, percentile=args.percentile,
                     max_drop=args.max_drop)  # validates --calib >= 1 before any work
     model, ckpt = _checkpoint.load_model(args.model, allow=_allowed(args), expect=args.arch,
@@ -792,6 +792,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    help="gate: largest logit difference of the median input in output "
                    "quantization steps (one flipped code of the last activation times the "
                    "largest last-layer weight); the maximum over inputs is reported")
+    p.add_argument("--max-near-ties", type=float, default=gate.max_near_ties,
+                   metavar="FRACTION", help="gate: largest fraction of the inputs whose top-1 "
+                   "flip counts as agreeing because the student's top two classes are within "
+                   "the logit bound (a near-tie)")
     p.set_defaults(func=_export)
 
 

@@ -26,7 +26,14 @@ import torch.nn as nn
 from lowbit import _checkpoint, cli, data, models
 from lowbit._io import atomic_write_all
 from lowbit.cli import export_main, main
-from lowbit.errors import InputError, ModelError, OutputError, QuantizeError, TrainingError
+from lowbit.errors import (
+    InputError,
+    ModelError,
+    OutputError,
+    QuantizeError,
+    TrainingError,
+    UsageError,
+)
 from lowbit.export import Thresholds
 from lowbit.export._export import build_onnx
 from lowbit.export._verify import compare, locate
@@ -459,3 +466,33 @@ def test_models_registry_is_untouched_by_crafted_checkpoints(tmp_path, teacher):
     with pytest.raises(ValueError, match="cannot build"):
         _checkpoint.load_model(path)
     assert models.list() == before
+
+
+def test_gate_caps_the_near_tie_allowance():
+    """Flipping the top two classes on a quarter of the inputs, every flip within the logit
+    bound, is no near-tie rounding: the allowance excuses at most 1% of the inputs."""
+    student = nn.Linear(3, 4)
+    x = torch.randn(400, 3)
+    ref = student(x).detach().numpy()
+    top2 = np.argsort(ref, 1)[:, -2:]
+    step = np.full(4, float(np.abs(ref).max()))  # every margin is within one output step
+
+    def swap(rows: int):
+        def run(a: np.ndarray) -> np.ndarray:
+            out = student(torch.from_numpy(a)).detach().numpy()
+            r = np.arange(rows)[:, None]
+            out[r, top2[:rows]] = out[r, top2[:rows, ::-1]]
+            return out
+        return run
+
+    flat = compare("onnx-int", "given", student, swap(100), x, step, Thresholds(),
+                   batch_size=400, progress=False)
+    assert flat.agreement == 0.75 and flat.near_ties == 100 and flat.ties_counted == 4
+    assert not flat.passed and "4 counted as agreeing (the cap)" in str(flat)
+    few = compare("onnx-int", "given", student, swap(3), x, step, Thresholds(), batch_size=400,
+                  progress=False)
+    assert few.passed and few.near_ties == few.ties_counted == 3
+    assert compare("onnx-int", "given", student, swap(100), x, step,
+                   Thresholds(max_near_ties=0.25), batch_size=400, progress=False).passed
+    with pytest.raises(UsageError, match="max_near_ties"):
+        Thresholds(max_near_ties=1.5)
