@@ -20,6 +20,7 @@ when that name is passed again (``--arch``, ``allow=``) or the model itself is g
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import pickle
@@ -134,7 +135,9 @@ def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any
             "record": record}
     if resume is not None:
         ckpt["resume"] = resume
-    return atomic_write(path, lambda p: torch.save(ckpt, p))
+    buffer = io.BytesIO()  # serialised first: a full disk is then Python's OSError (ENOSPC),
+    torch.save(ckpt, buffer)  # where torch's own file writer raises a RuntimeError
+    return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
 
 
 def save_model(model: nn.Module, path: str | Path, *, data: Any = None,

@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 
-from ._io import check_outputs
+from ._io import check_outputs, output_lock
 from .errors import LowbitError, UsageError
 
 
@@ -50,12 +50,20 @@ def _check_run_outputs(args: argparse.Namespace, *inputs: object) -> None:
         raise UsageError(f"-o {out}: the checkpoint needs another suffix than .json (its "
                          f"training record is written beside it as {out.stem}.json)")
     outputs = [out, out.with_suffix(".json"), getattr(args, "teacher_out", None)]
-    check_outputs(outputs, [p for p in inputs if isinstance(p, str) and Path(p).exists()])
+    _claim(args, outputs, [p for p in inputs if isinstance(p, str) and Path(p).exists()])
     if args.resume or args.overwrite:
         return
     check_outputs(outputs[:1], overwrite=False,
                   hint="continue an unfinished run with --resume, or pass --overwrite to "
                   "start over and replace it")
+
+
+def _claim(args: argparse.Namespace, outputs: Sequence[object], inputs: Sequence[object] = ()
+           ) -> None:
+    """Check the outputs (see ``check_outputs``) and lock them until the command ends: a
+    second lowbit process given one of them is refused instead of racing this one."""
+    check_outputs(outputs, inputs)
+    args.claims.enter_context(output_lock(outputs))
 
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
@@ -484,7 +492,7 @@ def _runtime_bench(args: argparse.Namespace) -> None:
     from ._io import write_json
     from .runtime import Session, markdown_table, resident_bytes
 
-    check_outputs([args.json], [args.model])
+    _claim(args, [args.json], [args.model])
     before = resident_bytes()
     session = Session(args.model, threads=args.threads)
     loaded = resident_bytes()
@@ -569,7 +577,7 @@ def _footprint(args: argparse.Namespace) -> None:
     from .footprint import PRECISIONS, footprint, plot
 
     model = args.model
-    check_outputs([None if args.json == "-" else args.json, args.plot], [model])
+    _claim(args, [None if args.json == "-" else args.json, args.plot], [model])
     if not Path(model).exists() and "." not in Path(model).name:
         from . import models
 
@@ -668,7 +676,7 @@ def _export(args: argparse.Namespace) -> None:
         out = qonnx_path(out)  # MODEL.qonnx.onnx, as with --format both
     outputs = [out, qonnx_path(out) if len(formats) == 2 else None,
                out.with_suffix(".ort") if args.ort and "onnx" in formats else None]
-    check_outputs(outputs, [args.model, *_spec_paths(args.verify_data, args.calib_data)])
+    _claim(args, outputs, [args.model, *_spec_paths(args.verify_data, args.calib_data)])
     verify = calib = None
     if args.verify_data != "random":
         verify = data.load(args.verify_data, train=False)
@@ -825,22 +833,27 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _interrupts() -> Iterator[list[int]]:
     """Let SIGTERM (``kill``, a scheduler's time limit) unwind like Ctrl-C, so the temp files
-    of an unfinished write are removed; the previous handler is restored afterwards."""
+    of an unfinished write are removed, and list the signals received: an interrupt that
+    lands inside a library's import can be swallowed there and resurface as another error,
+    which is then still reported as the interrupt. The previous handlers are restored."""
+    received: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield received
         return
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -850,23 +863,31 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
+    received: list[int] = []
     try:
-        with _terminate_as_interrupt():
+        # parsing imports the subcommand's modules (torch: seconds), so Ctrl-C may land there
+        with _interrupts() as received, contextlib.ExitStack() as claims:
+            args = parser.parse_args(argv)
+            args.claims = claims  # output locks, released when the command ends (_claim)
             args.func(args)
-    except LowbitError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        received.append(signal.SIGINT)
+    except LowbitError as exc:
+        if not received:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 2
+    except Exception:  # noqa: BLE001  (a bug: show it as one, with its traceback)
+        if not received:
+            from . import __version__
+
+            traceback.print_exc()
+            print(f"{parser.prog}: internal error in lowbit {__version__}: this is a bug, "
+                  f"please report it with the traceback above and the command line",
+                  file=sys.stderr)
+            return 1
+    if received:  # also when the interrupt surfaced as another error (see _interrupts)
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001  (a bug: show it as one, with its traceback)
-        from . import __version__
-
-        traceback.print_exc()
-        print(f"{parser.prog}: internal error in lowbit {__version__}: this is a bug, please "
-              f"report it with the traceback above and the command line", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -496,3 +497,180 @@ def test_gate_caps_the_near_tie_allowance():
                    Thresholds(max_near_ties=0.25), batch_size=400, progress=False).passed
     with pytest.raises(UsageError, match="max_near_ties"):
         Thresholds(max_near_ties=1.5)
+
+
+# ------------------------------------------- outputs: checked first, OS refusals, pairs, locks
+
+RELAXED = ["--max-steps", "1000"]  # the gate is not what these tests are about
+
+
+def _immutable(path: Path) -> None:
+    """``chattr +i``: not even root may replace or create files there; skip where unsupported."""
+    res = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True) \
+        if shutil.which("chattr") else None
+    if res is None or res.returncode != 0:
+        pytest.skip(f"chattr +i is not available here ({res.stderr.strip() if res else ''})")
+
+
+def _mutable(path: Path) -> None:
+    subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def _no_temps(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".old", ".lock"))]
+
+
+def test_pair_commit_puts_the_first_file_back_when_the_second_cannot_be_replaced(tmp_path):
+    a, b = tmp_path / "m.onnx", tmp_path / "m.qonnx.onnx"
+    a.write_text("old a")
+    b.write_text("old b")
+
+    def second(tmp: Path) -> None:  # meanwhile the second target becomes unreplaceable
+        tmp.write_text("new b")
+        b.unlink()
+        b.mkdir()
+        (b / "keep").touch()
+
+    with pytest.raises(OutputError, match=r"m\.qonnx\.onnx: cannot write it: .*\[EISDIR\]"):
+        atomic_write_all({a: lambda tmp: tmp.write_text("new a"), b: second})
+    assert a.read_text() == "old a" and b.is_dir()
+    assert _no_temps(tmp_path) == []
+    c = tmp_path / "new.onnx"  # a first file that did not exist before is removed again
+    with pytest.raises(OutputError):
+        atomic_write_all({c: lambda tmp: tmp.write_text("c"), b.with_name("x"): second})
+    assert not c.exists() and _no_temps(tmp_path) == []
+
+
+def test_export_pair_is_all_or_nothing_with_an_immutable_qonnx_target(tmp_path, student, capsys):
+    out, qout = tmp_path / "m.onnx", tmp_path / "m.qonnx.onnx"
+    out.write_bytes(b"old onnx")
+    qout.write_bytes(b"old qonnx")
+    _immutable(qout)
+    try:
+        assert export_main([str(student), "-o", str(out), *RELAXED]) == 2
+    finally:
+        _mutable(qout)
+    line = _one_line_error(capsys, "lowbit-export")
+    assert "m.qonnx.onnx: cannot write it" in line and "[EPERM]" in line
+    assert (out.read_bytes(), qout.read_bytes()) == (b"old onnx", b"old qonnx")
+    assert _no_temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("where,words", [
+    ("missing/x.pt", "does not exist; expected an existing directory"),
+    ("file/x.pt", "is not a directory"),
+    ("dir", "is a directory"),
+])
+def test_outputs_are_checked_before_any_work(tmp_path, teacher, capsys, where, words):
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "dir").mkdir()
+    out = str(tmp_path / where)
+    start = time.monotonic()
+    assert main(["train", *TINY, "--epochs", "1", "-o", out]) == 2
+    assert words in _one_line_error(capsys)
+    assert main(["distill", "--teacher", str(teacher), "--data", "digits", "-o", out]) == 2
+    assert words in _one_line_error(capsys)
+    assert export_main([str(teacher), "--bits", "2", "-o", out]) == 2
+    assert words in _one_line_error(capsys, "lowbit-export")
+    assert main(["footprint", str(teacher), "--json", out]) == 2
+    assert words in _one_line_error(capsys)
+    assert time.monotonic() - start < 20  # refused up front, not after an epoch
+    assert not (tmp_path / "missing").exists()
+
+
+def test_read_only_directory_is_refused_before_the_first_epoch(tmp_path, teacher, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _immutable(ro)
+    try:
+        for argv in (["train", *TINY, "--epochs", "1", "-o", str(ro / "t.pt")],
+                     ["distill", "--teacher", str(teacher), "--data", "digits",
+                      "-o", str(ro / "s.pt")],
+                     ["footprint", str(teacher), "--json", str(ro / "f.json")],
+                     ["convert-ort", str(ROOT / "pyproject.toml"), "-o", str(ro / "m.ort")]):
+            assert main(argv) == 2
+            assert "cannot write into" in _one_line_error(capsys)
+        assert export_main([str(teacher), "--bits", "2", "-o", str(ro / "m.onnx")]) == 2
+        assert "cannot write into" in _one_line_error(capsys, "lowbit-export")
+    finally:
+        _mutable(ro)
+    assert list(ro.iterdir()) == []
+
+
+def _plain_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; ``fsize``: under that file-size limit (RLIMIT_FSIZE), where
+    a write past it fails with EFBIG as on a full disk."""
+    import resource
+
+    def limit_files() -> None:
+        if fsize is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT, preexec_fn=limit_files)
+
+
+def test_a_full_disk_under_export_is_one_line_and_leaves_nothing(tmp_path, student):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)],
+                         capture_output=True, text=True) if shutil.which("mount") else None
+    if res is None or res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() if res else ''})")
+    try:
+        res = _plain_cli("export", str(student), "-o", str(disk / "m.onnx"), *RELAXED)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "No space left on device [ENOSPC]; free some space" in lines[0]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no RLIMIT_FSIZE on this platform")
+def test_a_file_size_limit_under_training_is_one_line_and_leaves_nothing(tmp_path):
+    res = _plain_cli("train", *TINY, "--epochs", "1", "--limit", "128", "-o",
+                     str(tmp_path / "t.pt"), fsize=4096)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "t.pt: cannot write it: File too large [EFBIG]" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("after", [0.3, 3.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, student, after):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "export", str(student), "-o",
+                             str(tmp_path / "m.onnx"), *RELAXED], env=env, cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the export finished before the signal")
+    assert proc.returncode == 130 and err.strip().splitlines() == ["lowbit: interrupted"], err
+    assert _no_temps(tmp_path) == []
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path, teacher, capsys):
+    out = tmp_path / "s.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "distill", "--teacher",
+                              str(teacher), "--data", "digits", "--epochs", "3000", "--limit",
+                              "128", "--batch-size", "64", "-o", str(out)], env=env,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".s.pt.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(["distill", "--teacher", str(teacher), "--data", "digits", "--epochs", "1",
+                     "-o", str(out), "--overwrite"]) == 2
+        line = _one_line_error(capsys)
+        assert f"another lowbit process (pid {first.pid}) is writing it" in line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    assert first.returncode == 130 and _no_temps(tmp_path) == []

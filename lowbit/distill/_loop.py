@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import _checkpoint
-from .._io import write_json
+from .._io import check_outputs, write_json
 from ..data import DataLike, as_data, stats_of
 from ..errors import DataError, TrainingError, UsageError
 from . import _dist
@@ -128,6 +128,8 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
     """
     torch.manual_seed(cfg.seed)
     rank, world = _dist.setup()
+    if out is not None and rank == 0:  # a missing or read-only directory: now, not after epoch 1
+        check_outputs([out, Path(out).with_suffix(".json")])
     train_data = as_data(train_data, split="train")
     val_data = None if val_data is None else as_data(val_data, stats=stats_of(train_data))
     model = run.model.to(memory_format=torch.channels_last)
