@@ -458,11 +458,19 @@ def _progress(total: int, desc: str):
                 disable=None)  # None: no bar when stderr is not a terminal
 
 
+def _allow_modified_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-modified", action="store_true",
+                   help="read a lowbit export whose weights or graph no longer match the "
+                   "digests recorded at export (refused by default: a corrupt copy still runs, "
+                   "with wrong answers); for files you changed on purpose")
+
+
 def _runtime_run(args: argparse.Namespace) -> None:
     from . import _datafiles
     from .runtime import Session
 
-    session = Session(args.model, threads=args.threads, max_batch=args.batch_size)
+    session = Session(args.model, threads=args.threads, max_batch=args.batch_size,
+                      allow_modified=args.allow_modified)
     test = _datafiles.load(args.data, train=False)
     n = min(len(test.labels), args.limit) if args.limit else len(test.labels)
     bar = None if args.quiet else _progress(n, "evaluating")
@@ -485,6 +493,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive, default=None,
                    help="intra-op threads (default: onnxruntime's, one per physical core)")
     p.add_argument("--batch-size", type=_positive, default=256, help="images per onnxruntime call")
+    _allow_modified_option(p)
     p.set_defaults(func=_runtime_run)
 
 
@@ -494,7 +503,7 @@ def _runtime_bench(args: argparse.Namespace) -> None:
 
     _claim(args, [args.json], [args.model])
     before = resident_bytes()
-    session = Session(args.model, threads=args.threads)
+    session = Session(args.model, threads=args.threads, allow_modified=args.allow_modified)
     loaded = resident_bytes()
     rows = session.benchmark(args.batch, warmup=args.warmup, repeat=args.repeat,
                              min_time=args.min_time)
@@ -524,6 +533,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=_non_negative_float, default=0.5,
                    help="minimum seconds of timed runs per batch size")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    _allow_modified_option(p)
     p.set_defaults(func=_runtime_bench)
 
 
@@ -532,8 +542,9 @@ def _runtime_convert(args: argparse.Namespace) -> None:
 
     from .runtime import Session, convert_ort
 
-    out = convert_ort(args.model, args.output, optimization=args.optimization)
-    onnx_s, ort_s = Session(args.model), Session(out)
+    out = convert_ort(args.model, args.output, optimization=args.optimization,
+                      allow_modified=args.allow_modified)
+    onnx_s, ort_s = Session(args.model, allow_modified=args.allow_modified), Session(out)
     x = np.random.default_rng(0).integers(0, 256, (8, *onnx_s.info.input_shape), dtype=np.uint8)
     x = x if onnx_s.info.mean else x.astype(np.float32) / 255.0  # no metadata: feed floats
     diff = float(np.abs(onnx_s.run(x) - ort_s.run(x)).max())
@@ -552,6 +563,7 @@ def _add_convert_ort(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimization", choices=["disable", "basic", "extended", "all"],
                    default="all", help="graph optimisations baked into the file (default: all, "
                    "without the CPU-specific NCHWc layout)")
+    _allow_modified_option(p)
     p.set_defaults(func=_runtime_convert)
 
 
@@ -588,7 +600,8 @@ def _footprint(args: argparse.Namespace) -> None:
             raise UsageError(f"a registered model needs --input-shape C H W (e.g. 3 32 32 for "
                              f"CIFAR, 1 8 8 for digits); {model} has no data attached")
         model = models.create(model, in_channels=args.input_shape[0])
-    base = footprint(model, args.batch, input_shape=args.input_shape)
+    base = footprint(model, args.batch, input_shape=args.input_shape,
+                     allow_modified=args.allow_modified)
     chosen = dict(_precision(b) for b in args.bits) if args.bits else PRECISIONS
     reports = {label: base.with_bits(w, a) for label, (w, a) in chosen.items()}
     shown = next(iter(reports.values())) if args.bits else base
@@ -650,6 +663,7 @@ def _add_footprint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, metavar="FIG.png",
                    help="write a Figure-1 style chart (weights + activations, stacked, per "
                    "batch size and precision)")
+    _allow_modified_option(p)
     p.set_defaults(func=_footprint)
 
 

@@ -8,6 +8,7 @@ outputs; crafted or wrong files give one-line errors; bugs show as bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -674,3 +675,148 @@ def test_a_second_writer_of_the_same_output_is_refused(tmp_path, teacher, capsys
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
     assert first.returncode == 130 and _no_temps(tmp_path) == []
+
+
+# ----------------------------------------------------------- file integrity, versions, inputs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, student) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "m.onnx"
+    assert export_main([str(student), "--format", "onnx", "-o", str(out), *RELAXED, "-q"]) == 0
+    return out
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    proto = onnx.load(str(src))
+    edit(proto)
+    onnx.save(proto, dst)
+    return dst
+
+
+def _flip_one_trit(proto: onnx.ModelProto) -> None:
+    """Add 1 to the lowest trit of the first packed byte where that does not carry."""
+    packed = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+                  and t.name != "trits_table")
+    raw = bytearray(packed.raw_data)
+    i = next(i for i, b in enumerate(raw) if b % 3 < 2 and b + 1 < 243)
+    raw[i] += 1
+    packed.raw_data = bytes(raw)
+
+
+def test_one_flipped_trit_is_refused_everywhere_unless_allowed(tmp_path, exported, capsys):
+    bad = _edited(exported, tmp_path / "bad.onnx", _flip_one_trit)
+    with pytest.raises(ModelError, match=r"bad\.onnx: its weights differ from what lowbit "
+                                         r"\S+ exported \(SHA-256 digest mismatch\)"):
+        Session(bad)
+    x = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
+    changed = np.abs(Session(bad, allow_modified=True).run(x) - Session(exported).run(x)).max()
+    assert changed > 0  # the edit is real, and only the digest notices it
+    for argv in (["run", str(bad), "--data", "digits"], ["bench", str(bad), "--batch", "1"],
+                 ["footprint", str(bad)], ["convert-ort", str(bad)]):
+        assert main(argv) == 2
+        assert "digest mismatch" in _one_line_error(capsys)
+    assert not (tmp_path / "bad.ort").exists()
+    assert main(["run", str(bad), "--data", "digits", "--allow-modified", "--limit", "8"]) == 0
+    assert main(["convert-ort", str(bad), "--allow-modified"]) == 0
+    capsys.readouterr()
+    renamed = _edited(exported, tmp_path / "graph.onnx",
+                      lambda p: setattr(p.graph.node[0], "name", "edited"))
+    with pytest.raises(ModelError, match="its graph differ"):
+        Session(renamed)
+
+
+def test_digests_cover_what_the_exporter_wrote(exported):
+    from lowbit import _integrity
+    from lowbit import _onnx_meta as meta
+
+    props = Session(exported).info.metadata
+    assert json.loads(props[meta.DIGEST]) == _integrity.digests(exported.read_bytes())
+    assert json.loads(props[meta.FORMAT]) == meta.FORMAT_VERSION
+    # the same bytes through onnx's own parser and serializer: still the same digests
+    again = onnx.load(str(exported)).SerializeToString()
+    assert _integrity.digests(again) == _integrity.digests(exported.read_bytes())
+
+
+def test_gate_fails_a_file_whose_integer_kernels_are_perturbed(student):
+    model = _checkpoint.load_model(student)[0]
+    baked = bake_integer_bias(model)
+    x = next(iter(data.load("digits", train=False).loader(359)))[0]
+    proto, _, layers, acts = build_onnx(baked, x[:1])
+    packed = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+                  and t.name != "trits_table")
+    packed.raw_data = bytes(242 - b if b < 243 else b for b in packed.raw_data)  # -w
+    from lowbit.export._export import _onnx_runner, _output_step
+
+    check = compare("onnx-int", "digits", model, _onnx_runner(proto, "all"), x,
+                    _output_step(layers, acts), Thresholds(), progress=False)
+    assert not check.passed and check.agreement < 0.9
+
+
+def _with_meta(src: Path, dst: Path, **props: str) -> Path:
+    def edit(proto: onnx.ModelProto) -> None:
+        kept = {p.key: p.value for p in proto.metadata_props}
+        kept.update({f"lowbit.{k}": v for k, v in props.items()})
+        onnx.helper.set_model_props(proto, {k: v for k, v in kept.items() if v != "DROP"})
+    return _edited(src, dst, edit)
+
+
+def test_newer_file_or_checkpoint_is_refused_naming_both_versions(tmp_path, exported, teacher,
+                                                                  capsys):
+    newer = _with_meta(exported, tmp_path / "new.onnx", format="2", version="9.0.0")
+    assert main(["run", str(newer), "--data", "digits"]) == 2
+    line = _one_line_error(capsys)
+    assert "written by lowbit 9.0.0 in file format 2; this lowbit 0.1.0 reads format 1" in line
+    older = _with_meta(exported, tmp_path / "old.onnx", format="DROP", digest="DROP")
+    assert Session(older).info.weight_bits == 2  # files from before formats and digests load
+    ckpt = _checkpoint.load(teacher)
+    torch.save(dict(ckpt, version=2, lowbit="9.0.0"), tmp_path / "new.pt")
+    assert main(["eval", str(tmp_path / "new.pt")]) == 2
+    assert ("checkpoint version 2, written by lowbit 9.0.0; this lowbit 0.1.0 reads version 1"
+            in _one_line_error(capsys))
+    old = {k: v for k, v in ckpt.items() if k != "lowbit"}
+    torch.save(old, tmp_path / "old.pt")
+    assert main(["eval", str(tmp_path / "old.pt"), "--data", "digits", "-q"]) == 0
+
+
+@pytest.mark.parametrize("props,words", [
+    ({"std": "[0]"}, "std > 0"),
+    ({"mean": "[NaN]"}, "finite per-channel values"),
+    ({"input_shape": '{"c": 1}'}, "lowbit.input_shape must be a list of 1 to 4 positive"),
+    ({"weight_bits": '"two"'}, "lowbit.weight_bits must be an integer bit width"),
+    ({"classes": "[]"}, "non-empty list of class names"),
+])
+def test_crafted_metadata_is_refused_in_one_line(tmp_path, exported, capsys, props, words):
+    crafted = _with_meta(exported, tmp_path / "c.onnx", **props)
+    assert main(["run", str(crafted), "--data", "digits"]) == 2
+    assert words in _one_line_error(capsys)
+
+
+def test_a_non_image_model_runs_and_benches(tmp_path, capsys):
+    from lowbit.export import export
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = (x[:, 0] > 0).long()
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    student = quantize(net, weight_bits=4).eval()
+    export(student, tmp_path / "mlp.onnx", example_input=x[:1], formats=("onnx",),
+           verify=x, progress=False)
+    np.savez(tmp_path / "mlp.npz", images=x.numpy(), labels=y.numpy())
+    assert main(["run", str(tmp_path / "mlp.onnx"), "--data", str(tmp_path / "mlp.npz")]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out
+    assert main(["bench", str(tmp_path / "mlp.onnx"), "--batch", "1", "4", "--repeat", "2",
+                 "--min-time", "0"]) == 0
+    session = Session(tmp_path / "mlp.onnx")
+    assert session.run(x[0].numpy()).shape == (1, 2) and "[N, 20]" in repr(session)
+    with pytest.raises(InputError, match=r"expected inputs \[N, 20\]"):
+        session.run(np.zeros((2, 21), np.float32))
+
+
+def test_evaluate_refuses_float_or_one_hot_labels(exported):
+    session = Session(exported)
+    images = np.zeros((4, 1, 8, 8), np.uint8)
+    for labels in (np.zeros(4, np.float32), np.eye(4, 10, dtype=np.int64)):
+        with pytest.raises(InputError, match="expected labels as integer class indices"):
+            session.evaluate((images, labels))
+    assert 0.0 <= session.evaluate((images, np.zeros(4, np.int64))) <= 1.0

@@ -36,6 +36,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 
 from .. import __version__
 from .. import _onnx_meta as meta
+from .._integrity import seal
 from .._io import atomic_write_all
 from ..quant import PTQConfig
 from ._rewrites import (
@@ -419,6 +420,7 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
         _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers))
+        seal(p)  # format version and digests of the bytes written: the last step before it
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
     atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
