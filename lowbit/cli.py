@@ -538,11 +538,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _runtime_convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     import numpy as np
 
     from .runtime import Session, convert_ort
 
-    out = convert_ort(args.model, args.output, optimization=args.optimization,
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".ort")
+    _claim(args, [out], [args.model])
+    out = convert_ort(args.model, out, optimization=args.optimization,
                       allow_modified=args.allow_modified)
     onnx_s, ort_s = Session(args.model, allow_modified=args.allow_modified), Session(out)
     x = np.random.default_rng(0).integers(0, 256, (8, *onnx_s.info.input_shape), dtype=np.uint8)

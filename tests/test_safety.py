@@ -820,3 +820,15 @@ def test_evaluate_refuses_float_or_one_hot_labels(exported):
         with pytest.raises(InputError, match="expected labels as integer class indices"):
             session.evaluate((images, labels))
     assert 0.0 <= session.evaluate((images, np.zeros(4, np.int64))) <= 1.0
+
+
+def test_a_model_that_flattens_with_view_trains_distills_and_evaluates(tmp_path, capsys):
+    arch = ["--arch", "tests.user_models:view_net"]
+    teacher = tmp_path / "t.pt"
+    assert main(["train", *arch, "--data", "digits", "--epochs", "1", "--batch-size", "64",
+                 "--limit", "256", "-o", str(teacher), "-q"]) == 0
+    assert main(["distill", "--teacher", str(teacher), *arch, "--data", "digits", "--epochs",
+                 "1", "--batch-size", "64", "--limit", "256", "-o", str(tmp_path / "s.pt"),
+                 "-q"]) == 0
+    assert main(["eval", str(tmp_path / "s.pt"), *arch, "--data", "digits", "-q"]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out
