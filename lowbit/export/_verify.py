@@ -102,7 +102,7 @@ class Verification:
         why = f" (non-finite logits on {', '.join(bad)} of the inputs)" if bad else ""
         if self.near_ties:
             capped = (f", {self.ties_counted} counted as agreeing (the cap)"
-                      if self.ties_counted < self.near_ties else "")
+                      if self.ties_counted < self.near_ties and self.top1_gated else "")
             why += (f" ({self.near_ties} other input(s) at near-ties: the student's top two "
                     f"classes within the logit bound{capped})")
         if not self.top1_gated:
