@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -921,9 +922,21 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _finish(code: int, argv: Sequence[str] | None) -> int:
+    """The exit status; on the command line (``argv`` None) an interrupt ends the process
+    here with 130: CPython would otherwise kill itself with SIGINT at exit (status -2, no
+    message) when the interrupt landed in code that C ran for an import (torch's), even
+    though lowbit handled it. Outputs are complete or absent by then (atomic writes)."""
+    if code == 130 and argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowbit``."""
-    return _run(parser(), argv)
+    return _finish(_run(parser(), argv), argv)
 
 
 
@@ -932,7 +945,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="lowbit-export", description=_EXPORT_DESCRIPTION,
                      formatter_class=_FORMATTER, options=_export_arguments)
     _add_quiet(parser)
-    return _run(parser, argv)
+    return _finish(_run(parser, argv), argv)
 
 
 if __name__ == "__main__":
