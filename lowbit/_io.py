@@ -53,10 +53,12 @@ def os_refusal(path: str | Path, exc: OSError) -> OutputError:
 def _check_directory(path: Path) -> None:
     """The directory ``path`` goes into exists and this process may create files there."""
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{path}: {parent} is not a directory; expected an existing "
+                          f"directory for the output")
     if not parent.is_dir():
-        why = "is not a directory" if parent.exists() else "does not exist"
-        raise OutputError(f"{path}: its directory {parent} {why}; expected an existing "
-                          f"directory (create it first: mkdir -p {parent})")
+        raise OutputError(f"{path}: its directory {parent} does not exist; expected an "
+                          f"existing directory (create it first: mkdir -p {parent})")
     if not os.access(parent, os.W_OK | os.X_OK):  # also EROFS and chattr +i, even for root
         raise OutputError(f"{path}: cannot write into {parent} (read-only or no permission); "
                           f"choose another output path")
