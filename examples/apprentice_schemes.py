@@ -65,6 +65,7 @@ def main() -> None:
     test = test.subset(args.test_limit) if args.test_limit else test
     epochs = args.epochs or (10 if train.name == "digits" else 2)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # lowbit writes into existing folders only
     teacher, arch = float_teacher(train, test, out)
     shape = {"num_classes": train.num_classes, "in_channels": train.input_shape[0]}
     rows = [{"scheme": "-", "model": f"float teacher ({arch})",

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of strings, numbers, lists, dicts and tensors::
 
-    format: "lowbit.checkpoint", version: 1
+    format: "lowbit.checkpoint", version: 1, lowbit: the lowbit version that wrote it
     arch: {"name": "resnet20", "kwargs": {"num_classes": 10}}    # a registered model, or
           {"name": "mypkg.nets:small_cnn", "kwargs": {...}}       # user code (--arch), or
           {"name": "mypkg.nets:Net", "kwargs": None}              # a module built in Python
@@ -20,6 +20,7 @@ when that name is passed again (``--arch``, ``allow=``) or the model itself is g
 
 from __future__ import annotations
 
+import io
 import math
 import numbers
 import pickle
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import __version__
 from ._io import atomic_write
 from .errors import CheckpointError, DataError, LowbitError, TrainingError
 
@@ -128,13 +130,15 @@ def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any
     a data dict or the data itself (see :func:`data_info`)."""
     arch = arch_of(model)
     spec = getattr(model, "lowbit_quant", None)
-    ckpt = {"format": FORMAT, "version": VERSION, "arch": arch,
+    ckpt = {"format": FORMAT, "version": VERSION, "lowbit": __version__, "arch": arch,
             "quant": spec.to_dict() if spec is not None else None, "data": data_info(data),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "record": record}
     if resume is not None:
         ckpt["resume"] = resume
-    return atomic_write(path, lambda p: torch.save(ckpt, p))
+    buffer = io.BytesIO()  # serialised first: a full disk is then Python's OSError (ENOSPC),
+    torch.save(ckpt, buffer)  # where torch's own file writer raises a RuntimeError
+    return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
 
 
 def save_model(model: nn.Module, path: str | Path, *, data: Any = None,
@@ -183,8 +187,14 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a lowbit checkpoint (a bare state dict or a foreign "
                               f"file); create one with 'lowbit train' or 'lowbit distill'")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')!r} is not "
+    version = ckpt.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version}, written by lowbit "
+                              f"{ckpt.get('lowbit', '?')}; this lowbit {__version__} reads "
+                              f"version {VERSION} and older: upgrade lowbit "
+                              f"(pip install -U lowbit)")
+    if version != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {version!r} is not "
                               f"supported by this lowbit (reads version {VERSION})")
     for key in ("arch", "state_dict", "data", "record"):
         if key not in ckpt:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checkpoint, data, models
-from ._io import atomic_write, write_json
+from ._io import atomic_write, os_refusal, write_json
 from .distill import GSLR, distill, evaluate, train
 from .errors import UsageError
 from .export import export
@@ -67,6 +67,10 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
     if kind not in BUDGETS:
         raise UsageError(f"lowbit demo runs on digits or cifar10:DIR (the shipped teacher is "
                          f"a CIFAR-10 ResNet20), got --data {data_spec!r}")
+    try:  # the report folder is the demo's own: made here, its files checked as they are
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_refusal(out, exc) from None
     budget = BUDGETS[kind]
     budget = replace(budget, **{k: v for k, v in {"epochs": epochs, "limit": limit,
                                                   "test_limit": test_limit}.items()

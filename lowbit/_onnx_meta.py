@@ -7,6 +7,9 @@ from __future__ import annotations
 
 PREFIX = "lowbit."
 VERSION = PREFIX + "version"  # lowbit version that wrote the file
+FORMAT = PREFIX + "format"  # JSON int: the file format version (absent: written before 1)
+FORMAT_VERSION = 1  # the newest format this lowbit reads and the one it writes
+DIGEST = PREFIX + "digest"  # JSON {"weights", "graph"}: SHA-256 hex digests (lowbit._integrity)
 WEIGHT_BITS = PREFIX + "weight_bits"  # JSON int: the student's main weight bit width
 ACT_BITS = PREFIX + "act_bits"  # JSON int: activation bits after ReLU
 QUANT_SPEC = PREFIX + "quant_spec"  # JSON: QuantSpec.to_dict()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 
-from ._io import check_outputs
+from ._io import check_outputs, output_lock
 from .errors import LowbitError, UsageError
 
 
@@ -50,12 +51,20 @@ def _check_run_outputs(args: argparse.Namespace, *inputs: object) -> None:
         raise UsageError(f"-o {out}: the checkpoint needs another suffix than .json (its "
                          f"training record is written beside it as {out.stem}.json)")
     outputs = [out, out.with_suffix(".json"), getattr(args, "teacher_out", None)]
-    check_outputs(outputs, [p for p in inputs if isinstance(p, str) and Path(p).exists()])
+    _claim(args, outputs, [p for p in inputs if isinstance(p, str) and Path(p).exists()])
     if args.resume or args.overwrite:
         return
     check_outputs(outputs[:1], overwrite=False,
                   hint="continue an unfinished run with --resume, or pass --overwrite to "
                   "start over and replace it")
+
+
+def _claim(args: argparse.Namespace, outputs: Sequence[object], inputs: Sequence[object] = ()
+           ) -> None:
+    """Check the outputs (see ``check_outputs``) and lock them until the command ends: a
+    second lowbit process given one of them is refused instead of racing this one."""
+    check_outputs(outputs, inputs)
+    args.claims.enter_context(output_lock(outputs))
 
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # every --help shows the defaults
@@ -495,11 +504,19 @@ def _progress(total: int, desc: str):
                 disable=None)  # None: no bar when stderr is not a terminal
 
 
+def _allow_modified_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-modified", action="store_true",
+                   help="read a lowbit export whose weights or graph no longer match the "
+                   "digests recorded at export (refused by default: a corrupt copy still runs, "
+                   "with wrong answers); for files you changed on purpose")
+
+
 def _runtime_run(args: argparse.Namespace) -> None:
     from . import _datafiles
     from .runtime import Session
 
-    session = Session(args.model, threads=args.threads, max_batch=args.batch_size)
+    session = Session(args.model, threads=args.threads, max_batch=args.batch_size,
+                      allow_modified=args.allow_modified)
     test = _datafiles.load(args.data, train=False)
     n = min(len(test.labels), args.limit) if args.limit else len(test.labels)
     bar = None if args.quiet else _progress(n, "evaluating")
@@ -522,6 +539,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive, default=None,
                    help="intra-op threads (default: onnxruntime's, one per physical core)")
     p.add_argument("--batch-size", type=_positive, default=256, help="images per onnxruntime call")
+    _allow_modified_option(p)
     p.set_defaults(func=_runtime_run)
 
 
@@ -529,9 +547,9 @@ def _runtime_bench(args: argparse.Namespace) -> None:
     from ._io import write_json
     from .runtime import Session, markdown_table, resident_bytes
 
-    check_outputs([args.json], [args.model])
+    _claim(args, [args.json], [args.model])
     before = resident_bytes()
-    session = Session(args.model, threads=args.threads)
+    session = Session(args.model, threads=args.threads, allow_modified=args.allow_modified)
     loaded = resident_bytes()
     rows = session.benchmark(args.batch, warmup=args.warmup, repeat=args.repeat,
                              min_time=args.min_time)
@@ -561,16 +579,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-time", type=_non_negative_float, default=0.5,
                    help="minimum seconds of timed runs per batch size")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    _allow_modified_option(p)
     p.set_defaults(func=_runtime_bench)
 
 
 def _runtime_convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     import numpy as np
 
     from .runtime import Session, convert_ort
 
-    out = convert_ort(args.model, args.output, optimization=args.optimization)
-    onnx_s, ort_s = Session(args.model), Session(out)
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".ort")
+    _claim(args, [out], [args.model])
+    out = convert_ort(args.model, out, optimization=args.optimization,
+                      allow_modified=args.allow_modified)
+    onnx_s, ort_s = Session(args.model, allow_modified=args.allow_modified), Session(out)
     x = np.random.default_rng(0).integers(0, 256, (8, *onnx_s.info.input_shape), dtype=np.uint8)
     x = x if onnx_s.info.mean else x.astype(np.float32) / 255.0  # no metadata: feed floats
     diff = float(np.abs(onnx_s.run(x) - ort_s.run(x)).max())
@@ -589,6 +613,7 @@ def _add_convert_ort(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimization", choices=["disable", "basic", "extended", "all"],
                    default="all", help="graph optimisations baked into the file (default: all, "
                    "without the CPU-specific NCHWc layout)")
+    _allow_modified_option(p)
     p.set_defaults(func=_runtime_convert)
 
 
@@ -614,7 +639,7 @@ def _footprint(args: argparse.Namespace) -> None:
     from .footprint import PRECISIONS, footprint, plot
 
     model = args.model
-    check_outputs([None if args.json == "-" else args.json, args.plot], [model])
+    _claim(args, [None if args.json == "-" else args.json, args.plot], [model])
     if not Path(model).exists() and "." not in Path(model).name:
         from . import models
 
@@ -625,7 +650,8 @@ def _footprint(args: argparse.Namespace) -> None:
             raise UsageError(f"a registered model needs --input-shape C H W (e.g. 3 32 32 for "
                              f"CIFAR, 1 8 8 for digits); {model} has no data attached")
         model = models.create(model, in_channels=args.input_shape[0])
-    base = footprint(model, args.batch, input_shape=args.input_shape)
+    base = footprint(model, args.batch, input_shape=args.input_shape,
+                     allow_modified=args.allow_modified)
     chosen = dict(_precision(b) for b in args.bits) if args.bits else PRECISIONS
     reports = {label: base.with_bits(w, a) for label, (w, a) in chosen.items()}
     shown = next(iter(reports.values())) if args.bits else base
@@ -687,6 +713,7 @@ def _add_footprint(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, metavar="FIG.png",
                    help="write a Figure-1 style chart (weights + activations, stacked, per "
                    "batch size and precision)")
+    _allow_modified_option(p)
     p.set_defaults(func=_footprint)
 
 
@@ -699,7 +726,7 @@ def _export(args: argparse.Namespace) -> None:
     from .quant import PTQConfig
 
     prog = getattr(args, "prog", "lowbit-export")
-    thresholds = Thresholds(args.min_agreement, args.max_steps)
+    thresholds = Thresholds(args.min_agreement, args.max_steps, args.max_near_ties)
     ptq = PTQConfig(method=args.calib_method, calib=args.calib, percentile=args.percentile,
                     max_drop=args.max_drop)  # validates --calib >= 1 before any work
     model, ckpt = _checkpoint.load_model(args.model, allow=_allowed(args), expect=args.arch,
@@ -713,7 +740,7 @@ def _export(args: argparse.Namespace) -> None:
         out = qonnx_path(out)  # MODEL.qonnx.onnx, as with --format both
     outputs = [out, qonnx_path(out) if len(formats) == 2 else None,
                out.with_suffix(".ort") if args.ort and "onnx" in formats else None]
-    check_outputs(outputs, [args.model, *_spec_paths(args.verify_data, args.calib_data)])
+    _claim(args, outputs, [args.model, *_spec_paths(args.verify_data, args.calib_data)])
     verify = calib = None
     if args.verify_data != "random":
         verify = data.load(args.verify_data, train=False)
@@ -842,6 +869,10 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                    help="gate: largest logit difference of the median input in output "
                    "quantization steps (one flipped code of the last activation times the "
                    "largest last-layer weight); the maximum over inputs is reported")
+    p.add_argument("--max-near-ties", type=float, default=gate.max_near_ties,
+                   metavar="FRACTION", help="gate: largest fraction of the inputs whose top-1 "
+                   "flip counts as agreeing because the student's top two classes are within "
+                   "the logit bound (a near-tie)")
     p.set_defaults(func=_export)
 
 
@@ -871,22 +902,27 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _interrupts() -> Iterator[list[int]]:
     """Let SIGTERM (``kill``, a scheduler's time limit) unwind like Ctrl-C, so the temp files
-    of an unfinished write are removed; the previous handler is restored afterwards."""
+    of an unfinished write are removed, and list the signals received: an interrupt that
+    lands inside a library's import can be swallowed there and resurface as another error,
+    which is then still reported as the interrupt. The previous handlers are restored."""
+    received: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
+        received.append(signum)
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield received
         return
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -896,23 +932,31 @@ def _add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    args = parser.parse_args(argv)
+    received: list[int] = []
     try:
-        with _terminate_as_interrupt():
+        # parsing imports the subcommand's modules (torch: seconds), so Ctrl-C may land there
+        with _interrupts() as received, contextlib.ExitStack() as claims:
+            args = parser.parse_args(argv)
+            args.claims = claims  # output locks, released when the command ends (_claim)
             args.func(args)
-    except LowbitError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        received.append(signal.SIGINT)
+    except LowbitError as exc:
+        if not received:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 2
+    except Exception:  # noqa: BLE001  (a bug: show it as one, with its traceback)
+        if not received:
+            from . import __version__
+
+            traceback.print_exc()
+            print(f"{parser.prog}: internal error in lowbit {__version__}: this is a bug, "
+                  f"please report it with the traceback above and the command line",
+                  file=sys.stderr)
+            return 1
+    if received:  # also when the interrupt surfaced as another error (see _interrupts)
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001  (a bug: show it as one, with its traceback)
-        from . import __version__
-
-        traceback.print_exc()
-        print(f"{parser.prog}: internal error in lowbit {__version__}: this is a bug, please "
-              f"report it with the traceback above and the command line", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -928,9 +972,21 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _finish(code: int, argv: Sequence[str] | None) -> int:
+    """The exit status; on the command line (``argv`` None) an interrupt ends the process
+    here with 130: CPython would otherwise kill itself with SIGINT at exit (status -2, no
+    message) when the interrupt landed in code that C ran for an import (torch's), even
+    though lowbit handled it. Outputs are complete or absent by then (atomic writes)."""
+    if code == 130 and argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lowbit``."""
-    return _run(parser(), argv)
+    return _finish(_run(parser(), argv), argv)
 
 
 
@@ -939,7 +995,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="lowbit-export", description=_EXPORT_DESCRIPTION,
                      formatter_class=_FORMATTER, options=_export_arguments)
     _add_quiet(parser)
-    return _run(parser, argv)
+    return _finish(_run(parser, argv), argv)
 
 
 if __name__ == "__main__":

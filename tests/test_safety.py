@@ -8,8 +8,10 @@ outputs; crafted or wrong files give one-line errors; bugs show as bugs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +28,14 @@ import torch.nn as nn
 from lowbit import _checkpoint, cli, data, models
 from lowbit._io import atomic_write_all
 from lowbit.cli import export_main, main
-from lowbit.errors import InputError, ModelError, OutputError, QuantizeError, TrainingError
+from lowbit.errors import (
+    InputError,
+    ModelError,
+    OutputError,
+    QuantizeError,
+    TrainingError,
+    UsageError,
+)
 from lowbit.export import Thresholds
 from lowbit.export._export import build_onnx
 from lowbit.export._verify import compare, locate
@@ -459,3 +468,367 @@ def test_models_registry_is_untouched_by_crafted_checkpoints(tmp_path, teacher):
     with pytest.raises(ValueError, match="cannot build"):
         _checkpoint.load_model(path)
     assert models.list() == before
+
+
+def test_gate_caps_the_near_tie_allowance():
+    """Flipping the top two classes on a quarter of the inputs, every flip within the logit
+    bound, is no near-tie rounding: the allowance excuses at most 1% of the inputs."""
+    student = nn.Linear(3, 4)
+    x = torch.randn(400, 3)
+    ref = student(x).detach().numpy()
+    top2 = np.argsort(ref, 1)[:, -2:]
+    step = np.full(4, float(np.abs(ref).max()))  # every margin is within one output step
+
+    def swap(rows: int):
+        def run(a: np.ndarray) -> np.ndarray:
+            out = student(torch.from_numpy(a)).detach().numpy()
+            r = np.arange(rows)[:, None]
+            out[r, top2[:rows]] = out[r, top2[:rows, ::-1]]
+            return out
+        return run
+
+    flat = compare("onnx-int", "given", student, swap(100), x, step, Thresholds(),
+                   batch_size=400, progress=False)
+    assert flat.agreement == 0.75 and flat.near_ties == 100 and flat.ties_counted == 4
+    assert not flat.passed and "4 counted as agreeing (the cap)" in str(flat)
+    few = compare("onnx-int", "given", student, swap(3), x, step, Thresholds(), batch_size=400,
+                  progress=False)
+    assert few.passed and few.near_ties == few.ties_counted == 3
+    assert compare("onnx-int", "given", student, swap(100), x, step,
+                   Thresholds(max_near_ties=0.25), batch_size=400, progress=False).passed
+    with pytest.raises(UsageError, match="max_near_ties"):
+        Thresholds(max_near_ties=1.5)
+
+
+# ------------------------------------------- outputs: checked first, OS refusals, pairs, locks
+
+RELAXED = ["--max-steps", "1000"]  # the gate is not what these tests are about
+
+
+def _immutable(path: Path) -> None:
+    """``chattr +i``: not even root may replace or create files there; skip where unsupported."""
+    res = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True) \
+        if shutil.which("chattr") else None
+    if res is None or res.returncode != 0:
+        pytest.skip(f"chattr +i is not available here ({res.stderr.strip() if res else ''})")
+
+
+def _mutable(path: Path) -> None:
+    subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def _no_temps(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".old", ".lock"))]
+
+
+def test_pair_commit_puts_the_first_file_back_when_the_second_cannot_be_replaced(tmp_path):
+    a, b = tmp_path / "m.onnx", tmp_path / "m.qonnx.onnx"
+    a.write_text("old a")
+    b.write_text("old b")
+
+    def second(tmp: Path) -> None:  # meanwhile the second target becomes unreplaceable
+        tmp.write_text("new b")
+        b.unlink()
+        b.mkdir()
+        (b / "keep").touch()
+
+    with pytest.raises(OutputError, match=r"m\.qonnx\.onnx: cannot write it: .*\[EISDIR\]"):
+        atomic_write_all({a: lambda tmp: tmp.write_text("new a"), b: second})
+    assert a.read_text() == "old a" and b.is_dir()
+    assert _no_temps(tmp_path) == []
+    c = tmp_path / "new.onnx"  # a first file that did not exist before is removed again
+    with pytest.raises(OutputError):
+        atomic_write_all({c: lambda tmp: tmp.write_text("c"), b.with_name("x"): second})
+    assert not c.exists() and _no_temps(tmp_path) == []
+
+
+def test_export_pair_is_all_or_nothing_with_an_immutable_qonnx_target(tmp_path, student, capsys):
+    out, qout = tmp_path / "m.onnx", tmp_path / "m.qonnx.onnx"
+    out.write_bytes(b"old onnx")
+    qout.write_bytes(b"old qonnx")
+    _immutable(qout)
+    try:
+        assert export_main([str(student), "-o", str(out), *RELAXED]) == 2
+    finally:
+        _mutable(qout)
+    line = _one_line_error(capsys, "lowbit-export")
+    assert "m.qonnx.onnx: cannot write it" in line and "[EPERM]" in line
+    assert (out.read_bytes(), qout.read_bytes()) == (b"old onnx", b"old qonnx")
+    assert _no_temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("where,words", [
+    ("missing/x.pt", "does not exist; expected an existing directory"),
+    ("file/x.pt", "is not a directory"),
+    ("dir", "is a directory"),
+])
+def test_outputs_are_checked_before_any_work(tmp_path, teacher, capsys, where, words):
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "dir").mkdir()
+    out = str(tmp_path / where)
+    start = time.monotonic()
+    assert main(["train", *TINY, "--epochs", "1", "-o", out]) == 2
+    assert words in _one_line_error(capsys)
+    assert main(["distill", "--teacher", str(teacher), "--data", "digits", "-o", out]) == 2
+    assert words in _one_line_error(capsys)
+    assert export_main([str(teacher), "--bits", "2", "-o", out]) == 2
+    assert words in _one_line_error(capsys, "lowbit-export")
+    assert main(["footprint", str(teacher), "--json", out]) == 2
+    assert words in _one_line_error(capsys)
+    assert time.monotonic() - start < 20  # refused up front, not after an epoch
+    assert not (tmp_path / "missing").exists()
+
+
+def test_read_only_directory_is_refused_before_the_first_epoch(tmp_path, teacher, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _immutable(ro)
+    try:
+        for argv in (["train", *TINY, "--epochs", "1", "-o", str(ro / "t.pt")],
+                     ["distill", "--teacher", str(teacher), "--data", "digits",
+                      "-o", str(ro / "s.pt")],
+                     ["footprint", str(teacher), "--json", str(ro / "f.json")],
+                     ["convert-ort", str(ROOT / "pyproject.toml"), "-o", str(ro / "m.ort")]):
+            assert main(argv) == 2
+            assert "cannot write into" in _one_line_error(capsys)
+        assert export_main([str(teacher), "--bits", "2", "-o", str(ro / "m.onnx")]) == 2
+        assert "cannot write into" in _one_line_error(capsys, "lowbit-export")
+    finally:
+        _mutable(ro)
+    assert list(ro.iterdir()) == []
+
+
+def _plain_cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; ``fsize``: under that file-size limit (RLIMIT_FSIZE), where
+    a write past it fails with EFBIG as on a full disk."""
+    import resource
+
+    def limit_files() -> None:
+        if fsize is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=ROOT, preexec_fn=limit_files)
+
+
+def test_a_full_disk_under_export_is_one_line_and_leaves_nothing(tmp_path, student):
+    disk = tmp_path / "small"
+    disk.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)],
+                         capture_output=True, text=True) if shutil.which("mount") else None
+    if res is None or res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() if res else ''})")
+    try:
+        res = _plain_cli("export", str(student), "-o", str(disk / "m.onnx"), *RELAXED)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "No space left on device [ENOSPC]; free some space" in lines[0]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no RLIMIT_FSIZE on this platform")
+def test_a_file_size_limit_under_training_is_one_line_and_leaves_nothing(tmp_path):
+    res = _plain_cli("train", *TINY, "--epochs", "1", "--limit", "128", "-o",
+                     str(tmp_path / "t.pt"), fsize=4096)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "t.pt: cannot write it: File too large [EFBIG]" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("after", [0.3, 3.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(tmp_path, student, after):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "export", str(student), "-o",
+                             str(tmp_path / "m.onnx"), *RELAXED], env=env, cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the export finished before the signal")
+    assert proc.returncode == 130 and err.strip().splitlines() == ["lowbit: interrupted"], err
+    assert _no_temps(tmp_path) == []
+
+
+def test_a_second_writer_of_the_same_output_is_refused(tmp_path, teacher, capsys):
+    out = tmp_path / "s.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "lowbit.cli", "distill", "--teacher",
+                              str(teacher), "--data", "digits", "--epochs", "3000", "--limit",
+                              "128", "--batch-size", "64", "-o", str(out)], env=env,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / ".s.pt.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(["distill", "--teacher", str(teacher), "--data", "digits", "--epochs", "1",
+                     "-o", str(out), "--overwrite"]) == 2
+        line = _one_line_error(capsys)
+        assert f"another lowbit process (pid {first.pid}) is writing it" in line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    assert first.returncode == 130 and _no_temps(tmp_path) == []
+
+
+# ----------------------------------------------------------- file integrity, versions, inputs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, student) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "m.onnx"
+    assert export_main([str(student), "--format", "onnx", "-o", str(out), *RELAXED, "-q"]) == 0
+    return out
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    proto = onnx.load(str(src))
+    edit(proto)
+    onnx.save(proto, dst)
+    return dst
+
+
+def _flip_one_trit(proto: onnx.ModelProto) -> None:
+    """Add 1 to the lowest trit of the first packed byte where that does not carry."""
+    packed = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+                  and t.name != "trits_table")
+    raw = bytearray(packed.raw_data)
+    i = next(i for i, b in enumerate(raw) if b % 3 < 2 and b + 1 < 243)
+    raw[i] += 1
+    packed.raw_data = bytes(raw)
+
+
+def test_one_flipped_trit_is_refused_everywhere_unless_allowed(tmp_path, exported, capsys):
+    bad = _edited(exported, tmp_path / "bad.onnx", _flip_one_trit)
+    with pytest.raises(ModelError, match=r"bad\.onnx: its weights differ from what lowbit "
+                                         r"\S+ exported \(SHA-256 digest mismatch\)"):
+        Session(bad)
+    x = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
+    changed = np.abs(Session(bad, allow_modified=True).run(x) - Session(exported).run(x)).max()
+    assert changed > 0  # the edit is real, and only the digest notices it
+    for argv in (["run", str(bad), "--data", "digits"], ["bench", str(bad), "--batch", "1"],
+                 ["footprint", str(bad)], ["convert-ort", str(bad)]):
+        assert main(argv) == 2
+        assert "digest mismatch" in _one_line_error(capsys)
+    assert not (tmp_path / "bad.ort").exists()
+    assert main(["run", str(bad), "--data", "digits", "--allow-modified", "--limit", "8"]) == 0
+    assert main(["convert-ort", str(bad), "--allow-modified"]) == 0
+    capsys.readouterr()
+    renamed = _edited(exported, tmp_path / "graph.onnx",
+                      lambda p: setattr(p.graph.node[0], "name", "edited"))
+    with pytest.raises(ModelError, match="its graph differ"):
+        Session(renamed)
+
+
+def test_digests_cover_what_the_exporter_wrote(exported):
+    from lowbit import _integrity
+    from lowbit import _onnx_meta as meta
+
+    props = Session(exported).info.metadata
+    assert json.loads(props[meta.DIGEST]) == _integrity.digests(exported.read_bytes())
+    assert json.loads(props[meta.FORMAT]) == meta.FORMAT_VERSION
+    # the same bytes through onnx's own parser and serializer: still the same digests
+    again = onnx.load(str(exported)).SerializeToString()
+    assert _integrity.digests(again) == _integrity.digests(exported.read_bytes())
+
+
+def test_gate_fails_a_file_whose_integer_kernels_are_perturbed(student):
+    model = _checkpoint.load_model(student)[0]
+    baked = bake_integer_bias(model)
+    x = next(iter(data.load("digits", train=False).loader(359)))[0]
+    proto, _, layers, acts = build_onnx(baked, x[:1])
+    packed = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+                  and t.name != "trits_table")
+    packed.raw_data = bytes(242 - b if b < 243 else b for b in packed.raw_data)  # -w
+    from lowbit.export._export import _onnx_runner, _output_step
+
+    check = compare("onnx-int", "digits", model, _onnx_runner(proto, "all"), x,
+                    _output_step(layers, acts), Thresholds(), progress=False)
+    assert not check.passed and check.agreement < 0.9
+
+
+def _with_meta(src: Path, dst: Path, **props: str) -> Path:
+    def edit(proto: onnx.ModelProto) -> None:
+        kept = {p.key: p.value for p in proto.metadata_props}
+        kept.update({f"lowbit.{k}": v for k, v in props.items()})
+        onnx.helper.set_model_props(proto, {k: v for k, v in kept.items() if v != "DROP"})
+    return _edited(src, dst, edit)
+
+
+def test_newer_file_or_checkpoint_is_refused_naming_both_versions(tmp_path, exported, teacher,
+                                                                  capsys):
+    newer = _with_meta(exported, tmp_path / "new.onnx", format="2", version="9.0.0")
+    assert main(["run", str(newer), "--data", "digits"]) == 2
+    line = _one_line_error(capsys)
+    assert "written by lowbit 9.0.0 in file format 2; this lowbit 0.1.0 reads format 1" in line
+    older = _with_meta(exported, tmp_path / "old.onnx", format="DROP", digest="DROP")
+    assert Session(older).info.weight_bits == 2  # files from before formats and digests load
+    ckpt = _checkpoint.load(teacher)
+    torch.save(dict(ckpt, version=2, lowbit="9.0.0"), tmp_path / "new.pt")
+    assert main(["eval", str(tmp_path / "new.pt")]) == 2
+    assert ("checkpoint version 2, written by lowbit 9.0.0; this lowbit 0.1.0 reads version 1"
+            in _one_line_error(capsys))
+    old = {k: v for k, v in ckpt.items() if k != "lowbit"}
+    torch.save(old, tmp_path / "old.pt")
+    assert main(["eval", str(tmp_path / "old.pt"), "--data", "digits", "-q"]) == 0
+
+
+@pytest.mark.parametrize("props,words", [
+    ({"std": "[0]"}, "std > 0"),
+    ({"mean": "[NaN]"}, "finite per-channel values"),
+    ({"input_shape": '{"c": 1}'}, "lowbit.input_shape must be a list of 1 to 4 positive"),
+    ({"weight_bits": '"two"'}, "lowbit.weight_bits must be an integer bit width"),
+    ({"classes": "[]"}, "non-empty list of class names"),
+])
+def test_crafted_metadata_is_refused_in_one_line(tmp_path, exported, capsys, props, words):
+    crafted = _with_meta(exported, tmp_path / "c.onnx", **props)
+    assert main(["run", str(crafted), "--data", "digits"]) == 2
+    assert words in _one_line_error(capsys)
+
+
+def test_a_non_image_model_runs_and_benches(tmp_path, capsys):
+    from lowbit.export import export
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = (x[:, 0] > 0).long()
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    student = quantize(net, weight_bits=4).eval()
+    export(student, tmp_path / "mlp.onnx", example_input=x[:1], formats=("onnx",),
+           verify=x, progress=False)
+    np.savez(tmp_path / "mlp.npz", images=x.numpy(), labels=y.numpy())
+    assert main(["run", str(tmp_path / "mlp.onnx"), "--data", str(tmp_path / "mlp.npz")]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out
+    assert main(["bench", str(tmp_path / "mlp.onnx"), "--batch", "1", "4", "--repeat", "2",
+                 "--min-time", "0"]) == 0
+    session = Session(tmp_path / "mlp.onnx")
+    assert session.run(x[0].numpy()).shape == (1, 2) and "[N, 20]" in repr(session)
+    with pytest.raises(InputError, match=r"expected inputs \[N, 20\]"):
+        session.run(np.zeros((2, 21), np.float32))
+
+
+def test_evaluate_refuses_float_or_one_hot_labels(exported):
+    session = Session(exported)
+    images = np.zeros((4, 1, 8, 8), np.uint8)
+    for labels in (np.zeros(4, np.float32), np.eye(4, 10, dtype=np.int64)):
+        with pytest.raises(InputError, match="expected labels as integer class indices"):
+            session.evaluate((images, labels))
+    assert 0.0 <= session.evaluate((images, np.zeros(4, np.int64))) <= 1.0
+
+
+def test_a_model_that_flattens_with_view_trains_distills_and_evaluates(tmp_path, capsys):
+    arch = ["--arch", "tests.user_models:view_net"]
+    teacher = tmp_path / "t.pt"
+    assert main(["train", *arch, "--data", "digits", "--epochs", "1", "--batch-size", "64",
+                 "--limit", "256", "-o", str(teacher), "-q"]) == 0
+    assert main(["distill", "--teacher", str(teacher), *arch, "--data", "digits", "--epochs",
+                 "1", "--batch-size", "64", "--limit", "256", "-o", str(tmp_path / "s.pt"),
+                 "-q"]) == 0
+    assert main(["eval", str(tmp_path / "s.pt"), *arch, "--data", "digits", "-q"]) == 0
+    assert "top-1 accuracy" in capsys.readouterr().out

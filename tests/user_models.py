@@ -38,3 +38,23 @@ class SignalNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.bn(self.conv(x))).mean(2))  # [B, classes]
+
+
+class ViewNet(nn.Module):
+    """Flattens with ``x.view(x.size(0), -1)`` after its convs (as many tutorials do): needs
+    contiguous NCHW tensors."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1),
+                                      nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(width * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # [B, w, 4, 4] on 8x8 digits
+        return self.fc(x.view(x.size(0), -1))
+
+
+def view_net(num_classes: int = 10, in_channels: int = 1, width: int = 4) -> ViewNet:
+    """The factory ``--arch tests.user_models:view_net`` names."""
+    return ViewNet(num_classes, in_channels, width)

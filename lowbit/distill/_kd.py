@@ -35,7 +35,7 @@ from .. import _checkpoint
 from ..data import Data, DataLike, as_data
 from ..errors import DataError, UsageError
 from . import _dist
-from ._loop import Run, TrainConfig, fit
+from ._loop import Run, TrainConfig, fit, to_channels_last
 
 SCHEMES = ("A", "B", "C")
 LOSSES = ("hinton", "apprentice")
@@ -166,16 +166,19 @@ def apprentice_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, alpha:
     return alpha * F.cross_entropy(t, y) + beta * F.cross_entropy(s, y) + gamma * T * T * cross
 
 
-def frozen_teacher(teacher: nn.Module, precision: str) -> nn.Module:
+def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = True
+                   ) -> nn.Module:
     """An inference copy of a frozen teacher: BatchNorm folded into the convolutions (when fx
     can trace it), weights in ``precision`` ("bf16": cast once instead of autocast's cast at
-    every call), channels-last. Its logits differ from the teacher's by rounding alone."""
+    every call), channels-last unless told it cannot run so (``to_channels_last``). Its
+    logits differ from the teacher's by rounding alone."""
     try:
         frozen = fuse(teacher.eval(), inplace=False)
     except Exception:  # noqa: BLE001  (fx cannot trace it: run it unfused, same numbers)
         frozen = copy.deepcopy(teacher).eval()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    frozen = frozen.to(dtype=dtype, memory_format=torch.channels_last)
+    frozen = frozen.to(dtype=dtype, memory_format=torch.channels_last if channels_last
+                       else torch.preserve_format)
     return frozen.requires_grad_(False)
 
 
@@ -317,13 +320,12 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dat
     if teacher is student:
         raise UsageError("the teacher and the student are the same module")
     _check_outputs(student, teacher, train_data)
-    extra = {}
-    if kd.scheme == "A":
-        teacher = teacher.to(memory_format=torch.channels_last)
-        extra["teacher"] = teacher
+    extra = {"teacher": teacher} if kd.scheme == "A" else {}  # fit sets its layout
+    layout = kd.scheme == "A" or to_channels_last(teacher, next(iter(train_data.loader(2)))[0])
     run = Run(student, _objective(kd, teacher if kd.scheme == "A" else frozen_teacher(
-        teacher, kd.teacher_precision or cfg.precision)), extra=extra,
-              epoch_log=lambda epoch: {"soft_weight": kd.soft_weight(epoch)})
+        teacher, kd.teacher_precision or cfg.precision, layout)), extra=extra,
+              epoch_log=lambda epoch: {"soft_weight": kd.soft_weight(epoch)},
+              channels_last=layout)
     record = {"kind": "distill", "kd": kd.to_dict(), "teacher": teacher_info}
     record = fit(run, train_data, val_data, cfg, out=out, resume=resume, record=record,
                  progress=progress)

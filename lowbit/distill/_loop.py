@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import _checkpoint
-from .._io import write_json
+from .._io import check_outputs, write_json
 from ..data import DataLike, as_data, stats_of
 from ..errors import DataError, TrainingError, UsageError
 from . import _dist
@@ -87,11 +87,38 @@ class Run:
     objective: Objective
     extra: dict[str, nn.Module] = field(default_factory=dict)
     epoch_log: Callable[[int], dict[str, float]] = lambda epoch: {}
+    # False when a module the objective runs besides these (a frozen teacher) needs
+    # contiguous inputs (see to_channels_last)
+    channels_last: bool = True
 
 
-def _layout(x: torch.Tensor) -> torch.Tensor:
-    """Images go channels-last (the faster CPU convolution layout); other inputs as they are."""
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+def to_channels_last(model: nn.Module, example: torch.Tensor) -> bool:
+    """Put ``model`` in the channels-last layout, the faster CPU convolution layout, where it
+    can run so, and say whether it did (then feed it channels-last images too).
+
+    A forward that needs contiguous NCHW tensors (``x.view(x.size(0), -1)`` after a conv,
+    very common) fails on them, so such a model is put back in the default layout. Checked
+    with one forward pass on ``example`` in eval mode without gradients, so no statistic is
+    updated; a model that fails in both layouts fails later with its own error.
+    """
+    if example.ndim != 4:
+        return False
+    was_training = model.training
+    model.to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.no_grad():
+            model(example.contiguous(memory_format=torch.channels_last))
+        return True
+    except RuntimeError:
+        model.to(memory_format=torch.contiguous_format)
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Images go channels-last where the model allows it; other inputs as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.inference_mode()
@@ -102,9 +129,11 @@ def evaluate(model: nn.Module, data: DataLike, batch_size: int = 500,
     was_training = model.training
     model.eval()
     correct = seen = 0
+    layout = None
     for x, y in tqdm(as_data(data).loader(batch_size), desc="evaluating", leave=False,
                      disable=None if progress else True):
-        correct += int((model(_layout(x)).argmax(1) == y).sum())
+        layout = to_channels_last(model, x[:2]) if layout is None else layout
+        correct += int((model(_layout(x, layout)).argmax(1) == y).sum())
         seen += len(y)
     model.train(was_training)
     if seen == 0:
@@ -128,10 +157,17 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
     """
     torch.manual_seed(cfg.seed)
     rank, world = _dist.setup()
+    if out is not None and rank == 0:  # a missing or read-only directory: now, not after epoch 1
+        check_outputs([out, Path(out).with_suffix(".json")])
     train_data = as_data(train_data, split="train")
     val_data = None if val_data is None else as_data(val_data, stats=stats_of(train_data))
-    model = run.model.to(memory_format=torch.channels_last)
-    modules = {"model": model, **run.extra}
+    modules = {"model": run.model, **run.extra}
+    example = next(iter(train_data.loader(2)), (torch.zeros(0),))[0]
+    layout = run.channels_last and all([to_channels_last(m, example) for m in modules.values()])
+    if not layout:  # one module that cannot: all take contiguous images
+        for m in modules.values():
+            m.to(memory_format=torch.contiguous_format)
+    model = run.model
     loader = train_data.loader(cfg.batch_size, train=True, seed=cfg.seed, shard=(rank, world))
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -180,7 +216,7 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
                 continue  # resuming mid-epoch: replay the epoch's draws, skip its finished steps
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step, steps_per_epoch)
-            x = _layout(x)
+            x = _layout(x, layout)
             with _autocast(cfg.precision):
                 loss, logits, _ = run.objective(ddp or model, x, y, epoch)
             if not _dist.all_finite(loss):
@@ -237,6 +273,8 @@ def reestimate_bn(model: nn.Module, data: DataLike, batches: int = 100, *,
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
+    loader = as_data(data, split="train").loader(batch_size, train=True, seed=seed)
+    layout = to_channels_last(model, next(iter(as_data(data).loader(2)))[0])
     was_training = model.training
     model.eval()
     momenta = [m.momentum for m in bns]
@@ -247,14 +285,13 @@ def reestimate_bn(model: nn.Module, data: DataLike, batches: int = 100, *,
     for m in model.modules():
         if isinstance(m, IntegerBias):
             m.train()  # as in training: the float bias
-    loader = as_data(data, split="train").loader(batch_size, train=True, seed=seed)
     loader.set_epoch(epoch)
     used = 0
     try:
         for x, _ in loader:
             if used == batches:
                 break
-            model(_layout(x))
+            model(_layout(x, layout))
             used += 1
     finally:
         for m, momentum in zip(bns, momenta, strict=True):

@@ -34,6 +34,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 from .. import __version__
 from .. import _onnx_meta as meta
 from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, cpu_features
+from .._integrity import seal
 from .._io import atomic_write_all
 from ..quant import PTQConfig
 from ._contract import KernelCheck, check_kernels, summary
@@ -436,6 +437,7 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
         _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers,
                                    contract if fmt == "onnx" else ()))
+        seal(p)  # format version and digests of the bytes written: the last step before it
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
     atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,

@@ -25,7 +25,8 @@ __all__ = ["PRECISIONS", "Footprint", "FootprintError", "LayerFootprint", "footp
 
 def footprint(model: Any, batch_sizes: int | tuple[int, ...] = (1, 8),
               weight_bits: int | None = None, act_bits: int | None = None, *,
-              input_shape: tuple[int, ...] | None = None) -> Footprint:
+              input_shape: tuple[int, ...] | None = None,
+              allow_modified: bool = False) -> Footprint:
     """Account weights, activations, peak live memory and MACs of ``model``.
 
     model: an ``nn.Module`` (float or a lowbit student; needs ``input_shape`` (C, H, W)), a
@@ -33,14 +34,16 @@ def footprint(model: Any, batch_sizes: int | tuple[int, ...] = (1, 8),
         ``onnx.ModelProto`` (shapes from shape inference).
     weight_bits / act_bits: override the model's own bit widths for every conv/linear weight /
         every activation tensor (None: what the model says).
+    allow_modified: read a lowbit ONNX export whose weights or graph changed since export
+        (refused by default: see ``lowbit.runtime.Session``).
     """
     sizes = check_batch_sizes(batch_sizes)
     check_bits("weight_bits", weight_bits)
     check_bits("act_bits", act_bits)
-    return Footprint(_graph(model, input_shape), sizes, weight_bits, act_bits)
+    return Footprint(_graph(model, input_shape, allow_modified), sizes, weight_bits, act_bits)
 
 
-def _graph(model: Any, input_shape: tuple[int, ...] | None) -> Graph:
+def _graph(model: Any, input_shape: tuple[int, ...] | None, allow_modified: bool) -> Graph:
     if input_shape is not None:
         input_shape = tuple(int(d) for d in input_shape)
         if not input_shape or min(input_shape) <= 0:
@@ -57,7 +60,7 @@ def _graph(model: Any, input_shape: tuple[int, ...] | None) -> Graph:
             return Graph(str(path), graph.layers, graph.outputs)
         from ._onnx import load
 
-        return load(path, input_shape)
+        return load(path, input_shape, allow_modified)
     if type(model).__name__ == "ModelProto":
         from ._onnx import load
 

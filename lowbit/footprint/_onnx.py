@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .. import _integrity
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE
 from ..errors import FootprintError
 from ._graph import (
@@ -66,10 +67,11 @@ SUPPORTED = sorted({"Conv", "Gemm", "MatMul", "BatchNormalization", "Concat", "C
 
 
 def load(model: str | Path | onnx.ModelProto,
-         input_shape: tuple[int, ...] | None = None) -> Graph:
-    """Read an ONNX model (path or proto) into a layer graph at batch 1."""
+         input_shape: tuple[int, ...] | None = None, allow_modified: bool = False) -> Graph:
+    """Read an ONNX model (path or proto) into a layer graph at batch 1; a lowbit export whose
+    weights or graph changed since export is refused unless ``allow_modified``."""
     source = str(model) if not isinstance(model, onnx.ModelProto) else model.graph.name
-    proto = _read(model) if not isinstance(model, onnx.ModelProto) else model
+    proto = _read(model, allow_modified) if not isinstance(model, onnx.ModelProto) else model
     if not proto.graph.node:
         raise FootprintError(f"{source}: the ONNX graph has no nodes (not an ONNX model?)")
     unknown = sorted({f"{n.op_type} (node {n.name or '?'})" for n in proto.graph.node
@@ -82,14 +84,16 @@ def load(model: str | Path | onnx.ModelProto,
     return _build(proto, source)
 
 
-def _read(path: str | Path) -> onnx.ModelProto:
+def _read(path: str | Path, allow_modified: bool) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
         raise FootprintError(f"{path}: no such file")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, external data OSError, ...
         raise FootprintError(f"{path}: not a readable ONNX file ({str(exc)[:120]})") from None
+    _integrity.check(path, {p.key: p.value for p in proto.metadata_props}, allow_modified)
+    return proto
 
 
 def _unit_batch(proto: onnx.ModelProto, source: str,

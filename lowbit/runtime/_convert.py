@@ -13,21 +13,25 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .. import _integrity
 from .._io import atomic_write, check_outputs
 from ._session import ORT_ERRORS, ModelError, load_session, ort_message, session_options
 
 
 def convert_ort(src: str | Path, dst: str | Path | None = None, *,
-                optimization: str = "all") -> Path:
+                optimization: str = "all", allow_modified: bool = False) -> Path:
     """Write ``src`` (.onnx) as an ORT-format file (default: ``src`` with suffix ``.ort``).
 
     Metadata (normalisation, classes, bit widths) is kept, so :class:`Session` takes the
     ``.ort`` file exactly like the ``.onnx`` one. Returns the path written (atomically).
+    A lowbit export whose weights or graph changed since export is refused (the ``.ort``
+    file carries no digest of its own); ``allow_modified=True`` converts it anyway.
     """
     src = Path(src).expanduser()
     dst = Path(dst).expanduser() if dst is not None else src.with_suffix(".ort")
     check_outputs([dst], [src])
-    load_session(src, session_options(1, "disable"))  # one-line ModelError for a bad input
+    sess = load_session(src, session_options(1, "disable"))  # one line for a bad input
+    _integrity.check(src, dict(sess.get_modelmeta().custom_metadata_map), allow_modified)
 
     def write(tmp: Path) -> None:
         so = session_options(1, optimization)

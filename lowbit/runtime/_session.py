@@ -9,6 +9,7 @@ input that is already normalised).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from .. import _datafiles
+from .. import _datafiles, _integrity
 from .. import _onnx_meta as meta
 from ..errors import InputError, ModelError, UsageError
 from ._bench import Timing, time_calls
@@ -81,10 +82,11 @@ def available_memory() -> int | None:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the file says about itself: input ``[C, H, W]``, classes, normalisation, bits."""
+    """What the file says about itself: the shape of one input (``[C, H, W]`` for images,
+    ``[features]`` for an MLP, ``[C, L]`` for sequences), classes, normalisation, bits."""
 
     input_name: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_outputs: int | None
     classes: tuple[str, ...] | None = None
     mean: tuple[float, ...] | None = None
@@ -103,41 +105,65 @@ def _json_meta(props: dict[str, str], key: str, path: Path) -> object:
         raise ModelError(f"{path}: metadata {key} is not valid JSON: {props[key][:60]!r}") from None
 
 
+def _checked(path: Path, key: str, value: object, ok: bool, expected: str) -> object:
+    if value is not None and not ok:
+        raise ModelError(f"{path}: metadata {key} must be {expected}; found "
+                         f"{json.dumps(value)[:80]}")
+    return value
+
+
+def _numbers(value: object, n: int | None = None) -> bool:
+    return isinstance(value, list) and (n is None or len(value) == n) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+        for v in value)
+
+
 def _model_info(sess: ort.InferenceSession, path: Path) -> ModelInfo:
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or len(outputs) < 1:
-        raise ModelError(f"{path}: expected one input image tensor and a logits output, found "
+        raise ModelError(f"{path}: expected one input tensor and a logits output, found "
                          f"inputs {[i.name for i in inputs]} and outputs "
                          f"{[o.name for o in outputs]}")
     inp, out = inputs[0], outputs[0]
     props = dict(sess.get_modelmeta().custom_metadata_map)
     shape_meta = _json_meta(props, meta.INPUT_SHAPE, path)
-    dims = inp.shape[1:] if len(inp.shape) == 4 else None
+    _checked(path, meta.INPUT_SHAPE, shape_meta,
+             _numbers(shape_meta) and 1 <= len(shape_meta) <= 4
+             and all(isinstance(d, int) and d >= 1 for d in shape_meta),
+             "a list of 1 to 4 positive integers")
+    dims = inp.shape[1:] if len(inp.shape) >= 2 else None
     if shape_meta is not None:
         shape = tuple(int(d) for d in shape_meta)
     elif dims is not None and all(isinstance(d, int) for d in dims):
         shape = tuple(dims)
     else:
-        raise ModelError(f"{path}: input {inp.name!r} has shape {inp.shape}; expected a 4-D "
-                         f"[N, C, H, W] image input with fixed C, H, W (or {meta.INPUT_SHAPE} "
-                         f"metadata)")
+        raise ModelError(f"{path}: input {inp.name!r} has shape {inp.shape}; expected a batch "
+                         f"of fixed-shape inputs ([N, C, H, W] images, [N, features], ...) or "
+                         f"{meta.INPUT_SHAPE} metadata")
     if inp.type != "tensor(float)":
         raise ModelError(f"{path}: input {inp.name!r} is {inp.type}; expected tensor(float) "
-                         f"images [N, C, H, W]")
+                         f"inputs [N, {', '.join(map(str, shape))}]")
     width = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
-    classes, mean, std = (_json_meta(props, k, path) for k in (meta.CLASSES, meta.MEAN, meta.STD))
-    if (mean is None) != (std is None) or (mean is not None
-                                           and not len(mean) == len(std) == shape[0]):
+    classes = _json_meta(props, meta.CLASSES, path)
+    _checked(path, meta.CLASSES, classes, isinstance(classes, list) and len(classes) >= 1,
+             "a non-empty list of class names")
+    mean, std = (_json_meta(props, k, path) for k in (meta.MEAN, meta.STD))
+    if (mean is None) != (std is None) or (mean is not None and not (
+            _numbers(mean, shape[0]) and _numbers(std, shape[0])
+            and all(v > 0 for v in std))):
         raise ModelError(f"{path}: metadata {meta.MEAN}/{meta.STD} must both give {shape[0]} "
-                         f"per-channel values; found {mean} / {std}")
+                         f"finite per-channel values, std > 0; found {mean} / {std}")
+    bits = {k: _json_meta(props, k, path) for k in (meta.WEIGHT_BITS, meta.ACT_BITS)}
+    for key, value in bits.items():
+        _checked(path, key, value, isinstance(value, int) and not isinstance(value, bool),
+                 "an integer bit width")
     return ModelInfo(
         input_name=inp.name, input_shape=shape,
         num_outputs=len(classes) if classes is not None else width,
         classes=tuple(str(c) for c in classes) if classes is not None else None,
         mean=tuple(float(v) for v in mean) if mean is not None else None,
         std=tuple(float(v) for v in std) if std is not None else None,
-        weight_bits=_json_meta(props, meta.WEIGHT_BITS, path),
-        act_bits=_json_meta(props, meta.ACT_BITS, path), metadata=props)
+        weight_bits=bits[meta.WEIGHT_BITS], act_bits=bits[meta.ACT_BITS], metadata=props)
 
 
 # The oldest onnxruntime that loads lowbit's default export (opset 25, IR 13, INT2 weights),
@@ -186,17 +212,24 @@ class Session:
     ``max_batch`` images; float32 input is taken as already normalised. Float input with a
     NaN or inf is refused (:class:`InputError`): the quantized graph would map NaN to code 0
     and return a confident class; ``allow_nonfinite=True`` passes it through unchanged.
+    Other inputs (``[N, features]``, ``[N, C, L]``) are taken alike, in the file's shape.
+
+    A file that lowbit exported is refused (:class:`ModelError`) when its weights or graph
+    differ from the digests recorded at export (a corrupt copy; ``allow_modified=True`` for a
+    file changed on purpose) or when a newer lowbit wrote it in a newer file format.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, *,
                  optimization: str = "all", max_batch: int = 256,
-                 allow_nonfinite: bool = False) -> None:
+                 allow_nonfinite: bool = False, allow_modified: bool = False) -> None:
         if max_batch < 1:
             raise UsageError(f"max_batch must be >= 1, got {max_batch}")
         self.path = Path(path).expanduser()
         self.threads, self.optimization, self.max_batch = threads, optimization, max_batch
         self.allow_nonfinite = allow_nonfinite
         self._ort = load_session(self.path, session_options(threads, optimization))
+        _integrity.check(self.path, dict(self._ort.get_modelmeta().custom_metadata_map),
+                         allow_modified)
         self.info = _model_info(self._ort, self.path)
         self._output = self._ort.get_outputs()[0].name
         self._per_image: int | None = None  # bytes onnxruntime needs per image, measured lazily
@@ -206,29 +239,31 @@ class Session:
         return self.info.classes
 
     def __repr__(self) -> str:
-        c, h, w = self.info.input_shape
-        return (f"Session({str(self.path)!r}, input [N, {c}, {h}, {w}], "
+        return (f"Session({str(self.path)!r}, input {self._shape()}, "
                 f"{self.info.num_outputs} outputs, weight_bits={self.info.weight_bits})")
 
     # -- inputs ------------------------------------------------------------------------------
+    def _shape(self) -> str:
+        return f"[N, {', '.join(map(str, self.info.input_shape))}]"
+
     def _expected(self) -> str:
-        c, h, w = self.info.input_shape
         kinds = "uint8 raw pixels or float32 normalised" if self.info.mean else \
             "float32 normalised (the file has no normalisation metadata)"
-        return f"[N, {c}, {h}, {w}] {kinds}"
+        what = "images" if len(self.info.input_shape) == 3 else "inputs"
+        return f"{what} {self._shape()} {kinds}"
 
     def _check(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim == 3:
+        if x.ndim == len(self.info.input_shape):
             x = x[None]
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.info.input_shape:
-            raise InputError(f"{self.path.name}: expected images {self._expected()}, got shape "
+        if x.ndim != len(self.info.input_shape) + 1 or tuple(x.shape[1:]) != self.info.input_shape:
+            raise InputError(f"{self.path.name}: expected {self._expected()}, got shape "
                              f"{tuple(x.shape)}")
         if x.dtype == np.uint8 and self.info.mean is None:
             raise InputError(f"{self.path.name}: uint8 input needs normalisation, but the file "
                              f"has no {meta.MEAN}/{meta.STD} metadata; pass float32 images "
                              f"already normalised")
         if x.dtype not in (np.uint8, np.float32):
-            raise InputError(f"{self.path.name}: expected images {self._expected()}, got dtype "
+            raise InputError(f"{self.path.name}: expected {self._expected()}, got dtype "
                              f"{x.dtype}")
         if x.dtype == np.float32 and not self.allow_nonfinite and not np.isfinite(x).all():
             bad = int((~np.isfinite(x.reshape(len(x), -1))).any(1).sum())
@@ -241,8 +276,9 @@ class Session:
         """uint8 ``[N, C, H, W]`` -> float32 ``(x - mean) / std``; float32 passes through."""
         if images.dtype == np.float32:
             return images
-        mean = np.asarray(self.info.mean, np.float32).reshape(1, -1, 1, 1)
-        inv_std = 1.0 / np.asarray(self.info.std, np.float32).reshape(1, -1, 1, 1)
+        per_channel = (1, -1, *[1] * (len(self.info.input_shape) - 1))  # channel: dim 1
+        mean = np.asarray(self.info.mean, np.float32).reshape(per_channel)
+        inv_std = 1.0 / np.asarray(self.info.std, np.float32).reshape(per_channel)
         return (images.astype(np.float32) - mean) * inv_std
 
     # -- memory ------------------------------------------------------------------------------
@@ -250,12 +286,12 @@ class Session:
         """Memory one image costs in a batch: float32 input plus onnxruntime's peak arena use,
         measured once with onnxruntime's profiler at batch 1 (activations scale with batch)."""
         if self._per_image is None:
-            c, h, w = self.info.input_shape
             with tempfile.TemporaryDirectory() as tmp:
                 so = session_options(1, self.optimization)
                 so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "profile")
                 sess = load_session(self.path, so)
-                sess.run(None, {self.info.input_name: np.zeros((1, c, h, w), np.float32)})
+                sess.run(None, {self.info.input_name: np.zeros((1, *self.info.input_shape),
+                                                                  np.float32)})
                 with open(sess.end_profiling()) as f:
                     events = json.load(f)
             peak = 0
@@ -264,7 +300,7 @@ class Session:
                 # arena peak where reported, else this node's inputs + outputs (a lower bound)
                 peak = max(peak, int(args.get("mem_in_use_peak", 0)),
                            int(args.get("activation_size", 0)) + int(args.get("output_size", 0)))
-            self._per_image = 4 * c * h * w + peak
+            self._per_image = 4 * math.prod(self.info.input_shape) + peak
         return self._per_image
 
     def check_fits(self, batch: int) -> None:
@@ -272,8 +308,7 @@ class Session:
         if batch < 1:
             raise InputError(f"batch size must be >= 1, got {batch}")
         free = available_memory()
-        c, h, w = self.info.input_shape
-        if free is None or batch * 4 * c * h * w * 256 < free:
+        if free is None or batch * 4 * math.prod(self.info.input_shape) * 256 < free:
             return  # far below the limit: skip the profiling run
         need = batch * self.bytes_per_image()
         if need > free:
@@ -318,6 +353,10 @@ class Session:
         images, labels = _datafiles.as_arrays(data)
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"expected labels as integer class indices [N], got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)} (one-hot or float "
+                             f"labels: labels.argmax(1) or labels.astype(int))")
         if len(images) != len(labels) or len(images) == 0:
             raise InputError(f"expected as many labels as images (at least one), got "
                              f"{len(images)} images and {len(labels)} labels")
