@@ -1,11 +1,14 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv if needed
-# and installs what it needs; torch is pinned (constraints.txt) to the local CPU build.
+# and installs what it needs. torch comes as its CPU build from PyTorch's CPU wheel index, as
+# PyTorch's install instructions say (PyPI's Linux torch pulls ~16 CUDA packages); a CPU wheel
+# pip already finds locally (find-links) wins, and an unreachable index costs a few retries.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data
 CIFAR100 ?= data/cifar-100-python
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test lint bench clean cifar100
 
@@ -14,7 +17,7 @@ $(BIN)/python:
 
 # Stamp files make a re-run install nothing unless pyproject.toml or constraints.txt changed.
 $(VENV)/.train: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) torch==2.13.0
+	$(PIP) --retries 2 --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PIP) -e '.[train]'
 	touch $@
 

@@ -33,13 +33,13 @@ SCHEMES = {"A": "jointly trained from scratch", "B": "from scratch, frozen teach
            "C": "from the float weights, frozen teacher"}
 
 
-def float_teacher(train: data.Dataset, test: data.Dataset, out: Path):
+def float_teacher(train: data.Dataset, val: data.Dataset, out: Path):
     """The shipped ResNet20 for CIFAR-10; a digits CNN trained here otherwise."""
     if train.name == "cifar10":
         return lowbit.load_model(models.pretrained("resnet20_cifar10"))[0], "resnet20"
     model = models.create("digits_cnn", num_classes=train.num_classes,
                           in_channels=train.input_shape[0])
-    model, _ = lowbit.train(model, train, test, epochs=20, batch_size=64, lr=0.05,
+    model, _ = lowbit.train(model, train, val, epochs=20, batch_size=64, lr=0.05,
                             out=out / "teacher.pt")
     return model, "digits_cnn"
 
@@ -62,11 +62,12 @@ def main() -> None:
 
     train, test = data.load(args.data), data.load(args.data, train=False)
     train = train.subset(args.limit) if args.limit else train
+    train, val = data.validation_split(train)  # what the epochs report; the test split: once
     test = test.subset(args.test_limit) if args.test_limit else test
     epochs = args.epochs or (10 if train.name == "digits" else 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # lowbit writes into existing folders only
-    teacher, arch = float_teacher(train, test, out)
+    teacher, arch = float_teacher(train, val, out)
     shape = {"num_classes": train.num_classes, "in_channels": train.input_shape[0]}
     rows = [{"scheme": "-", "model": f"float teacher ({arch})",
              "test_acc": lowbit.evaluate(teacher, test)}]
@@ -76,22 +77,24 @@ def main() -> None:
         t = models.create(arch, **shape) if scheme == "A" else teacher
         student = lowbit.student_for(scheme, teacher, weight_bits=2, act_bits=4)
         student, record = lowbit.distill(
-            student, t, train, test, scheme=scheme, loss="apprentice", alpha=1.0, beta=0.5,
+            student, t, train, val, scheme=scheme, loss="apprentice", alpha=1.0, beta=0.5,
             gamma=0.5, temperature=1.0, epochs=epochs, batch_size=args.batch_size,
             lr=args.lr if scheme == "C" else args.lr_scratch, precision=args.precision,
             out=out / f"student_{scheme}.pt")
         rows.append({"scheme": scheme, "model": f"ternary student, {how}",
-                     "test_acc": record["val_acc"],
+                     "val_acc": record["val_acc"], "test_acc": lowbit.evaluate(student, test),
                      "teacher_acc": lowbit.evaluate(t, test) if scheme == "A" else None})
 
-    print(f"\n{train.name}: {len(train):,} training / {len(test):,} test images, {epochs} epochs "
+    print(f"\n{train.name}: {len(train):,} training / {len(val):,} validation (held out) / "
+          f"{len(test):,} test images, {epochs} epochs "
           f"per scheme, Apprentice loss (alpha 1, beta 0.5, gamma 0.5, T 1)\n")
     print("| scheme | model | test accuracy |\n|---|---|---|")
     for r in rows:
         joint = f" (its teacher: {r['teacher_acc']:.2%})" if r.get("teacher_acc") else ""
         print(f"| {r['scheme']} | {r['model']} | {r['test_acc']:.2%}{joint} |")
     (out / "apprentice_schemes.json").write_text(json.dumps(
-        {"data": train.name, "train_images": len(train), "test_images": len(test),
+        {"data": train.name, "train_images": len(train), "validation": val.split,
+         "test_images": len(test),
          "epochs": epochs, "rows": rows}, indent=2))
     print(f"\n-> {out / 'apprentice_schemes.json'}")
 

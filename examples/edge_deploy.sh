@@ -50,9 +50,9 @@ else
     BUDGET=(--epochs 1 --limit 2000 --precision bf16)
     TEST="${DATA%%:*}:$(realpath "${DATA#*:}")"  # the edge runtime reads CIFAR itself
 fi
-"$FULL/lowbit" distill --teacher "$TEACHER" --data "$DATA" --bits "$BITS" --act-bits 4 \
+"$FULL/lowbit" distill --teacher "$TEACHER" --data "$DATA" --bits "$BITS/4" \
     --scheme C --temperature 4 "${BUDGET[@]}" -o "$WORK/student.pt"
-"$FULL/lowbit-export" "$WORK/student.pt" --format onnx --verify-data "$DATA" \
+"$FULL/lowbit-export" "$WORK/student.pt" --format onnx --data "$DATA" \
     --min-agreement "$MIN_AGREEMENT" -o "$WORK/model.onnx"
 FULL_ACC=$("$FULL/lowbit" run "$WORK/model.onnx" --data "$TEST" --threads 1)
 
@@ -70,7 +70,7 @@ done
 EDGE_BIN="$PWD/$EDGE/bin"
 cd "$WORK"  # away from the source tree: the installed package is what runs
 EDGE_ACC=$("$EDGE_BIN/lowbit" run model.onnx --data "$TEST" --threads 1)
-"$EDGE_BIN/lowbit" bench model.onnx --batch 1 8 --repeat 5 --min-time 0.1
+"$EDGE_BIN/lowbit" bench model.onnx --batch-size 1 8 --repeat 5 --min-time 0.1
 "$EDGE_BIN/lowbit" convert-ort model.onnx -o model.ort
 ORT_ACC=$("$EDGE_BIN/lowbit" run model.ort --data "$TEST" --threads 1)
 "$EDGE_BIN/python" - "$TEST" <<'PY'

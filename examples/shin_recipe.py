@@ -11,13 +11,16 @@ weight during training. This script runs those experiments with lowbit:
 2. for each activation width (``--act-bits``, default: the budget's): ternary ResNet20
    students started from the float ResNet20 (Apprentice scheme C) trained with KD at a
    fixed soft weight ``--lam`` (at each temperature of the sweep), with KD + GSLR at the
-   best temperature (lam held for about half the epochs, then falling linearly to 0 at the
-   last epoch), and on labels only (run in that order, so the KD rows come first).
+   temperature best on validation examples held out of the training data (5,000, at most
+   10%; the test split is only reported) (lam held for about half the epochs, then falling
+   linearly to 0 at the last epoch), and on labels only (run in that order, so the KD rows
+   come first).
 
 Every step is a checkpointed lowbit run in ``--out``: a finished step is read back, an
 unfinished one resumes exactly from its last epoch, so the long schedules run piece by piece
 (``--hours H`` stops cleanly after H hours, between epochs' checkpoints; run the same command
-again to continue). The table gives each step's accuracy, epochs, wall time and CPU threads.
+again to continue). The table gives each step's validation and test accuracy, epochs, wall
+time and CPU threads.
 
 Budgets: ``tiny`` (a smoke run: 256 images, seconds on digits), ``cpu`` (10,000 images, 2
 epochs per student, T sweep), ``long`` (full training set: 200-epoch teacher, 40-epoch
@@ -78,8 +81,9 @@ def _out_of_time(signum: int, frame: object) -> None:
 class Recipe:
     """Runs named steps once each; finished steps are read back from their checkpoints."""
 
-    def __init__(self, args: argparse.Namespace, train: data.Dataset, test: data.Dataset):
-        self.args, self.train, self.test = args, train, test
+    def __init__(self, args: argparse.Namespace, train: data.Dataset, val: data.Dataset,
+                 test: data.Dataset):
+        self.args, self.train, self.val, self.test = args, train, val, test
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "shin_recipe.json"
@@ -107,7 +111,9 @@ class Recipe:
                 self._save_log()
             ckpt = _checkpoint.load(path)
         record = ckpt["record"]
-        step.update(test_acc=record["val_acc"], epochs=len(record["history"]),
+        if "test_acc" not in step:  # the test split: measured once per finished step
+            step["test_acc"] = lowbit.evaluate(_checkpoint.build(ckpt), self.test)
+        step.update(val_acc=record["val_acc"], epochs=len(record["history"]),
                     train_s=round(sum(h["seconds"] for h in record["history"]), 1))
         self._save_log()
         return step
@@ -155,8 +161,10 @@ def main() -> None:
     temperatures = tuple(args.temperatures or budget.temperatures)
     train, test = data.load(args.data), data.load(args.data, train=False)
     train = train.subset(budget.limit) if budget.limit else train
+    # the temperature is chosen on examples held out of the training data, never on the test set
+    train, val = data.validation_split(train)
     test = test.subset(budget.test_limit) if budget.test_limit else test
-    recipe = Recipe(args, train, test)
+    recipe = Recipe(args, train, val, test)
     rows: list[dict] = []
     try:
         run_steps(recipe, budget, temperatures, rows)
@@ -169,7 +177,7 @@ def main() -> None:
 def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
               rows: list[dict]) -> None:
     """Teachers; then per activation width KD (T sweep), KD + GSLR, labels only."""
-    args, train, test = recipe.args, recipe.train, recipe.test
+    args, train, val, test = recipe.args, recipe.train, recipe.val, recipe.test
     kwargs = {"num_classes": train.num_classes, "in_channels": train.input_shape[0]}
     teacher_cfg = dict(epochs=budget.teacher_epochs, lr=0.1, weight_decay=5e-4,
                        **recipe.settings)
@@ -177,11 +185,11 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
     def float_teacher(name: str, arch: str, given: str | None, **extra) -> torch.nn.Module:
         if given:
             model = _checkpoint.load_model(given)[0]
-            rows.append({"step": name, "given": given,
+            rows.append({"step": name, "given": given, "val_acc": lowbit.evaluate(model, val),
                          "test_acc": lowbit.evaluate(model, test)})
             return model
         step = recipe.run(name, lambda: models.create(arch, seed=args.seed, **kwargs, **extra),
-                          lambda m, out, resume: lowbit.train(m, train, test, out=out,
+                          lambda m, out, resume: lowbit.train(m, train, val, out=out,
                                                               resume=resume, **teacher_cfg))
         rows.append({"step": name, **step})
         return recipe.model(name)
@@ -202,8 +210,8 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
 
         def fit(model, out, resume):
             if teacher is None:  # labels only: plain QAT through the same training loop
-                return lowbit.train(model, train, test, out=out, resume=resume, **student_cfg)
-            return lowbit.distill(model, teachers[teacher], train, test, scheme="C",
+                return lowbit.train(model, train, val, out=out, resume=resume, **student_cfg)
+            return lowbit.distill(model, teachers[teacher], train, val, scheme="C",
                                   temperature=temperature, lam=args.lam, gslr=schedule,
                                   out=out, resume=resume, **student_cfg)
 
@@ -221,7 +229,7 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
     for a in widths:
         for name in teachers:
             sweep = [student(f"ternary_a{a}_kd_{name}_T{t:g}", a, name, t) for t in temperatures]
-            best[a, name] = max(sweep, key=lambda r: r["test_acc"])["temperature"]
+            best[a, name] = max(sweep, key=lambda r: r["val_acc"])["temperature"]
     for (a, name), t in best.items():
         student(f"ternary_a{a}_kd_gslr_{name}_T{t:g}", a, name, t, gslr)
     for a in widths:
@@ -230,16 +238,18 @@ def run_steps(recipe: Recipe, budget: Budget, temperatures: tuple[float, ...],
 
 def report(recipe: Recipe, budget: Budget, rows: list[dict]) -> None:
     """Print and write the table of finished steps (markdown next to the JSON log)."""
-    args, train, test = recipe.args, recipe.train, recipe.test
-    lines = [f"{train.name}: {len(train):,} training / {len(test):,} test images, budget "
+    args, train, val, test = recipe.args, recipe.train, recipe.val, recipe.test
+    lines = [f"{train.name}: {len(train):,} training / {len(val):,} validation (held out of "
+             f"the training data; picks T) / {len(test):,} test images, budget "
              f"{args.budget} (teachers {budget.teacher_epochs} epochs, students "
              f"{budget.epochs}), ternary weights, lam = {args.lam}; GSLR: lam held for "
              f"{(budget.epochs - 1) // 2 + 1} epoch(s), then linearly to 0 at the last", "",
-             "| step | test accuracy | epochs | train time | CPU threads |",
-             "|---|---|---|---|---|"]
+             "| step | validation accuracy | test accuracy | epochs | train time | CPU threads |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         threads = sorted({p["threads"] for p in r.get("pieces", [])})
-        lines.append(f"| {r['step']} | {r['test_acc']:.2%} | {r.get('epochs', '-')} | "
+        lines.append(f"| {r['step']} | {r['val_acc']:.2%} | {r['test_acc']:.2%} | "
+                     f"{r.get('epochs', '-')} | "
                      f"{r.get('train_s', 0) / 60:.0f} min | "
                      f"{', '.join(map(str, threads)) or '-'} |")
     target = TARGETS.get(train.name)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from . import _checkpoint, data, models
 from ._io import atomic_write, os_refusal, write_json
+from ._progress import bar as progress_bar
 from .distill import GSLR, distill, evaluate, train
 from .errors import UsageError
 from .export import export
@@ -80,7 +80,9 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
         train_set = train_set.subset(budget.limit)
     if budget.test_limit:
         test_set = test_set.subset(budget.test_limit)
+    train_set, val_set = data.validation_split(train_set)  # per epoch; the test split: once
     summary: dict[str, Any] = {"data": train_set.name, "train_images": len(train_set),
+                               "validation_images": len(val_set), "validation": val_set.split,
                                "test_images": len(test_set), "budget": asdict(budget)}
 
     def save() -> None:
@@ -88,8 +90,8 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
         write_json(out / "summary.json", summary)
 
     _stage(1, f"float teacher ({len(train_set):,} {train_set.name} training images, "
-              f"{len(test_set):,} test images)")
-    teacher, summary["teacher"] = _teacher(train_set, test_set, budget, out)
+              f"{len(val_set):,} held out for validation, {len(test_set):,} test images)")
+    teacher, summary["teacher"] = _teacher(train_set, val_set, test_set, budget, out)
     save()
 
     _stage(2, f"ternary students (2-bit weights, 4-bit activations, scheme C), "
@@ -104,10 +106,11 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
         print(f"  {label}")
         student = quantize(teacher, weight_bits=2, act_bits=4)
         students[name], record = distill(
-            student, teacher, train_set, test_set, scheme="C", epochs=budget.epochs,
+            student, teacher, train_set, val_set, scheme="C", epochs=budget.epochs,
             batch_size=budget.batch_size, lr=budget.lr, precision=budget.precision,
             out=out / f"student_{name}.pt", **kd)
-        summary["students"][name] = {"label": label, "test_acc": record["val_acc"],
+        summary["students"][name] = {"label": label, "val_acc": record["val_acc"],
+                                     "test_acc": evaluate(students[name], test_set),
                                      "checkpoint": str(out / f"student_{name}.pt"),
                                      "kd": record["kd"], "history": record["history"]}
     summary["plots"] = {"curves": str(_plot_curves(summary, out / "curves.png"))}
@@ -134,8 +137,7 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
     _stage(4, f"torch-free runtime (onnxruntime): accuracy on {len(test_set):,} test images, "
               f"latency at batch {' and '.join(map(str, BATCHES))}")
     session = Session(result.paths["onnx"], threads=threads)
-    with tqdm(total=len(test_set), desc="onnxruntime", unit="img", leave=False,
-              disable=None) as bar:  # None: off when not a TTY, as in training
+    with progress_bar(total=len(test_set), desc="onnxruntime", unit="img") as bar:
         ort_acc = session.evaluate((test_set.images.numpy(), test_set.labels.numpy()),
                                    progress=bar.update)
     timings = session.benchmark(BATCHES, min_time=0.3)
@@ -164,13 +166,12 @@ def _stage(i: int, text: str) -> None:
     print(f"[{i}/5] {text}", flush=True)
 
 
-def _teacher(train_set: data.Dataset, test_set: data.Dataset, budget: Budget,
-             out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _teacher(train_set: data.Dataset, val_set: data.Dataset, test_set: data.Dataset,
+             budget: Budget, out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Digits: a digits CNN trained here; CIFAR-10: the shipped ResNet20."""
     if train_set.name == "digits":
-        torch.manual_seed(0)  # the initial weights: the same teacher on every run
         model = models.create("digits_cnn", num_classes=train_set.num_classes, seed=0)
-        model, record = train(model, train_set, test_set, epochs=budget.teacher_epochs,
+        model, record = train(model, train_set, val_set, epochs=budget.teacher_epochs,
                               batch_size=64, lr=0.05, out=out / "teacher.pt")
         info = {"arch": "digits_cnn", "source": f"trained here ({budget.teacher_epochs} epochs)",
                 "checkpoint": str(out / "teacher.pt"), "history": record["history"]}
@@ -210,7 +211,7 @@ def _plot_curves(summary: dict[str, Any], path: Path) -> Path:
         axes[1].plot(epochs, [h["train_loss"] for h in history], **style)
         if "soft_weight" in history[0]:
             axes[2].plot(epochs, [h["soft_weight"] for h in history], **style)
-    for ax, title in zip(axes, ["test accuracy (%)", "training loss (KD: CE and soft term)",
+    for ax, title in zip(axes, ["validation accuracy (%)", "training loss (KD: CE and soft term)",
                                 "KD soft-loss weight lam (GSLR)"], strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")

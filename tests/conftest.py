@@ -4,6 +4,7 @@ LOWBIT_CIFAR100) and small datasets."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,11 @@ def digits_split():
     from lowbit import data
 
     return data.digits(train=True), data.digits(train=False)
+
+
+STAGE_LINE = re.compile(r"^\[\s*\d+\.\ds\] ")  # lowbit's progress off a terminal (stderr)
+
+
+def without_stages(text: str) -> str:
+    """``text`` without lowbit's stage lines: what a command said besides its progress."""
+    return "\n".join(line for line in text.splitlines() if not STAGE_LINE.match(line))

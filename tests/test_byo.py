@@ -57,7 +57,7 @@ def test_user_cnn_command_line_on_npz(digits_npz, tmp_path):
              "--epochs", "10", "--batch-size", "64", "--lr", "0.1", "-o", "t.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     # one file: validation is held out of it, and the report says so (not "test accuracy")
-    assert "validation (10% of train held out, seed 0) accuracy" in r.stdout
+    assert "validation (143 held out of train file, seed 0) accuracy" in r.stdout
     assert "test accuracy" not in r.stdout
     assert torch.load(tmp_path / "t.pt", weights_only=True)["arch"] == {
         "name": ARCH, "kwargs": {"width": 8}}
@@ -164,7 +164,7 @@ def digits_teacher(tmp_path_factory) -> tuple[Path, float]:
 
 def test_ptq_prints_float_and_quantized_accuracy(digits_teacher, tmp_path):
     path, float_acc = digits_teacher
-    r = _cli(str(path), "--bits", "2", "--calib-method", "mse", "--verify-data", "digits",
+    r = _cli(str(path), "--bits", "2", "--calib-method", "mse", "--data", "digits",
              "--max-drop", "0", "--format", "onnx", "-o", "ptq.onnx", cwd=tmp_path, export=True)
     assert r.returncode == 0, r.stderr
     line = re.search(r"float (\d+\.\d+)%, quantized file (\d+\.\d+)%", r.stdout)
@@ -173,9 +173,9 @@ def test_ptq_prints_float_and_quantized_accuracy(digits_teacher, tmp_path):
     assert float(line.group(2)) == pytest.approx(100 * quantized, abs=0.006)
     assert "warning: post-training quantization costs" in r.stderr  # any drop exceeds 0
     assert "distil a student instead" in r.stderr
-    r = _cli(str(path), "--bits", "2", "--calib", "0", "-o", "none.onnx", cwd=tmp_path,
-             export=True)
-    assert r.returncode == 2 and "at least one example" in r.stderr
+    r = _cli(str(path), "--bits", "2", "--calib", "0", "-o", "none.onnx", "--data", "digits",
+             cwd=tmp_path, export=True)
+    assert r.returncode == 2 and "--calib: expected an integer >= 1" in r.stderr
     assert not (tmp_path / "none.onnx").exists()
 
 
@@ -210,27 +210,26 @@ def test_calibrated_ranges_follow_the_method(digits_split):
 
 
 def test_cli_defaults_are_the_config_dataclasses():
+    """Unset options leave the library's configs as they are; --help shows their values."""
+    from lowbit.cli import _export, _training
     from lowbit.distill import DISTILL_CONFIG, KDConfig, TrainConfig
-    from lowbit.quant import PTQConfig, QuantSpec
+    from lowbit.quant import PTQConfig
 
     p = cli.parser()
     train = p.parse_args(["train", "-o", "t.pt"])
     distill = p.parse_args(["distill", "--teacher", "t.pt", "-o", "s.pt"])
-    export = p.parse_args(["export", "t.pt"])
-    for field in cli._TRAIN_OPTIONS:
-        assert getattr(train, field) == getattr(TrainConfig(), field), field
-        assert getattr(distill, field) == getattr(DISTILL_CONFIG, field), field
-    assert distill.bn_batches == DISTILL_CONFIG.bn_batches  # students only
-    for field in cli._KD_OPTIONS:
-        assert getattr(distill, field) == getattr(KDConfig(), field), field
-    assert (distill.bits, distill.act_bits) == (QuantSpec().weight_bits, QuantSpec().act_bits)
+    assert _training._train_config(train, TrainConfig()) == TrainConfig()
+    assert _training._train_config(distill, DISTILL_CONFIG) == DISTILL_CONFIG
+    assert distill.bits is None and not any(getattr(distill, k) for k in _training._KD_OPTIONS)
+    tuned = p.parse_args(["distill", "--teacher", "t.pt", "-o", "s.pt", "--lr", "0.5"])
+    assert _training._train_config(tuned, DISTILL_CONFIG).lr == 0.5
     ptq = PTQConfig()
-    assert (export.calib, export.calib_method, export.max_drop) == (ptq.calib, ptq.method,
-                                                                    ptq.max_drop)
     helps = {name: sub.format_help() for name, sub in
              p._subparsers._group_actions[0].choices.items()}
     assert f"(default: {DISTILL_CONFIG.lr})" in helps["distill"]
+    assert f"(default: {KDConfig().temperature})" in helps["distill"]
     assert f"(default: {ptq.max_drop})" in helps["export"]
+    assert helps["export"] == _export.DESCRIPTION or "--calib-method" in helps["export"]
 
 
 def test_seeded_create_is_reproducible_and_leaves_global_rng_alone():

@@ -174,6 +174,7 @@ def test_float_npz_and_held_out_validation(tmp_path):
     ds = data.load(str(tmp_path / "seq.npz"))
     assert ds.mean is None and ds.split == "file" and ds.input_shape == (2, 16)
     rest, val = ds.holdout(0.2)
-    assert (len(rest), len(val)) == (40, 10) and val.split.startswith("validation (20% of seq")
+    assert (len(rest), len(val)) == (40, 10)
+    assert val.split.startswith("validation (10 held out of seq")
     seen = {tuple(v.flatten()[:3].tolist()) for v in rest.images}
     assert not any(tuple(v.flatten()[:3].tolist()) in seen for v in val.images)  # disjoint

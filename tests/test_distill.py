@@ -475,7 +475,7 @@ def test_ddp_two_processes(tmp_path):
 def test_cli_distill_end_to_end(tmp_path, teacher_ckpt, capsys):
     out = tmp_path / "student.pt"
     args = ["distill", "--teacher", str(teacher_ckpt), "--data", "digits", "--scheme", "C",
-            "--bits", "2", "--act-bits", "4", "--temperature", "4", "--lam", "0.8",
+            "--bits", "2/4", "--temperature", "4", "--lam", "0.8",
             "--gslr", "0:2", "--gslr-shape", "cosine", "--epochs", "2", "--batch-size", "64",
             "--limit", "384", "--bn-batches", "2", "--first-bits", "4", "--layer-bits",
             "features.3=4", "-o", str(out)]
@@ -499,8 +499,11 @@ def test_cli_distill_end_to_end(tmp_path, teacher_ckpt, capsys):
     torch.save(copy.deepcopy(model.state_dict()), bare)
     for bad, message in [(["--teacher", str(bare)], "not a lowbit checkpoint"),
                          (["--gslr", "3"], "START:END"),
-                         (["--arch", "resnet20"], "--init"),
-                         (["--bits", "3"], "3-bit weights")]:
+                         (["--arch", "resnet20"], "--init")]:
         assert cli.main([*args[:-2], *bad, "-o", str(tmp_path / "x.pt")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exc:  # argparse's own check, one line, before any work
+        cli.main([*args[:-2], "--bits", "3", "-o", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "expected W or W/A" in err and err.count("\n") == 1, err

@@ -67,8 +67,8 @@ def test_shin_recipe_runs_each_step_once_and_continues_where_it_stopped(tmp_path
     # the table printed and written is the measured one, step by step
     report = (tmp_path / "shin" / "shin_recipe.md").read_text()
     for name, step in log.items():
-        assert f"| {name} | {step['test_acc']:.2%} |" in report
-        assert f"| {name} | {step['test_acc']:.2%} |" in first.stdout
+        row = f"| {name} | {step['val_acc']:.2%} | {step['test_acc']:.2%} |"
+        assert row in report and row in first.stdout
     # a second run trains nothing (every step is finished) and reports the same table
     second = run(cmd, tmp_path)
     again = json.loads((tmp_path / "shin" / "shin_recipe.json").read_text())["steps"]
@@ -79,9 +79,9 @@ def test_shin_recipe_runs_each_step_once_and_continues_where_it_stopped(tmp_path
 
 
 def _best(log: dict) -> str:
-    """``resnet20_T<best>``: the KD step of the sweep with the highest test accuracy."""
+    """``resnet20_T<best>``: the KD step of the sweep best on validation (never on test)."""
     t1, t4 = log["ternary_a4_kd_resnet20_T1"], log["ternary_a4_kd_resnet20_T4"]
-    return "resnet20_T1" if t1["test_acc"] >= t4["test_acc"] else "resnet20_T4"
+    return "resnet20_T1" if t1["val_acc"] >= t4["val_acc"] else "resnet20_T4"
 
 
 def test_apprentice_schemes(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_edge_deploy(tmp_path: Path) -> None:
 
 def test_demo(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    res = run([sys.executable, "-m", "lowbit.cli", "demo", "--out", str(out)], tmp_path)
+    res = run([sys.executable, "-m", "lowbit.cli", "demo", "-o", str(out)], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == "digits" and summary["test_images"] == 359
     assert summary["teacher"]["test_acc"] > 0.95
@@ -131,7 +131,7 @@ def test_demo(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["cifar10:{tmp}/missing", "mnist"])
 def test_demo_bad_data(tmp_path: Path, spec: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "lowbit.cli", "demo", "--out",
+    res = subprocess.run([sys.executable, "-m", "lowbit.cli", "demo", "-o",
                           str(tmp_path / "demo"), "--data", spec.format(tmp=tmp_path)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2

@@ -354,7 +354,7 @@ def _cli(capsys, *argv):
 def test_cli_exports_student(checkpoints, tmp_path, capsys):
     out = tmp_path / "s.onnx"
     code, stdout, err = _cli(capsys, checkpoints / "student4.pt", "-o", out, "--format", "onnx",
-                             "--verify-data", "digits", "--min-agreement", "0.99", "--ort")
+                             "--data", "digits", "--min-agreement", "0.99", "--ort")
     assert code == 0, err
     assert "top-1 agreement" in stdout and out.is_file()
     # the per-layer table: digits_cnn's three convs as QLinearConv, the classifier float
@@ -376,7 +376,7 @@ def test_cli_layer_widths(checkpoints, tmp_path, capsys):
     out = tmp_path / "w.onnx"
     code, stdout, err = _cli(capsys, checkpoints / "float.pt", "--bits", "2", "--first-bits", "4",
                              "--last-bits", "same", "--layer-bits", "features.3=8", "-o", out,
-                             "--format", "onnx", "--verify-data", "digits", "--max-drop", "1")
+                             "--format", "onnx", "--data", "digits", "--max-drop", "1")
     assert code == 0, err
     spec = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[meta.QUANT_SPEC])
     assert (spec["first_bits"], spec["last_bits"], spec["overrides"]) == \
@@ -386,7 +386,7 @@ def test_cli_layer_widths(checkpoints, tmp_path, capsys):
     assert storage["features.3"] in ("int8", "uint8")  # 8-bit: the overflow rule decides
     assert "integer arithmetic:" in stdout and "exact on every onnxruntime CPU" in stdout
     code, _, err = _cli(capsys, checkpoints / "student4.pt", "--first-bits", "2", "-o",
-                        tmp_path / "x.onnx")
+                        tmp_path / "x.onnx", "--data", "digits")
     assert code == 2 and "first_bits = 8 but 2 was asked" in err
     with pytest.raises(SystemExit) as exc:  # argparse's own one-line error
         _cli(capsys, checkpoints / "float.pt", "--bits", "2", "--layer-bits", "fc3")
@@ -396,7 +396,7 @@ def test_cli_layer_widths(checkpoints, tmp_path, capsys):
 def test_cli_float_checkpoint_is_quantized_with_warning(checkpoints, tmp_path, capsys):
     out = tmp_path / "f.onnx"
     code, stdout, err = _cli(capsys, checkpoints / "float.pt", "--bits", "8", "-o", out,
-                             "--format", "onnx", "--calib", "256")
+                             "--format", "onnx", "--calib", "256", "--data", "digits")
     assert "lowbit distill" in err and "post-training" in err
     assert code == 0, err  # the file reproduces the post-training student: it passes the gate
     assert out.is_file() and stdout.count("-> passed") == 2
@@ -419,7 +419,7 @@ def _bad_files(root, good):
 def test_cli_bad_checkpoints(checkpoints, tmp_path, capsys, name, message):
     _bad_files(tmp_path, checkpoints / "student4.pt")
     out = tmp_path / "out.onnx"
-    code, _, err = _cli(capsys, tmp_path / name, "--bits", "4", "-o", out)
+    code, _, err = _cli(capsys, tmp_path / name, "--bits", "4", "-o", out, "--data", "digits")
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "out.qonnx.onnx").exists()
@@ -427,7 +427,8 @@ def test_cli_bad_checkpoints(checkpoints, tmp_path, capsys, name, message):
 
 def test_cli_bits_contradiction(checkpoints, tmp_path, capsys):
     out = tmp_path / "x.onnx"
-    code, _, err = _cli(capsys, checkpoints / "student4.pt", "--bits", "2", "-o", out)
+    code, _, err = _cli(capsys, checkpoints / "student4.pt", "--bits", "2", "-o", out,
+                        "--data", "digits")
     assert code == 2 and "4-bit student" in err and "2-bit" in err
     assert not out.exists()
 

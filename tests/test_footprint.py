@@ -230,7 +230,7 @@ def test_checkpoint_path_reads_its_input_shape(digits_student, tmp_path, capsys)
                      record={})
     direct = footprint(digits_student, (1, 8), input_shape=(1, 8, 8))
     assert footprint(path, (1, 8)).to_dict()["batch"] == direct.to_dict()["batch"]
-    assert main(["footprint", str(path), "--batch", "4"]) == 0
+    assert main(["footprint", str(path), "--batch-size", "4"]) == 0
     row = next(line.split() for line in capsys.readouterr().out.splitlines()
                if line.startswith("features.6 "))
     # 64x32x3x3 ternary codes as trits, 5 per byte + 64 fp32 scales + 64 (folded BN) biases
@@ -324,7 +324,7 @@ def test_onnx_front_end_does_not_import_torch(tmp_path):
 def test_cli_table_json_plot_and_errors(tmp_path, capsys):
     path = _to_onnx(_randomize_bn(Tiny()), (2, 6, 6), tmp_path / "tiny.onnx")
     out_json, fig = tmp_path / "r.json", tmp_path / "fig.png"
-    assert main(["footprint", path, "--batch", "1", "8", "--json", str(out_json),
+    assert main(["footprint", path, "--batch-size", "1", "8", "--json", str(out_json),
                  "--plot", str(fig)]) == 0
     text = capsys.readouterr().out
     assert "add " in text and "ternary" in text and "crossover" in text
@@ -338,9 +338,11 @@ def test_cli_table_json_plot_and_errors(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert list(doc["precisions"]) == ["2/4"]
     assert doc["precisions"]["2/4"]["weight_bytes"] == 50 + 50 + 27
-    for argv, message in [(["--batch", "0"], "positive integers"),
-                          (["--bits", "x"], "--bits expects W or W/A")]:
-        assert main(["footprint", path, *argv]) == 2
+    for argv, message in [(["--batch-size", "0"], "expected an integer >= 1"),
+                          (["--bits", "x"], "expected W or W/A")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["footprint", path, *argv])
+        assert exc.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert main(["footprint", str(tmp_path / "missing.onnx")]) == 2

@@ -163,9 +163,9 @@ def test_cli_run_bench_convert(digits_model, digits_split, tmp_path, capsys):
     _, path, npz = digits_model
     assert main(["run", str(path), "--data", str(npz), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "top-1 accuracy" in out and f"{len(digits_split[1])} digits_test test images" in out
+    assert "top-1 accuracy" in out and f"{len(digits_split[1])} digits_test test examples" in out
     report = tmp_path / "bench.json"
-    assert main(["bench", str(path), "--batch", "1", "2", "--repeat", "2", "--min-time", "0",
+    assert main(["bench", str(path), "--batch-size", "1", "2", "--repeat", "2", "--min-time", "0",
                  "--warmup", "0", "--threads", "1", "--json", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
@@ -198,7 +198,7 @@ def test_runtime_and_its_cli_never_import_torch(digits_model):
         "import lowbit.runtime\n"
         "from lowbit.cli import main\n"
         f"assert main(['run', {str(path)!r}, '--data', {str(npz)!r}]) == 0\n"
-        f"assert main(['bench', {str(path)!r}, '--batch', '1', '--repeat', '1',"
+        f"assert main(['bench', {str(path)!r}, '--batch-size', '1', '--repeat', '1',"
         " '--min-time', '0']) == 0\n"
         "heavy = [m for m in ('torch', 'onnx', 'brevitas', 'sklearn', 'lowbit.data')"
         " if m in sys.modules]\n"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import lowbit
 from lowbit import _checkpoint, models
@@ -51,9 +52,15 @@ def test_cli_train_eval_and_errors(tmp_path):
              "--batch-size", "64", "--lr", "0.05", "-o", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "test accuracy" in r.stdout and out.is_file()
+    # off a terminal, every stage ends with one line and the time since the start
+    assert re.search(r"^\[\s*[\d.]+s\] epoch 2/2: \d+ step in [\d.]+s$", r.stderr, re.M), r.stderr
     r = _cli("eval", str(out), "--data", "digits", cwd=tmp_path)
-    acc = torch.load(out, weights_only=True)["record"]["val_acc"]
-    assert r.returncode == 0 and f"{acc:.2%}" in r.stdout
+    record = json.loads(out.with_suffix(".json").read_text())  # the test split, measured once
+    assert record["val_split"].startswith("digits validation (") and "held out" in \
+        record["val_split"]
+    assert record["test"]["split"] == "digits test"
+    assert r.returncode == 0 and f"{record['test']['acc']:.2%}" in r.stdout
+    assert f"validation accuracy {record['val_acc']:.2%}" not in r.stdout
     for args, message in [
         (("eval", str(tmp_path / "nope.pt")), "no such file"),
         (("train", "--data", f"cifar10:{tmp_path}/none", "-o", "x.pt"), "not found"),

@@ -6,8 +6,19 @@ inputs of any rank.
 """
 
 from ._adapt import Data, DataLike, Stream, as_data, stats_of
-from ._datasets import DataError, Dataset, cifar, cifar10, cifar100, digits, load
+from ._datasets import (
+    VALIDATION_SIZE,
+    DataError,
+    Dataset,
+    cifar,
+    cifar10,
+    cifar100,
+    digits,
+    load,
+    validation_split,
+)
 from ._loader import Loader, augment, normalize
 
-__all__ = ["Data", "DataError", "DataLike", "Dataset", "Loader", "Stream", "as_data", "augment",
-           "cifar", "cifar10", "cifar100", "digits", "load", "normalize", "stats_of"]
+__all__ = ["VALIDATION_SIZE", "Data", "DataError", "DataLike", "Dataset", "Loader", "Stream",
+           "as_data", "augment", "cifar", "cifar10", "cifar100", "digits", "load", "normalize",
+           "stats_of", "validation_split"]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import _datafiles
+from .._choices import VALIDATION_SIZE
 from .._datafiles import DataError
 
 
@@ -78,17 +79,19 @@ class Dataset:
         """The first ``n`` examples (for quick runs and tests)."""
         return replace(self, images=self.images[:n], labels=self.labels[:n])
 
-    def holdout(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
-        """``(rest, validation)``: a seeded random ``fraction`` held out for validation."""
-        if not 0 < fraction < 1:
-            raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
-        n_val = max(1, round(len(self) * fraction))
+    def holdout(self, size: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """``(rest, validation)``: a seeded random ``size`` examples (or fraction, when below
+        1) held out of these for validation."""
+        if not (0 < size < 1 or (size >= 1 and size == int(size))):
+            raise DataError(f"validation size must be a count >= 1 or a fraction in (0, 1), "
+                            f"got {size}")
+        n_val = max(1, round(len(self) * size)) if size < 1 else int(size)
+        if n_val >= len(self):
+            raise DataError(f"{self.name}: {len(self)} examples are too few to hold out "
+                            f"{n_val:,} for validation")
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         rest, val = order[n_val:].sort().values, order[:n_val].sort().values
-        if len(rest) == 0:
-            raise DataError(f"{self.name}: {len(self)} examples are too few to hold out "
-                            f"{fraction:.0%} for validation")
-        held = f"validation ({fraction:.0%} of {self.name} held out, seed {seed})"
+        held = f"validation ({n_val:,} held out of {self.name} {self.split}, seed {seed})"
         return (replace(self, images=self.images[rest], labels=self.labels[rest]),
                 replace(self, images=self.images[val], labels=self.labels[val], split=held))
 
@@ -108,6 +111,14 @@ class Dataset:
         """Wrap the numpy arrays of the torch-free readers (no copy)."""
         return cls(a.name, torch.from_numpy(a.images), torch.from_numpy(a.labels), a.classes,
                    a.mean, a.std, a.split)
+
+
+def validation_split(train: Dataset, size: float | None = None, seed: int = 0
+                     ) -> tuple[Dataset, Dataset]:
+    """``(rest, validation)``: what lowbit selects on, held out of the training data so the
+    test split is only reported (``size``: a count, a fraction below 1, or None for
+    ``VALIDATION_SIZE`` capped at a tenth of the data)."""
+    return train.holdout(size or min(VALIDATION_SIZE, len(train) // 10), seed)
 
 
 def cifar(name: str, path: str | Path, train: bool = True, verify: bool = True) -> Dataset:

@@ -32,14 +32,13 @@ import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
 from .. import _checkpoint
+from .._choices import GSLR_SHAPES, LOSSES, SCHEMES
 from ..data import Data, DataLike, as_data
 from ..errors import DataError, UsageError
 from . import _dist
 from ._loop import Run, TrainConfig, fit, to_channels_last
 
-SCHEMES = ("A", "B", "C")
-LOSSES = ("hinton", "apprentice")
-SHAPES = ("linear", "cosine")
+SHAPES = GSLR_SHAPES
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import _checkpoint
+from .._choices import PRECISIONS, SCHEDULES
 from .._io import check_outputs, write_json
+from .._progress import bar as progress_bar
+from .._progress import note
 from ..data import DataLike, as_data, stats_of
 from ..errors import DataError, TrainingError, UsageError
 from . import _dist
@@ -54,9 +56,9 @@ class TrainConfig:
             raise UsageError("epochs and batch_size must be >= 1")
         if self.bn_batches < 0:
             raise UsageError(f"bn_batches must be >= 0, got {self.bn_batches}")
-        if self.schedule not in ("cosine", "step"):
+        if self.schedule not in SCHEDULES:
             raise UsageError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise UsageError("lr must be > 0 and weight_decay >= 0")
@@ -130,8 +132,8 @@ def evaluate(model: nn.Module, data: DataLike, batch_size: int = 500,
     model.eval()
     correct = seen = 0
     layout = None
-    for x, y in tqdm(as_data(data).loader(batch_size), desc="evaluating", leave=False,
-                     disable=None if progress else True):
+    for x, y in progress_bar(as_data(data).loader(batch_size), desc="evaluating",
+                             unit="batch", enabled=progress):
         layout = to_channels_last(model, x[:2]) if layout is None else layout
         correct += int((model(_layout(x, layout)).argmax(1) == y).sum())
         seen += len(y)
@@ -181,8 +183,8 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
     if val_data is not None:  # not a setting: kept out of --resume's comparison
         record["val_split"] = f"{val_data.name} {val_data.split}"
     if train_data.augments and rank == 0 and progress:
-        tqdm.write(f"{train_data.name}: training batches are augmented (pad-4 random crop + "
-                   f"horizontal flip); augment=False (--no-augment) turns it off")
+        note(f"{train_data.name}: training batches are augmented (pad-4 random crop + "
+             f"horizontal flip); augment=False (--no-augment) turns it off")
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     # foreach: one multi-tensor update instead of a Python loop over ~100 tensors (PyTorch
     # picks it on GPUs only); the same elementwise ops, so the same numbers (fused=True differs)
@@ -209,8 +211,8 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
         for m in modules.values():
             m.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None if progress and rank == 0 else True)  # None: off when not a TTY
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                           enabled=progress and rank == 0)
         for i, (x, y) in enumerate(bar):
             if epoch * steps_per_epoch + i < start_step:
                 continue  # resuming mid-epoch: replay the epoch's draws, skip its finished steps
@@ -244,8 +246,8 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
             entry["val_acc"] = record["val_acc"] = evaluate(model, val_data)
         record["history"].append(entry)
         if rank == 0 and progress:  # progress=False (--quiet): the final record only
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in entry.items()))
+            note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in entry.items()))
         last = epoch + 1 == cfg.epochs
         if last and cfg.bn_batches and getattr(model, "lowbit_quant", None) is not None:
             _finish_bn(model, train_data, val_data, cfg, record, progress and rank == 0)
@@ -316,7 +318,7 @@ def _finish_bn(model: nn.Module, train_data: DataLike, val_data: DataLike | None
     if verbose:
         change = (f": val_acc {info['val_acc_before']:.4f} -> {info['val_acc']:.4f}"
                   if val_data is not None else "")
-        tqdm.write(f"BatchNorm statistics re-estimated over {used} training batches{change}")
+        note(f"BatchNorm statistics re-estimated over {used} training batches{change}")
 
 
 def _restore(out: str | Path | None, modules: dict[str, nn.Module], record: dict[str, Any],

@@ -34,6 +34,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 from .. import __version__
 from .. import _onnx_meta as meta
 from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, cpu_features
+from .._choices import FORMATS, RESIDUAL_ADDS, TERNARY_STORAGE, WEIGHT_FORMS
 from .._integrity import seal
 from .._io import atomic_write_all
 from ..quant import PTQConfig
@@ -53,10 +54,6 @@ from ._rewrites import (
 from ._trace import TRACE_OPSET, Act, shadow, trace
 from ._verify import RANDOM, Thresholds, Verification, compare, locate
 
-FORMATS = ("onnx", "qonnx")
-WEIGHT_FORMS = ("cast", "dequant")
-TERNARY_STORAGE = ("trits", "int")
-RESIDUAL_ADDS = ("auto", "integer", "float")
 DEFAULT_OPSET = 25
 MIN_OPSET = 13  # per-axis DequantizeLinear
 RANDOM_INPUTS = 256

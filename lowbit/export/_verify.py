@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import _intmath
+from .._progress import bar as progress_bar
 from ..errors import ExportError, UsageError
 
 RANDOM = "random"  # the source name of the gate's default inputs (no data given)
@@ -126,8 +126,8 @@ def compare(fmt: str, source: str, student: torch.nn.Module,
     step = np.asarray(step, np.float64)
     if not (np.isfinite(step).all() and (step > 0).all()):  # e.g. a NaN activation scale
         step = np.full_like(step, np.nan)
-    bar = tqdm(total=len(inputs), desc=f"verifying {fmt}", unit="img", leave=False,
-               disable=None if progress else True)  # None: no bar when not a terminal
+    bar = progress_bar(total=len(inputs), desc=f"verifying {fmt}", unit="img",
+                       enabled=progress)
     with torch.no_grad(), bar:
         for i in range(0, len(inputs), batch_size):
             x = inputs[i:i + batch_size]

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from .._choices import CALIB_METHODS
+from .._progress import bar as progress_bar
 from ..errors import UsageError
 from ._brevitas import act_ranges
 from ._kernels import fake_quant
 
-CALIB_METHODS = ("max", "percentile", "mse")
 SAMPLE = 1 << 15  # values kept per quantizer and batch for percentile / MSE
 MAX_VALUES = 1 << 17  # values per quantizer the percentile / MSE search reads
 MSE_GRID = 100  # candidate ranges for MSE, evenly spaced in (0, max]
@@ -125,8 +125,8 @@ def calibrate_ranges(student: nn.Module, batches: Iterable[torch.Tensor],
         r.seen.zero_()
         r.calibrating = True
     hooks = []
-    bar = tqdm(total=2 * len(batches), desc="calibrating", unit="batch", leave=False,
-               disable=None if progress else True)
+    bar = progress_bar(total=2 * len(batches), desc="calibrating", unit="batch",
+                       enabled=progress)
     try:
         for x in batches:
             student(x)

@@ -9,11 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._choices import ACT_BITS, SCALE_RULES, WEIGHT_BITS
 from ..errors import QuantizeError
-
-WEIGHT_BITS = (2, 4, 8)  # 2 = ternary {-1, 0, +1} * alpha (narrow range)
-ACT_BITS = (2, 4, 8)
-SCALE_RULES = ("twn", "learned")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,7 @@
+"""``python -m lowbit.cli``: the ``lowbit`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
