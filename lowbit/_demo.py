@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import _checkpoint, data, models
+from ._backend import cpu_features
 from ._io import atomic_write, os_refusal, write_json
 from ._progress import bar as progress_bar
 from .distill import GSLR, distill, evaluate, train
@@ -83,7 +84,8 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
     train_set, val_set = data.validation_split(train_set)  # per epoch; the test split: once
     summary: dict[str, Any] = {"data": train_set.name, "train_images": len(train_set),
                                "validation_images": len(val_set), "validation": val_set.split,
-                               "test_images": len(test_set), "budget": asdict(budget)}
+                               "test_images": len(test_set), "budget": asdict(budget),
+                               "machine": cpu_features()}
 
     def save() -> None:
         summary["seconds"] = time.perf_counter() - t0
