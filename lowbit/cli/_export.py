@@ -84,8 +84,8 @@ def _file_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residual-add", choices=c.RESIDUAL_ADDS, default="auto",
                    help="integer: residual adds fused into onnxruntime's QLinearAdd (fastest; "
                    "its rounding differs slightly from the student's); float: in float between "
-                   "the integer convolutions (exact, slower: README, Runtime speed); auto: "
-                   "integer when it passes the gate, else float")
+                   "the integer convolutions (exact, slower: benchmarks/results/README.md, "
+                   "Runtime speed); auto: integer when it passes the gate, else float")
     p.add_argument("--ternary-storage", choices=c.TERNARY_STORAGE, default="trits",
                    help="ternary weights as trits (five per byte, 1.6 bits, decoded by a "
                    "constant Gather onnxruntime folds at load) or as ONNX integers "

@@ -181,8 +181,8 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", dest="warmup_epochs", type=b.non_negative_float, default=None,
                    help="warm-up epochs (linear)")
     p.add_argument("--precision", choices=c.PRECISIONS, default=None,
-                   help="bf16 autocast: faster on CPUs with AMX/AVX512-BF16 (README: Training "
-                   "speed)")
+                   help="bf16 autocast: faster on CPUs with AMX/AVX512-BF16 "
+                   "(benchmarks/results/README.md: Training speed)")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds every random draw: initial weights, shuffling, augmentation")
     p.add_argument("--checkpoint-every", type=b.non_negative, default=None, metavar="STEPS",
