@@ -21,7 +21,7 @@ from lowbit._backend import LUT_GEMM, NBITS_DOMAIN, NBITS_OP
 from lowbit._intmath import weight_range
 from lowbit.export import ExportError, NBits, export, pack_nbits, unpack_nbits
 from lowbit.export._nbits import BOUND
-from lowbit.quant import calibrate, quantize
+from lowbit.quant import calibrate, quant_layers, quantize
 from lowbit.runtime import Session
 
 
@@ -154,6 +154,27 @@ def test_nbits_in_float_is_exact_and_gated_as_usual(mlp, tmp_path):
     with torch.no_grad():
         want = student(x[128:]).numpy()
     np.testing.assert_allclose(Session(out).run(x[128:].numpy()), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits,opset,ternary_storage", [(2, 25, "int"), (2, 17, "int"),
+                                                       (4, 25, "trits"), (4, 20, "trits")])
+def test_every_weight_storage_is_read_back(tmp_path, bits, opset, ternary_storage):
+    # INT2 + Cast, INT8, INT4 + Cast, INT8: the codes the file stores become B, exactly
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 48), nn.ReLU(),
+                        nn.Linear(48, 5))
+    student = quantize(net.eval(), weight_bits=bits).eval()
+    x = torch.randn(64, 24)
+    out = tmp_path / "w.onnx"
+    result = export(student, out, example_input=x[:1], formats=("onnx",), opset=opset,
+                    ternary_storage=ternary_storage, linear_kernel="nbits", progress=False,
+                    nbits=NBits(min_weights=0, accuracy_level=1, block_size=16))
+    assert result.linear["storage"]["2"] == f"nbits{bits}"
+    assert result.verification["onnx"].median_steps < 1e-3  # float compute: rounding only
+    b = numpy_helper.to_array(next(t for t in onnx.load(out).graph.initializer
+                                   if t.name == "2"))
+    codes = next(i for i in quant_layers(student) if i.name == "2").int_weight.numpy()
+    np.testing.assert_array_equal(unpack_nbits(b, 40, bits), codes)
 
 
 def test_small_layers_stay_gemm(mlp, tmp_path):
