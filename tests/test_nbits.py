@@ -130,6 +130,10 @@ def test_nbits_file_within_its_bound(mlp, tmp_path):
     assert result.linear["contract"] == "bound"
     assert result.linear["thresholds"]["min_agreement"] == BOUND.min_agreement
     assert all(v.passed for v in result.verification.values())
+    assert result.linear_kernels == (
+        "MatMulNBits: 3 Linear layer(s) (0: 8-bit, 2: 2-bit, 4: 8-bit), block 64, accuracy "
+        "level 4; contract bound: int8 activations per block, gated at top-1 agreement >= 99% "
+        "and the median input within 16 output steps")
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert json.loads(props[meta.LINEAR]) == result.linear
     assert json.loads(props[meta.STORAGE])["2"] == "nbits2"
@@ -151,6 +155,7 @@ def test_nbits_in_float_is_exact_and_gated_as_usual(mlp, tmp_path):
                     nbits=NBits(min_weights=0, accuracy_level=1, block_size=32),
                     progress=False)
     assert result.linear["contract"] == "exact" and result.linear["thresholds"] is None
+    assert result.linear_kernels.endswith("contract exact: computed in float, the usual gate")
     with torch.no_grad():
         want = student(x[128:]).numpy()
     np.testing.assert_allclose(Session(out).run(x[128:].numpy()), want, atol=1e-4)

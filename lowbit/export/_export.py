@@ -39,6 +39,7 @@ from .._io import atomic_write_all
 from ..quant import PTQConfig
 from ._contract import KernelCheck, check_kernels, summary
 from ._nbits import NBits, use_matmul_nbits
+from ._nbits import summary as nbits_summary
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -91,6 +92,11 @@ class ExportResult:
     def arithmetic(self) -> str:
         """One line on the integer layers' contract (empty without an ONNX file)."""
         return summary(self.contract) if self.contract else ""
+
+    @property
+    def linear_kernels(self) -> str:
+        """One line on the MatMulNBits layers and their contract (empty without any)."""
+        return nbits_summary(self.linear) if self.linear else ""
 
 
 def optimized_ops(proto: onnx.ModelProto) -> list[str]:

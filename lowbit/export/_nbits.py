@@ -55,7 +55,7 @@ from ._verify import Thresholds
 
 # The gate of a file whose MatMulNBits layers quantize activations on their own: top-1
 # agreement with the student and the median input's largest logit error in output steps
-# (see _verify), set from measurements (benchmarks/README).
+# (see _verify), set from measurements (benchmarks/results/linear_kernels.md).
 BOUND = Thresholds(min_agreement=0.99, max_steps=16.0, max_near_ties=0.01)
 
 
@@ -221,3 +221,17 @@ def use_matmul_nbits(proto: onnx.ModelProto, layers, storage: Mapping[str, str],
               "session": config.session_config(), "contract": "exact" if exact else "bound",
               "thresholds": asdict(config.bound) if not exact else None}
     return out, record
+
+
+def summary(record: Mapping) -> str:
+    """One line on a file's MatMulNBits layers (``meta.LINEAR`` record) and its contract."""
+    bits = ", ".join(f"{name}: {int(st[5:])}-bit" for name, st in record["storage"].items())
+    session = "".join(f"; session {k}={v}" for k, v in record["session"].items())
+    t = record["thresholds"]
+    gate = ("exact: computed in float, the usual gate" if t is None else
+            f"bound: int8 activations per block, gated at top-1 agreement >= "
+            f"{t['min_agreement']:.0%} and the median input within {t['max_steps']:g} output "
+            f"steps")
+    return (f"MatMulNBits: {len(record['layers'])} Linear layer(s) ({bits}), block "
+            f"{record['block_size']}, accuracy level {record['accuracy_level']}{session}; "
+            f"contract {gate}")
