@@ -298,7 +298,8 @@ class Session:
         return x
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 ``[N, C, H, W]`` -> float32 ``(x - mean) / std``; float32 passes through."""
+        """uint8 ``[N, C, ...]`` -> float32 ``(x - mean) / std`` per channel (dim 1); float32
+        passes through."""
         if images.dtype == np.float32:
             return images
         per_channel = (1, -1, *[1] * (len(self.info.input_shape) - 1))  # channel: dim 1
@@ -344,7 +345,8 @@ class Session:
 
     # -- inference ---------------------------------------------------------------------------
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits float32 ``[N, classes]`` for images ``[N, C, H, W]`` (or one ``[C, H, W]``)."""
+        """Logits float32 ``[N, classes]`` for inputs of the file's shape, any rank: images
+        ``[N, C, H, W]``, sequences ``[N, C, L]``, features ``[N, F]`` (or one without N)."""
         x = self._check(np.asarray(x))
         self.check_fits(min(len(x), self.max_batch))
         out = [self._call(self.normalize(x[i:i + self.max_batch]))
