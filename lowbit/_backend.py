@@ -31,6 +31,16 @@ Torch- and onnx-free (numpy only): the exporter, ``describe``, the gate and the 
   bound fails (8-bit weights beyond +-64 fed by 8-bit codes), the weights are stored as
   uint8 with zero point 128 and run in the uint8 x uint8 kernels, exact everywhere, at the
   same size; everywhere else the int8 path stays (``lowbit._intmath.accumulate`` models both).
+- **MatMulNBits** (``com.microsoft``, in every onnxruntime wheel; lowbit's ``linear_kernel=
+  "nbits"``): Y = A @ ((B - 2^(bits-1)) * scale)^T + bias with 2/4/8-bit codes B packed in
+  blocks of ``block_size`` along K (layout: ``lowbit.export._nbits``). Its float input A is
+  computed as given at ``accuracy_level`` 0/1 (fp32: exact up to float rounding; 2-bit weights
+  then take a slow dequantize-and-GEMM fallback), or at level 4 quantized on the fly per block
+  to int8 (symmetric, scale = max|A_block| / 127) with int32 sums where MLAS has such a kernel
+  (x86 AVX2 and later, ARM64). The session entry :data:`LUT_GEMM` = "1" runs 2-bit layers
+  that :func:`lut_gemm_applies` to through MLAS' table-lookup (T-MAC) kernels instead, which
+  quantize A their own way. Neither int8 path reproduces a statically quantized student
+  bit for bit: :func:`nbits_exact`.
 """
 
 from __future__ import annotations
@@ -48,6 +58,12 @@ INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInt
                              "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
 FLOAT_KERNELS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul",
                            "FusedMatMul"})
+
+NBITS_OP, NBITS_DOMAIN = "MatMulNBits", "com.microsoft"
+NBITS_BITS = (2, 4, 8)  # weight bits MatMulNBits takes
+NBITS_MIN_BLOCK = 16  # block_size: a power of two, at least 16
+ACCURACY_FP32, ACCURACY_INT8 = 1, 4  # MatMulNBits accuracy_level: float A, or int8 per block
+LUT_GEMM = "mlas.use_lut_gemm"  # session config entry ("1": table-lookup 2-bit kernels)
 
 SIGNED_OFFSET = 128  # signed activation codes (and uint8-stored weights) are stored + 128
 UNSIGNED_WEIGHTS = "uint8"  # storage name of weights stored as uint8 codes + 128
@@ -117,6 +133,25 @@ def integer_kernel(op_type: str, weight_zero_point: bool) -> bool:
     the weights' DequantizeLinear has an explicit zero point, which lowbit writes for uint8
     weights alone, so its int8 Linear layers run as float Gemm."""
     return op_type != "Gemm" or weight_zero_point
+
+
+def nbits_zero_point(bits: int) -> int:
+    """MatMulNBits' default zero point, 2^(bits-1): stored codes are ``code + 2^(bits-1)``."""
+    return 1 << (bits - 1)
+
+
+def lut_gemm_applies(bits: int, k: int, n: int, block_size: int) -> bool:
+    """Whether :data:`LUT_GEMM` takes a MatMulNBits layer [K -> N] (MLAS'
+    ``MlasIsLutGemmAvailable`` in onnxruntime 1.32, on CPUs with its LUT kernels: AVX2):
+    2-bit weights, blocks and K multiples of 32, N a multiple of 128."""
+    return bits == 2 and block_size % 32 == 0 and k % 32 == 0 and n % 128 == 0
+
+
+def nbits_exact(accuracy_level: int, lut_gemm: bool) -> bool:
+    """Whether MatMulNBits computes a layer in float, as the student does up to float rounding
+    (accuracy level 0/1 without the LUT kernels), rather than on int8 activations it quantizes
+    per block on its own (level 4, or the LUT kernels)."""
+    return accuracy_level <= ACCURACY_FP32 and not lut_gemm
 
 
 def weight_storage(codes: np.ndarray, x_max: int | None, storage: str, kind: str = "conv",

@@ -18,6 +18,7 @@ FORMATS = ("onnx", "qonnx")
 WEIGHT_FORMS = ("cast", "dequant")
 TERNARY_STORAGE = ("trits", "int")
 RESIDUAL_ADDS = ("auto", "integer", "float")
+LINEAR_KERNELS = ("qdq", "nbits")  # Linear layers as DequantizeLinear -> Gemm, or MatMulNBits
 
 
 def default_act_bits(weight_bits: int) -> int:

@@ -29,6 +29,12 @@ KERNELS = PREFIX + "kernels"
 # bits or null (float input), 1 if onnxruntime runs it as an integer kernel else 0]
 # (lowbit.quant.describe)
 LAYERS = PREFIX + "layers"
+# JSON, only in files with MatMulNBits layers (export's linear_kernel="nbits"): {"kernel",
+# "layers", "storage" per layer, "block_size", "accuracy_level", "session": the onnxruntime
+# session config entries the file runs and was verified with, "contract": "exact" (the
+# student's arithmetic, the usual gate) or "bound" (activations quantized by the kernel; gated
+# by "thresholds")}
+LINEAR = PREFIX + "linear"
 
 TRITS_TABLE = "trits_table"  # int8 [243, 5] initializer that decodes trit-packed weights
 TRITS_TABLE_ELEMENTS = 243 * 5

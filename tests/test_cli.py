@@ -117,3 +117,14 @@ def test_footprint_takes_shipped_names_and_arch(capsys):
     doc = json.loads(capsys.readouterr().out)
     fc = [layer for layer in doc["as_is"]["layers"] if layer["name"] == "fc"]
     assert fc and fc[0]["params"] == 64 * 100 + 100  # the registered model built with the kwargs
+
+
+def test_nbits_options_build_the_library_config():
+    from lowbit.cli import _export
+    from lowbit.export import NBits
+
+    args = cli.export_parser().parse_args(["s.pt", "--linear-kernel", "nbits", "--nbits-block",
+                                           "32", "--lut-gemm", "--verify-data", "random"])
+    assert args.linear_kernel == "nbits"
+    assert _export._nbits(args) == NBits(block_size=32, lut_gemm=True)
+    assert _export._nbits(cli.export_parser().parse_args(["s.pt"])) == NBits()

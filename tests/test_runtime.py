@@ -230,3 +230,33 @@ def test_session_runs_a_lowbit_export(digits_model, digits_split, tmp_path):
     ort_file = convert_ort(path)
     x = test.images.numpy()
     np.testing.assert_allclose(Session(ort_file).run(x), s.run(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(16,), (2, 24), (1, 8, 8)], ids=["N,F", "N,C,L", "N,C,H,W"])
+def test_session_and_run_take_any_input_rank(tmp_path, capsys, shape):
+    from lowbit.export import export
+    from lowbit.quant import calibrate, quantize
+    from tests.user_models import SignalNet, SmallCNN
+
+    torch.manual_seed(0)
+    net = {1: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                  torch.nn.Linear(32, 3)),
+           2: SignalNet(in_channels=2, num_classes=3), 3: SmallCNN(3, 1, 4)}[len(shape)]
+    x = torch.randn(64, *shape)
+    student = quantize(net.eval(), weight_bits=2)
+    calibrate(student, [x])
+    student.eval()
+    path = tmp_path / "m.onnx"
+    export(student, path, example_input=x[:1], formats=("onnx",), verify=x, progress=False)
+    s = Session(path)
+    assert s.info.input_shape == shape
+    with torch.no_grad():
+        want = student(x).numpy()
+    np.testing.assert_allclose(s.run(x.numpy()), want, atol=1e-4)
+    assert s.run(x[0].numpy()).shape == (1, 3)  # one input without its batch axis
+    expected = r"expected (images|inputs) \[N, " + ", ".join(map(str, shape))
+    with pytest.raises(InputError, match=expected):
+        s.run(np.zeros((2, *shape, 1), np.float32))
+    np.savez(tmp_path / "d.npz", images=x.numpy(), labels=want.argmax(1))
+    assert main(["run", str(path), "--data", str(tmp_path / "d.npz")]) == 0
+    assert "top-1 accuracy 100.00% on 64" in capsys.readouterr().out

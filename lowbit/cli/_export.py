@@ -27,12 +27,15 @@ _PTQ = {"calib_method": "method", "calib": "calib", "percentile": "percentile",
 def _help_defaults() -> dict[str, Any]:
     from dataclasses import asdict
 
-    from ..export import Thresholds
+    from ..export import NBits, Thresholds
     from ..quant import PTQConfig, QuantSpec
 
     ptq, spec = asdict(PTQConfig()), QuantSpec()
+    nbits = NBits()
     return {**asdict(Thresholds()), **{arg: ptq[field] for arg, field in _PTQ.items()},
-            "first_bits": spec.first_bits, "last_bits": spec.last_bits or "same"}
+            "first_bits": spec.first_bits, "last_bits": spec.last_bits or "same",
+            "nbits_block": nbits.block_size, "nbits_accuracy": nbits.accuracy_level,
+            "nbits_min_weights": nbits.min_weights}
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -92,6 +95,25 @@ def _file_options(p: argparse.ArgumentParser) -> None:
                    "(INT2 at opset 25, INT4 at 21-24, INT8 below)")
     p.add_argument("--ort", action="store_true",
                    help="also write MODEL.ort (onnxruntime's ORT format, as lowbit convert-ort)")
+    _nbits_options(p)
+
+
+def _nbits_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--linear-kernel", choices=c.LINEAR_KERNELS, default="qdq",
+                   help="qdq: Linear layers as DequantizeLinear -> Gemm (portable, exact); "
+                   "nbits: wide ones as onnxruntime's MatMulNBits, 2/4/8-bit blocks read "
+                   "directly (much faster at batch 1; verified to a stated bound, see "
+                   "lowbit.export.NBits)")
+    p.add_argument("--nbits-block", type=b.positive, default=None, metavar="N",
+                   help="nbits: weights per block along the input (a power of two >= 16)")
+    p.add_argument("--nbits-accuracy", type=int, choices=[1, 4], default=None,
+                   help="nbits: 4 quantizes each input block to int8 on the fly (fast; a "
+                   "bound, not exact); 1 computes in float (exact; slow for 2-bit weights)")
+    p.add_argument("--nbits-min-weights", type=b.non_negative, default=None, metavar="N",
+                   help="nbits: Linear layers with fewer weights stay Gemm")
+    p.add_argument("--lut-gemm", action="store_true",
+                   help="nbits: verify and run 2-bit layers with onnxruntime's table-lookup "
+                   "kernels (session entry mlas.use_lut_gemm, set by lowbit's runtime)")
 
 
 def _gate_options(p: argparse.ArgumentParser) -> None:
@@ -184,8 +206,18 @@ def _export(args: argparse.Namespace) -> None:
                         formats=formats, opset=args.opset, verify=verify, calib=calib, ptq=ptq,
                         data=ckpt["data"], weight_form=args.weight_form, thresholds=thresholds,
                         ternary_storage=args.ternary_storage, residual_add=args.residual_add,
+                        linear_kernel=args.linear_kernel, nbits=_nbits(args),
                         progress=not args.quiet)
     _print_result(args, result, verify, ptq_run)
+
+
+def _nbits(args: argparse.Namespace):
+    """``--nbits-*``/``--lut-gemm`` as the export's ``NBits`` (library defaults for the rest)."""
+    from ..export import NBits
+
+    fields = {"block_size": args.nbits_block, "accuracy_level": args.nbits_accuracy,
+              "min_weights": args.nbits_min_weights, "lut_gemm": args.lut_gemm or None}
+    return NBits(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _outputs(args: argparse.Namespace):
@@ -205,7 +237,8 @@ def _outputs(args: argparse.Namespace):
 
 def _print_result(args: argparse.Namespace, result, verify, ptq_run: bool) -> None:
     prog = getattr(args, "prog", "lowbit-export")
-    details = [result.layers, result.arithmetic, *result.verification.values()]
+    details = [result.layers, result.arithmetic, result.linear_kernels,
+               *result.verification.values()]
     if result.kernels:
         details.insert(1, f"onnxruntime kernels: {result.kernels['integer']} integer, "
                        f"{result.kernels['float']} float conv/linear")

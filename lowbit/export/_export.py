@@ -33,12 +33,14 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 
 from .. import __version__
 from .. import _onnx_meta as meta
-from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, cpu_features
-from .._choices import FORMATS, RESIDUAL_ADDS, TERNARY_STORAGE, WEIGHT_FORMS
+from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, NBITS_OP, cpu_features
+from .._choices import FORMATS, LINEAR_KERNELS, RESIDUAL_ADDS, TERNARY_STORAGE, WEIGHT_FORMS
 from .._integrity import seal
 from .._io import atomic_write_all
 from ..quant import PTQConfig
 from ._contract import KernelCheck, check_kernels, summary
+from ._nbits import NBits, use_matmul_nbits
+from ._nbits import summary as nbits_summary
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -60,6 +62,7 @@ RANDOM_INPUTS = 256
 KERNEL_INPUTS = 4  # verification inputs the saturating-kernel model runs on
 DEFAULT_THRESHOLDS = Thresholds()
 DEFAULT_PTQ = PTQConfig()
+DEFAULT_NBITS = NBits()
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,17 @@ class ExportResult:
     layers: tuple = field(default_factory=tuple)
     kernels: dict[str, int] = field(default_factory=dict)
     contract: tuple[KernelCheck, ...] = field(default_factory=tuple)  # per integer layer
+    linear: dict[str, Any] = field(default_factory=dict)  # MatMulNBits layers (meta.LINEAR)
 
     @property
     def arithmetic(self) -> str:
         """One line on the integer layers' contract (empty without an ONNX file)."""
         return summary(self.contract) if self.contract else ""
+
+    @property
+    def linear_kernels(self) -> str:
+        """One line on the MatMulNBits layers and their contract (empty without any)."""
+        return nbits_summary(self.linear) if self.linear else ""
 
 
 def optimized_ops(proto: onnx.ModelProto) -> list[str]:
@@ -100,10 +109,12 @@ def optimized_ops(proto: onnx.ModelProto) -> list[str]:
 
 
 def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
-    """How many conv/linear layers onnxruntime runs as integer and as float kernels."""
+    """How many conv/linear layers onnxruntime runs as integer and as float kernels (and as
+    MatMulNBits, "nbits", where there are any)."""
     ops = optimized_ops(proto)
+    nbits = ops.count(NBITS_OP)
     return {"integer": sum(op in INTEGER_KERNELS for op in ops),
-            "float": sum(op in FLOAT_KERNELS for op in ops)}
+            "float": sum(op in FLOAT_KERNELS for op in ops), **({"nbits": nbits} if nbits else {})}
 
 
 def _data_info(data: Any, example: torch.Tensor | None) -> dict[str, Any]:
@@ -190,13 +201,14 @@ def _accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor) -> float:
     return float((torch.as_tensor(logits).argmax(1) == labels).float().mean())
 
 
-def _onnx_runner(proto: onnx.ModelProto, optimization: str):
+def _onnx_runner(proto: onnx.ModelProto, optimization: str, config: dict | None = None):
     """``x -> logits`` in onnxruntime: "basic" runs float kernels (the graph's reference
-    semantics), "all" the integer kernels it fuses (what ``lowbit.runtime`` runs)."""
+    semantics), "all" the integer kernels it fuses (what ``lowbit.runtime`` runs), with the
+    session ``config`` entries the file asks for (``meta.LINEAR``)."""
     from ..runtime._session import session_options
 
     sess = ort.InferenceSession(proto.SerializeToString(),
-                                session_options(optimization=optimization),
+                                session_options(optimization=optimization, config=config),
                                 providers=["CPUExecutionProvider"])
     return lambda x: sess.run([meta.OUTPUT_NAME], {meta.INPUT_NAME: x})[0]
 
@@ -297,7 +309,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
            thresholds: Thresholds = DEFAULT_THRESHOLDS, weight_form: str = "cast",
            ternary_storage: str = "trits", residual_add: str = "auto",
            act_bits: int | None = None, layer_bits: dict[str, Any] | None = None,
-           ptq: PTQConfig = DEFAULT_PTQ, progress: bool = True) -> ExportResult:
+           ptq: PTQConfig = DEFAULT_PTQ, progress: bool = True,
+           linear_kernel: str = "qdq", nbits: NBits = DEFAULT_NBITS) -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
@@ -322,7 +335,10 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     QLinearAdd: fastest, but it rounds slightly differently, see ``FloatResidualAdds``),
     "float" (they run in float between the integer convolutions: exact) or "auto" (integer
     when it passes the gate, else float, with a note). ``progress``: bars while calibration
-    and the gate run (on a terminal only). Raises ExportError, writing nothing, when the gate fails.
+    and the gate run (on a terminal only). ``linear_kernel``: "qdq" (Linear layers as
+    DequantizeLinear -> Gemm, portable) or "nbits" (onnxruntime's MatMulNBits as ``nbits``
+    says, gated by its bound unless it computes in float: ``_nbits``). Raises ExportError,
+    writing nothing, when the gate fails.
     """
     path = Path(path)
     formats = tuple(dict.fromkeys(formats))
@@ -335,6 +351,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     if ternary_storage not in TERNARY_STORAGE:
         raise ExportError(f"ternary_storage must be one of {TERNARY_STORAGE}, got "
                           f"{ternary_storage!r}")
+    if linear_kernel not in LINEAR_KERNELS:
+        raise ExportError(f"linear_kernel must be one of {LINEAR_KERNELS}, got {linear_kernel!r}")
     opset = DEFAULT_OPSET if opset is None else opset
     if not MIN_OPSET <= opset <= DEFAULT_OPSET:
         raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET}..{DEFAULT_OPSET} "
@@ -355,6 +373,10 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
                                               weight_form=weight_form,
                                               ternary_storage=ternary_storage)
     step = _output_step(layers, acts)
+    linear: dict[str, Any] = {}
+    if linear_kernel == "nbits":
+        proto, linear = use_matmul_nbits(proto, layers, storage, nbits)
+    gate = nbits.bound if linear.get("contract") == "bound" else thresholds
 
     def float_adds(proto: onnx.ModelProto) -> onnx.ModelProto:
         # no value_info for initializers (ModelWrapper's default fix adds ~2 KB to the file)
@@ -364,9 +386,10 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
 
     def check_onnx(proto: onnx.ModelProto) -> None:
         checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto, "basic"),
-                                 inputs, step, thresholds, progress=progress)
-        checks["onnx-int"] = compare("onnx-int", source, student, _onnx_runner(proto, "all"),
-                                     inputs, step, thresholds, progress=progress)
+                                 inputs, step, gate, progress=progress)
+        checks["onnx-int"] = compare("onnx-int", source, student,
+                                     _onnx_runner(proto, "all", linear.get("session")),
+                                     inputs, step, gate, progress=progress)
 
     if "onnx" in formats:
         if residual_add == "float":
@@ -423,7 +446,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     kernels: dict[str, int] = {}
     if "onnx" in built:
         kernels = count_kernels(built["onnx"][1])
-        expected = [r for r in layers if r.weight_bits is not None and not r.integer]
+        expected = [r for r in layers if r.weight_bits is not None and not r.integer
+                    and r.name not in linear.get("layers", ())]
         if expected or kernels["float"]:
             notes.append(f"{kernels['float']} of {kernels['float'] + kernels['integer']} "
                          f"conv/linear layers run as float kernels in onnxruntime: " +
@@ -432,13 +456,17 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     writes = {}
     for fmt, (out, p) in built.items():
         ran = [checks[fmt]] + ([checks["onnx-int"]] if fmt == "onnx" else [])
-        _set_metadata(p, _metadata(student, data, storage, ran, num_classes, layers,
-                                   contract if fmt == "onnx" else ()))
+        props = _metadata(student, data, storage, ran, num_classes, layers,
+                          contract if fmt == "onnx" else ())
+        if linear and fmt == "onnx":  # MatMulNBits layers: their storage, kernel and gate
+            props.update({meta.STORAGE: _json({**storage, **linear["storage"]}),
+                          meta.LINEAR: _json(linear)})
+        _set_metadata(p, props)
         seal(p)  # format version and digests of the bytes written: the last step before it
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)
     atomic_write_all(writes)  # the ONNX and QONNX files as a pair: both or neither
     return ExportResult({fmt: out for fmt, (out, _) in built.items()}, checks, storage,
                         student.lowbit_quant, tuple(notes), accuracy=accuracy,
                         warnings=tuple(cautions), layers=layers, kernels=kernels,
-                        contract=contract)
+                        contract=contract, linear=linear)
 

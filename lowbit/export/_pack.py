@@ -41,16 +41,30 @@ def _check_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return codes.reshape(-1).astype(np.int64)
 
 
-def _pack(codes: np.ndarray, bits: int) -> bytes:
-    flat = _check_codes(codes, bits)
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes of unsigned ``bits``-bit ``values`` (C order, 8 / ``bits`` per byte), each
+    byte filled from its two least significant bits up; a short tail is padded with zero
+    bits. The INT2/INT4 layouts below and MatMulNBits' blocks (``_nbits``) share it."""
     per = 8 // bits
-    pad = (-flat.size) % per
-    u = (np.concatenate([flat, np.zeros(pad, np.int64)]) & ((1 << bits) - 1)).astype(np.uint8)
-    u = u.reshape(-1, per)
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    u = np.concatenate([flat, np.zeros((-flat.size) % per, np.int64)]) & ((1 << bits) - 1)
+    u = u.astype(np.uint8).reshape(-1, per)
     out = np.zeros(len(u), np.uint8)
     for j in range(per):
         out |= u[:, j] << np.uint8(bits * j)
-    return out.tobytes()
+    return out
+
+
+def unpack_bits(raw: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: the first ``count`` unsigned values, as uint8."""
+    per = 8 // bits
+    raw = np.asarray(raw, np.uint8).reshape(-1)
+    return np.stack([(raw >> np.uint8(bits * j)) & np.uint8((1 << bits) - 1)
+                     for j in range(per)], axis=1).reshape(-1)[:count]
+
+
+def _pack(codes: np.ndarray, bits: int) -> bytes:
+    return pack_bits(_check_codes(codes, bits), bits).tobytes()
 
 
 def _unpack(data: bytes, count: int, bits: int) -> np.ndarray:
@@ -58,8 +72,7 @@ def _unpack(data: bytes, count: int, bits: int) -> np.ndarray:
     raw = np.frombuffer(data, np.uint8)
     if len(raw) != -(-count // per):
         raise ValueError(f"{len(raw)} bytes cannot hold exactly {count} {bits}-bit codes")
-    u = np.stack([(raw >> np.uint8(bits * j)) & np.uint8((1 << bits) - 1) for j in range(per)],
-                 axis=1).reshape(-1)[:count].astype(np.int8)
+    u = unpack_bits(raw, count, bits).astype(np.int8)
     return np.where(u >= (1 << (bits - 1)), u - (1 << bits), u).astype(np.int8)
 
 

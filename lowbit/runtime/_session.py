@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +46,11 @@ def ort_message(exc: Exception) -> str:
     return text.split(" : ", 3)[-1] if text.startswith("[ONNXRuntimeError]") else text
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimization: str = "all",
+                    config: Mapping[str, str] | None = None) -> ort.SessionOptions:
     """CPU session options: ``threads`` intra-op threads (None: onnxruntime's default, one per
-    physical core), sequential execution, graph optimisation level by name."""
+    physical core), sequential execution, graph optimisation level by name, and session
+    ``config`` entries (e.g. ``mlas.use_lut_gemm``)."""
     if optimization not in OPTIMIZATION:
         raise UsageError(f"unknown optimization {optimization!r}; expected one of "
                          f"{', '.join(OPTIMIZATION)}")
@@ -62,6 +64,8 @@ def session_options(threads: int | None = None, optimization: str = "all") -> or
     if threads is not None:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # errors only: warnings would break the CLI's one-line output
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     return so
 
 
@@ -166,6 +170,17 @@ def _model_info(sess: ort.InferenceSession, path: Path) -> ModelInfo:
         weight_bits=bits[meta.WEIGHT_BITS], act_bits=bits[meta.ACT_BITS], metadata=props)
 
 
+def file_session_config(props: dict[str, str], path: Path) -> dict[str, str]:
+    """The onnxruntime session config entries a lowbit file runs and was verified with
+    (metadata ``lowbit.linear``: its MatMulNBits layers); {} for any other file."""
+    record = _json_meta(props, meta.LINEAR, path)
+    config = record.get("session") if isinstance(record, dict) else None
+    _checked(path, meta.LINEAR, record, isinstance(config, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in config.items()),
+        'an object whose "session" maps config keys to strings')
+    return dict(config or {})
+
+
 # The oldest onnxruntime that loads lowbit's default export (opset 25, IR 13, INT2 weights),
 # measured with each release from 1.20; pyproject's floor. --opset 21 files (IR 10, INT4)
 # load from 1.23, --opset 20 files (INT8 weights, ternary trits) from 1.20.
@@ -217,19 +232,29 @@ class Session:
     A file that lowbit exported is refused (:class:`ModelError`) when its weights or graph
     differ from the digests recorded at export (a corrupt copy; ``allow_modified=True`` for a
     file changed on purpose) or when a newer lowbit wrote it in a newer file format.
+
+    ``config``: onnxruntime session config entries; None takes those the file was verified
+    with (:func:`file_session_config`, e.g. ``mlas.use_lut_gemm`` for MatMulNBits layers;
+    such a file is loaded twice, the first load reading its metadata).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, *,
                  optimization: str = "all", max_batch: int = 256,
-                 allow_nonfinite: bool = False, allow_modified: bool = False) -> None:
+                 allow_nonfinite: bool = False, allow_modified: bool = False,
+                 config: Mapping[str, str] | None = None) -> None:
         if max_batch < 1:
             raise UsageError(f"max_batch must be >= 1, got {max_batch}")
         self.path = Path(path).expanduser()
         self.threads, self.optimization, self.max_batch = threads, optimization, max_batch
         self.allow_nonfinite = allow_nonfinite
-        self._ort = load_session(self.path, session_options(threads, optimization))
-        _integrity.check(self.path, dict(self._ort.get_modelmeta().custom_metadata_map),
-                         allow_modified)
+        self._ort = load_session(self.path, session_options(threads, optimization, config))
+        props = dict(self._ort.get_modelmeta().custom_metadata_map)
+        _integrity.check(self.path, props, allow_modified)
+        self.config = dict(config) if config is not None else \
+            file_session_config(props, self.path)
+        if config is None and self.config:
+            self._ort = load_session(self.path, session_options(threads, optimization,
+                                                                self.config))
         self.info = _model_info(self._ort, self.path)
         self._output = self._ort.get_outputs()[0].name
         self._per_image: int | None = None  # bytes onnxruntime needs per image, measured lazily
@@ -273,7 +298,8 @@ class Session:
         return x
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
-        """uint8 ``[N, C, H, W]`` -> float32 ``(x - mean) / std``; float32 passes through."""
+        """uint8 ``[N, C, ...]`` -> float32 ``(x - mean) / std`` per channel (dim 1); float32
+        passes through."""
         if images.dtype == np.float32:
             return images
         per_channel = (1, -1, *[1] * (len(self.info.input_shape) - 1))  # channel: dim 1
@@ -287,7 +313,7 @@ class Session:
         measured once with onnxruntime's profiler at batch 1 (activations scale with batch)."""
         if self._per_image is None:
             with tempfile.TemporaryDirectory() as tmp:
-                so = session_options(1, self.optimization)
+                so = session_options(1, self.optimization, self.config)
                 so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "profile")
                 sess = load_session(self.path, so)
                 sess.run(None, {self.info.input_name: np.zeros((1, *self.info.input_shape),
@@ -319,7 +345,8 @@ class Session:
 
     # -- inference ---------------------------------------------------------------------------
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits float32 ``[N, classes]`` for images ``[N, C, H, W]`` (or one ``[C, H, W]``)."""
+        """Logits float32 ``[N, classes]`` for inputs of the file's shape, any rank: images
+        ``[N, C, H, W]``, sequences ``[N, C, L]``, features ``[N, F]`` (or one without N)."""
         x = self._check(np.asarray(x))
         self.check_fits(min(len(x), self.max_batch))
         out = [self._call(self.normalize(x[i:i + self.max_batch]))
