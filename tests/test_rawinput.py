@@ -19,6 +19,7 @@ from lowbit import _onnx_meta as meta
 from lowbit.data._loader import normalize
 from lowbit.errors import InputError
 from lowbit.export import ExportError, check_kernels
+from lowbit.footprint import footprint
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 1000  # CIFAR-10 test images the plain-onnxruntime runs are compared on
@@ -97,23 +98,25 @@ def test_plain_onnxruntime_on_raw_cifar10_bytes_matches_the_student(shipped, cif
     assert all(c.passed for c in contract) and len(contract) == result.kernels["integer"]
 
 
-def test_lowbit_run_on_a_raw_pixel_file(tmp_path, capsys):
+def test_lowbit_run_bench_and_footprint_on_a_raw_pixel_file(tmp_path, capsys):
     train = data.digits()
     student = lowbit.quantize(models.create("digits_cnn", width=4, seed=0), weight_bits=2)
     path = tmp_path / "raw.onnx"
     result = lowbit.export(student, path, formats=("onnx",), data=train, input="uint8",
-                           progress=False)  # random pixels verify it
+                           layout="nhwc", progress=False)  # random pixels verify it
     assert result.verification["onnx-int"].source == "random"
     assert cli.main(["run", str(path), "--data", "digits"]) == 0
     assert "accuracy" in capsys.readouterr().out
+    assert cli.main(["bench", str(path), "--batch", "1"]) == 0
     floats = tmp_path / "float.onnx"  # the default file: normalised float32 input, as before
     lowbit.export(student, floats, formats=("onnx",), data=train, progress=False)
     proto = onnx.load(floats)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert meta.INPUT not in {p.key for p in proto.metadata_props}
-    test = data.digits(train=False)
-    pixels = test.images.numpy()
+    pixels = data.digits(train=False).images.numpy()
     assert np.array_equal(lowbit.Session(path).run(pixels), lowbit.Session(floats).run(pixels))
+    # the lookup table (one channel: 256 bytes) is the file's only extra stored data
+    assert footprint(path).weight_bytes == footprint(floats).weight_bytes + 256
 
 
 def test_raw_input_needs_the_models_normalisation(tmp_path):

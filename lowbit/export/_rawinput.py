@@ -5,7 +5,7 @@ QuantizeLinear -> stored codes (uint8: a signed code + 128, ``lowbit._backend``)
 DequantizeLinear -> first conv. :class:`RawPixelInput` replaces its head by a lookup::
 
     input uint8 [N, C, H, W]  (layout "nhwc": [N, H, W, C] -> Transpose)
-      -> Cast(int32) -> Add(256 * c) -> Gather(table [C * 256]) -> stored codes
+      -> Cast(int64) -> Add(256 * c) -> Gather(table [C * 256]) -> stored codes
 
 where ``table[256 * c + v]`` is the student's own input quantizer (``input_quant``, which
 every lowbit student has) applied to channel ``c``'s normalised pixel value ``v``
@@ -89,7 +89,7 @@ class RawPixelInput(Transformation):
             dropped, target = [quant, after[0]], after[0].output[0]
         for node in dropped:
             g.node.remove(node)
-        offsets = (np.arange(channels, dtype=np.int32) * _pixels.LEVELS).reshape(
+        offsets = (np.arange(channels, dtype=np.int64) * _pixels.LEVELS).reshape(
             1, channels, *[1] * (len(dims) - 2))
         g.initializer.extend([numpy_helper.from_array(self.table, TABLE),
                               numpy_helper.from_array(offsets, f"{TABLE}_offsets")])
@@ -98,7 +98,7 @@ class RawPixelInput(Transformation):
             head.append(helper.make_node("Transpose", [name], [f"{name}_nchw"],
                                          perm=[0, 3, 1, 2]))
             pixels, dims = f"{name}_nchw", [dims[0], *dims[2:], dims[1]]
-        head += [helper.make_node("Cast", [pixels], [f"{name}_int"], to=TensorProto.INT32),
+        head += [helper.make_node("Cast", [pixels], [f"{name}_int"], to=TensorProto.INT64),
                  helper.make_node("Add", [f"{name}_int", f"{TABLE}_offsets"],
                                   [f"{name}_index"]),
                  helper.make_node("Gather", [TABLE, f"{name}_index"], [target], axis=0)]
