@@ -31,7 +31,7 @@ import torch.nn as nn
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.general import RemoveStaticGraphInputs
 
-from .. import __version__
+from .. import __version__, _pixels
 from .. import _onnx_meta as meta
 from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, cpu_features
 from .._integrity import seal
@@ -184,10 +184,9 @@ def _verify_inputs(verify: Any, example: torch.Tensor, data: dict[str, Any],
         gen = torch.Generator().manual_seed(0)
         shape = (RANDOM_INPUTS, *example.shape[1:])
         if pixels:
-            from ..data._loader import normalize
-
-            return normalize(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8),
-                             data["mean"], data["std"]), None, RANDOM
+            drawn = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).numpy()
+            return torch.from_numpy(_pixels.normalize(drawn, data["mean"], data["std"])), \
+                None, RANDOM
         return torch.randn(shape, generator=gen), None, RANDOM
     if isinstance(verify, torch.Tensor):
         return verify.float(), None, "given"
@@ -341,7 +340,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     and the gate run (on a terminal only). ``input``: what the ONNX file takes, "float"
     (normalised float32 ``[N, C, H, W]``) or "uint8" (raw pixels: the model's normalisation
     and input quantization run inside, ``_rawinput``; needs ``data`` with mean/std; the gate
-    feeds it the verification pixels), in ``layout`` "nchw" or "nhwc" (``[N, H, W, C]``).
+    feeds it the verification pixels), in ``layout`` "nchw" or "nhwc" (``[N, H, W, C]``);
+    the QONNX file keeps float input.
     Raises ExportError, writing nothing, when the gate fails.
     """
     path = Path(path)
