@@ -5,7 +5,8 @@ A checkpoint is a plain dict of strings, numbers, lists, dicts and tensors::
     format: "lowbit.checkpoint", version: 1, lowbit: the lowbit version that wrote it
     arch: {"name": "resnet20", "kwargs": {"num_classes": 10}}    # a registered model, or
           {"name": "mypkg.nets:small_cnn", "kwargs": {...}}       # user code (--arch), or
-          {"name": "mypkg.nets:Net", "kwargs": None}              # a module built in Python
+          {"name": "mypkg.nets:Net", "kwargs": {}}                # a class whose defaults fit
+          {"name": "mypkg.nets:Net", "kwargs": None}              # arguments unknown
     quant: QuantSpec as a dict, or None for a float model
     data: {"name", "classes", "mean", "std", "input_shape"}   # what the model expects
     state_dict: the model's tensors
@@ -20,13 +21,14 @@ when that name is passed again (``--arch``, ``allow=``) or the model itself is g
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import numbers
 import pickle
 import warnings
 import zipfile
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ import torch.nn as nn
 
 from . import __version__
 from ._io import atomic_write
-from .errors import CheckpointError, DataError, LowbitError, TrainingError
+from .errors import CheckpointError, DataError, LowbitError, TrainingError, UsageError
 
 FORMAT = "lowbit.checkpoint"
 VERSION = 1
@@ -50,14 +52,14 @@ def check_resume(path: str | Path, ckpt: dict[str, Any], model: nn.Module,
                  data: dict[str, Any], record: dict[str, Any]) -> None:
     """Refuse to continue the run saved in ``ckpt`` with settings that define another run.
 
-    Compared: the architecture and its arguments (``model.lowbit_arch``), the quantization
+    Compared: the architecture and its arguments (:func:`arch_of`), the quantization
     spec (weight/activation bits, scale rule...), the training data (``data_info``: dataset,
     classes, number of examples, i.e. ``--limit``) and every entry of ``record`` (training
     and distillation configs, teacher). A setting the checkpoint does not record (written by
     an older lowbit) is not compared, so older checkpoints still resume.
     """
     spec = getattr(model, "lowbit_quant", None)
-    diffs = (_differences(ckpt["arch"], getattr(model, "lowbit_arch", None), "arch", strict=True)
+    diffs = (_differences(ckpt["arch"], arch_of(model), "arch", strict=True)
              + _differences(ckpt.get("quant"), spec.to_dict() if spec is not None else None,
                             "quant", strict=True)
              + _differences(ckpt["data"], data, "data")
@@ -115,20 +117,75 @@ def check_data(ckpt: dict[str, Any], dataset: Any, model_name: str, data_name: s
                         f"{data_name} has {tuple(dataset.input_shape)}, {theirs} classes")
 
 
+def importable(name: str) -> bool:
+    """Whether the ``module:qualname`` a model was saved as can be imported by that name: not
+    a script's ``__main__``, a class made inside a function, or torch.fx's generated class."""
+    module, _, qualname = name.partition(":")
+    return bool(module) and module != "__main__" and "<locals>" not in qualname \
+        and not module.startswith("torch.fx")
+
+
+def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _misfit(factory: Callable[..., nn.Module], kwargs: dict[str, Any],
+            stored: dict[str, tuple[int, ...]], exact: bool) -> str | None:
+    """Why ``factory(**kwargs)``, built on the meta device (no memory, no random draws), does
+    not hold the tensors ``stored`` (name -> shape; ``exact``: no more, no fewer; else a
+    student's, which adds its quantizers'), or None when it does."""
+    try:
+        with torch.device("meta"):
+            probe = factory(**kwargs)
+        made = _shapes(probe.state_dict())
+    except Exception as exc:  # noqa: BLE001  (any failure of user code: not rebuildable)
+        return _first_line(exc)
+    for key, shape in made.items():
+        if stored.get(key) != shape:
+            return f"it makes {key} {list(shape)}, the model has {list(stored.get(key, []))}"
+    extra = sorted(stored.keys() - made.keys()) if exact else []
+    return f"it lacks {extra[0]}" if extra else None
+
+
 def arch_of(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild ``model``: what ``lowbit.models.create`` recorded, else its class
-    (arguments unknown: loading it needs the model or a factory named by the user)."""
+    """How to rebuild ``model``: what ``lowbit.models.create`` (or ``lowbit.load``, ``quantize``,
+    ``lowbit.save(arch=)``) recorded, else its importable class with arguments ``{}`` when
+    the class's defaults rebuild the same tensors, ``None`` (unknown) when they do not."""
     arch = getattr(model, "lowbit_arch", None)
     if arch is not None:
         return arch
-    return {"name": f"{type(model).__module__}:{type(model).__qualname__}", "kwargs": None}
+    cls = type(model)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    fits = importable(name) and getattr(model, "lowbit_quant", None) is None \
+        and _misfit(cls, {}, _shapes(model.state_dict()), exact=True) is None
+    return {"name": name, "kwargs": {} if fits else None}
+
+
+def named_arch(model: nn.Module, name: str | None, kwargs: dict[str, Any] | None
+               ) -> dict[str, Any]:
+    """The arch ``model`` was built by, as the user names it (``name``: a registered model or
+    ``package.module:factory``; unset: its own, see :func:`arch_of`), checked on the meta
+    device to rebuild its tensors."""
+    from . import models
+
+    own = arch_of(model)
+    arch = {"name": name or own["name"],
+            "kwargs": dict(kwargs) if kwargs is not None else {} if name else own["kwargs"]}
+    if arch["kwargs"] is None:
+        return arch
+    why = _misfit(models.factory(arch["name"]), arch["kwargs"], _shapes(model.state_dict()),
+                  exact=getattr(model, "lowbit_quant", None) is None)
+    if why is not None:
+        raise UsageError(f"arch {arch['name']} with {arch['kwargs']} does not rebuild this "
+                         f"model: {why}; name the factory and the arguments it was built with")
+    return arch
 
 
 def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any],
-         resume: dict[str, Any] | None = None) -> Path:
-    """Atomically write ``model`` (any module; see :func:`arch_of`) as a checkpoint; ``data``:
-    a data dict or the data itself (see :func:`data_info`)."""
-    arch = arch_of(model)
+         resume: dict[str, Any] | None = None, arch: dict[str, Any] | None = None) -> Path:
+    """Atomically write ``model`` (any module) as a checkpoint; ``data``: a data dict or the
+    data itself (see :func:`data_info`); ``arch``: how to rebuild it (unset: :func:`arch_of`)."""
+    arch = arch or arch_of(model)
     spec = getattr(model, "lowbit_quant", None)
     ckpt = {"format": FORMAT, "version": VERSION, "lowbit": __version__, "arch": arch,
             "quant": spec.to_dict() if spec is not None else None, "data": data_info(data),
@@ -142,14 +199,20 @@ def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any
 
 
 def save_model(model: nn.Module, path: str | Path, *, data: Any = None,
-               record: dict[str, Any] | None = None) -> Path:
+               record: dict[str, Any] | None = None, arch: str | None = None,
+               arch_kwargs: dict[str, Any] | None = None) -> Path:
     """``lowbit.save``: write any model (float or student) as a lowbit checkpoint.
 
     ``data``: what it takes (a dataset or anything ``lowbit.data.as_data`` takes; recorded as
     its input shape, classes and normalisation); ``record``: anything JSON-like to keep.
+    ``arch``/``arch_kwargs``: the factory (``package.module:factory`` or a registered name)
+    and arguments that build its float model, when they are not its class and defaults
+    (checked to rebuild its tensors; ``lowbit-export`` then needs only ``--arch``).
     """
     info = UNKNOWN_DATA if data is None else data_info(data)
-    return save(path, model, data=info, record=record or {})
+    known = arch_of(model) if arch is None and arch_kwargs is None else \
+        named_arch(model, arch, arch_kwargs)
+    return save(path, model, data=info, record=record or {}, arch=known)
 
 
 def restore(path: str | Path, model: nn.Module | None = None, *,
@@ -278,17 +341,19 @@ def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | No
 
     name, kwargs = ckpt["arch"]["name"], ckpt["arch"]["kwargs"]
     if expect is not None and name != expect:
-        raise CheckpointError(f"{where}: holds a {name} model, not {expect}; pass --arch {name} "
-                              f"(or the checkpoint of a {expect})")
+        if importable(name):
+            raise CheckpointError(f"{where}: holds a {name} model, not {expect}; pass --arch "
+                                  f"{name} (or the checkpoint of a {expect})")
+        name, kwargs = expect, None  # saved as a class no import reaches: the user names it
     if models.is_user_code(name) and name not in allow:
+        fix = (f"pass --arch {name} if you trust it" if importable(name) else
+               "it cannot be imported by that name: pass --arch package.module:factory naming "
+               "the code that builds its float model")
         raise CheckpointError(f"{where}: names user code {name!r}, which lowbit imports only "
-                              f"when you name it: pass --arch {name} if you trust it (Python: "
-                              f"lowbit.load(path, model=...))")
+                              f"when you name it: {fix} (Python: lowbit.load(path, model=...))")
     kwargs = arch_kwargs if arch_kwargs is not None else kwargs
     if kwargs is None:
-        raise CheckpointError(f"{where}: the {name} model was built in Python with unknown "
-                              f"arguments; pass --arch-kwargs JSON (Python: lowbit.load(path, "
-                              f"model=...))")
+        kwargs = _default_kwargs(ckpt, name, where)
     try:
         with torch.device("meta"):
             probe = models.create(name, **kwargs)
@@ -303,15 +368,42 @@ def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | No
     return models.create(name, **kwargs)
 
 
+def _default_kwargs(ckpt: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    """``{}`` when ``name``'s defaults rebuild the checkpoint's tensors (a model saved with
+    unknown arguments), else a CheckpointError naming the arguments to pass."""
+    from . import models
+
+    factory = models.factory(name)
+    why = _misfit(factory, {}, _shapes(ckpt["state_dict"]), exact=ckpt.get("quant") is None)
+    if why is None:
+        return {}
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        params = []
+    required = [p.name for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    optional = [f"{p.name}={p.default!r}" for p in params if p.default is not p.empty]
+    wanted = "; ".join(part for part in (f"required: {', '.join(required)}" if required else "",
+                                         f"defaults: {', '.join(optional)}" if optional else "")
+                       if part)
+    raise CheckpointError(f"{where}: the {name} model was built with arguments lowbit cannot "
+                          f"infer (its defaults do not fit: {why}); pass --arch-kwargs with a "
+                          f"JSON object of them ({wanted or 'none declared'}) (Python: "
+                          f"lowbit.load(path, model=...))")
+
+
 def build(ckpt: dict[str, Any], *, model: nn.Module | None = None, allow: Collection[str] = (),
           expect: str | None = None, arch_kwargs: dict[str, Any] | None = None,
           where: str = "checkpoint") -> nn.Module:
     """The model a loaded checkpoint describes, with its weights, in eval mode.
 
-    ``model``: the float architecture to fill in (else rebuilt from ``arch``, see
-    :func:`_architecture`: ``allow`` lists the user-code names the user passed, ``expect``
-    the architecture the user said it is, ``arch_kwargs`` replace the recorded arguments).
+    ``model``: the float architecture to fill in (it takes the checkpoint's arch, when that is
+    known), else rebuilt from ``arch`` (see :func:`_architecture`: ``allow`` lists the
+    user-code names the user passed, ``expect`` the architecture the user said it is,
+    ``arch_kwargs`` replace the recorded arguments).
     """
+    given = model is not None
     if model is None:
         model = _architecture(ckpt, allow, expect, arch_kwargs, where)
     if ckpt.get("quant") is not None and getattr(model, "lowbit_quant", None) is None:
@@ -327,6 +419,9 @@ def build(ckpt: dict[str, Any], *, model: nn.Module | None = None, allow: Collec
     except RuntimeError as exc:
         raise CheckpointError(f"{where}: state dict does not fit {ckpt['arch']['name']}: "
                               f"{str(exc).splitlines()[0]}") from None
+    arch = ckpt["arch"]
+    if given and arch["kwargs"] is not None and importable(arch["name"]):
+        model.lowbit_arch = dict(arch)  # it travels on: quantize, distill, save, export
     return model.eval()
 
 

@@ -18,6 +18,8 @@ FORMATS = ("onnx", "qonnx")
 WEIGHT_FORMS = ("cast", "dequant")
 TERNARY_STORAGE = ("trits", "int")
 RESIDUAL_ADDS = ("auto", "integer", "float")
+INPUTS = ("float", "uint8")  # what an exported file takes: normalised floats or raw pixels
+LAYOUTS = ("nchw", "nhwc")
 LINEAR_KERNELS = ("qdq", "nbits")  # Linear layers as DequantizeLinear -> Gemm, or MatMulNBits
 
 

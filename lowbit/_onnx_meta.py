@@ -35,10 +35,14 @@ LAYERS = PREFIX + "layers"
 # student's arithmetic, the usual gate) or "bound" (activations quantized by the kernel; gated
 # by "thresholds")}
 LINEAR = PREFIX + "linear"
+# JSON {"dtype": "uint8", "layout": "nchw"|"nhwc"}: the file takes raw uint8 pixels and
+# normalises them itself (lowbit.export(input="uint8")); absent: normalised float32 NCHW
+INPUT = PREFIX + "input"
 
 TRITS_TABLE = "trits_table"  # int8 [243, 5] initializer that decodes trit-packed weights
 TRITS_TABLE_ELEMENTS = 243 * 5
 TRITS_BITS = 1.6  # bits per ternary code stored as trits: five per byte
 
-INPUT_NAME = "input"  # float32 [N, C, H, W], already normalised: (pixels - mean) / std
+INPUT_NAME = "input"  # float32 [N, C, H, W], already normalised (lowbit._pixels), or
+# with INPUT metadata: uint8 raw pixels [N, C, H, W] or [N, H, W, C]
 OUTPUT_NAME = "logits"  # float32 [N, classes]

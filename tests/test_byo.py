@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lowbit
 from lowbit import _checkpoint, cli, data, models
 from lowbit.errors import CheckpointError
-from tests.user_models import SignalNet, SmallCNN
+from tests.user_models import SignalNet, SmallCNN, WidthNet
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "tests.user_models:small_cnn"
@@ -129,7 +129,7 @@ def test_float_conv1d_model_trains_from_a_dataloader(tmp_path):
     ckpt = torch.load(tmp_path / "sig.pt", weights_only=True)
     # float inputs are used as they are: no normalisation is recorded
     assert ckpt["data"]["input_shape"] == [2, 32] and ckpt["data"]["mean"] is None
-    assert ckpt["arch"] == {"name": "tests.user_models:SignalNet", "kwargs": None}
+    assert ckpt["arch"] == {"name": "tests.user_models:SignalNet", "kwargs": {}}  # defaults fit
     probe = torch.randn(3, 2, 32)
     assert torch.equal(lowbit.load(tmp_path / "sig.pt", model=SignalNet())(probe),
                        model.eval()(probe))
@@ -278,3 +278,69 @@ def test_float_inputs_export_without_normalisation_metadata(tmp_path):
     assert result.accuracy["float"] == pytest.approx(lowbit.evaluate(model, prepared[1]))
     with pytest.raises(lowbit.LowbitError, match="uint8 input needs normalisation"):
         session.run(test.images.numpy())
+
+
+def _export_cli(capsys, *args: str) -> tuple[int, str]:
+    """``lowbit-export ARGS`` in this process: (exit status, stderr)."""
+    code = cli.export_main([*args, "--format", "onnx", "-q"])
+    return code, capsys.readouterr().err
+
+
+def test_python_journey_hands_over_to_the_command_line(tmp_path, capsys):
+    train, test = data.digits(), data.digits(train=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher, _ = lowbit.train(SmallCNN(), train, epochs=2, batch_size=64, lr=0.1,
+                                  progress=False)
+    # a float model saved from Python: its class and defaults rebuild it
+    t_path = lowbit.save(teacher, tmp_path / "t.pt", data=train)
+    assert torch.load(t_path, weights_only=True)["arch"] == {
+        "name": "tests.user_models:SmallCNN", "kwargs": {}}
+    x = torch.randn(4, 1, 8, 8)  # (trained channels-last: same math, other order)
+    assert torch.allclose(lowbit.load(t_path, allow=["tests.user_models:SmallCNN"])(x),
+                          teacher.eval()(x), atol=1e-5)
+    # the issue's journey: load with model=, quantize, distill, save; then the command line
+    teacher = lowbit.load(t_path, model=SmallCNN())
+    student = lowbit.quantize(teacher, weight_bits=4, act_bits=4)
+    student, _ = lowbit.distill(student, teacher, train, epochs=1, batch_size=64,
+                                progress=False)
+    s_path = lowbit.save(student, tmp_path / "s.pt", data=train)
+    assert torch.load(s_path, weights_only=True)["arch"]["kwargs"] == {}
+    code, err = _export_cli(capsys, str(s_path), "--arch", "tests.user_models:SmallCNN",
+                            "--verify-data", "digits", "-o", str(tmp_path / "s.onnx"))
+    assert code == 0, err
+    assert lowbit.Session(tmp_path / "s.onnx").evaluate(test) > 0.5
+
+
+def test_old_graph_module_checkpoint_takes_the_named_arch(tmp_path, capsys):
+    student = lowbit.quantize(SmallCNN(), weight_bits=2, act_bits=4)
+    del student.lowbit_arch  # as lowbit <= 0.1 saved a student of a plain module
+    path = lowbit.save(student, tmp_path / "old.pt", data=data.digits())
+    assert "GraphModuleImpl" in torch.load(path, weights_only=True)["arch"]["name"]
+    code, err = _export_cli(capsys, str(path), "--verify-data", "random",
+                            "-o", str(tmp_path / "old.onnx"))
+    assert code == 2 and "cannot be imported by that name: pass --arch" in err
+    code, err = _export_cli(capsys, str(path), "--arch", ARCH, "--verify-data", "random",
+                            "-o", str(tmp_path / "old.onnx"))
+    assert code == 0, err  # small_cnn's defaults fit the stored tensors: no --arch-kwargs
+
+
+def test_arguments_lowbit_cannot_infer_are_asked_for_in_one_line(tmp_path, capsys):
+    name = "tests.user_models:WidthNet"
+    path = lowbit.save(WidthNet(4), tmp_path / "w.pt", data=data.digits())
+    assert torch.load(path, weights_only=True)["arch"] == {"name": name, "kwargs": None}
+    code = cli.main(["eval", str(path), "--arch", name, "--data", "digits"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pass --arch-kwargs" in err and "required: width" in err
+    assert cli.main(["eval", str(path), "--arch", name, "--arch-kwargs", '{"width": 4}',
+                     "--data", "digits"]) == 0
+    # named once in Python, the checkpoint rebuilds with --arch alone
+    named = lowbit.save(WidthNet(4), tmp_path / "n.pt", data=data.digits(), arch=name,
+                        arch_kwargs={"width": 4})
+    assert torch.load(named, weights_only=True)["arch"] == {"name": name,
+                                                            "kwargs": {"width": 4}}
+    assert lowbit.load(named, allow=[name]).conv.out_channels == 4
+    with pytest.raises(lowbit.LowbitError, match=r"does not rebuild this model: it makes "
+                       r"conv.weight \[8, 1, 3, 3\]"):
+        lowbit.save(WidthNet(4), tmp_path / "x.pt", arch=name, arch_kwargs={"width": 8})

@@ -58,3 +58,15 @@ class ViewNet(nn.Module):
 def view_net(num_classes: int = 10, in_channels: int = 1, width: int = 4) -> ViewNet:
     """The factory ``--arch tests.user_models:view_net`` names."""
     return ViewNet(num_classes, in_channels, width)
+
+
+class WidthNet(nn.Module):
+    """A CNN whose width has no default: saved from Python, lowbit cannot guess it."""
+
+    def __init__(self, width: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))  # [B, classes]

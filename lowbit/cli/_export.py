@@ -95,6 +95,12 @@ def _file_options(p: argparse.ArgumentParser) -> None:
                    "(INT2 at opset 25, INT4 at 21-24, INT8 below)")
     p.add_argument("--ort", action="store_true",
                    help="also write MODEL.ort (onnxruntime's ORT format, as lowbit convert-ort)")
+    p.add_argument("--input", choices=c.INPUTS, default="float",
+                   help="float: the file takes normalised float32; uint8: raw pixels, "
+                   "normalised and quantized inside the file (any onnxruntime app feeds it image "
+                   "bytes; needs a model trained on uint8 images, whose mean/std it records)")
+    p.add_argument("--layout", choices=c.LAYOUTS, default="nchw",
+                   help="with --input uint8: pixels as [N, C, H, W] or [N, H, W, C]")
     _nbits_options(p)
 
 
@@ -207,7 +213,7 @@ def _export(args: argparse.Namespace) -> None:
                         data=ckpt["data"], weight_form=args.weight_form, thresholds=thresholds,
                         ternary_storage=args.ternary_storage, residual_add=args.residual_add,
                         linear_kernel=args.linear_kernel, nbits=_nbits(args),
-                        progress=not args.quiet)
+                        input=args.input, layout=args.layout, progress=not args.quiet)
     _print_result(args, result, verify, ptq_run)
 
 
@@ -258,9 +264,11 @@ def _print_result(args: argparse.Namespace, result, verify, ptq_run: bool) -> No
     for warning in result.warnings:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
     kinds = sorted(set(result.storage.values()))
+    raw = f"input: raw uint8 pixels, {args.layout.upper()}"
     for fmt, path in result.paths.items():
         print(f"{fmt}: {path} ({path.stat().st_size:,} bytes; weights stored as "
-              f"{', '.join(kinds) if fmt == 'onnx' else 'float32 + Quant nodes'})")
+              f"{', '.join(kinds) if fmt == 'onnx' else 'float32 + Quant nodes'}; "
+              f"{raw if fmt == 'onnx' and args.input == 'uint8' else 'input: normalised float32'})")
     if args.ort and "onnx" in result.paths:
         from ..runtime import convert_ort
 

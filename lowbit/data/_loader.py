@@ -10,24 +10,22 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import _pixels
 from ._datasets import Dataset
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...] | None,
               std: tuple[float, ...] | None) -> torch.Tensor:
     """``[B, C, ...]`` -> float32 ``(x - mean) / std`` with per-channel (dim 1) stats (on the
-    0..255 scale for uint8 pixels); without stats, float inputs pass as they are.
+    0..255 scale for uint8 pixels: ``lowbit._pixels``, the formula the runtime and exported
+    files share); without stats, float inputs pass as they are.
 
     The result has plain NCHW strides: a one-channel batch sliced from NHWC pixels is
     "contiguous" with a channel stride of 1, which convolutions read as channels-last, and
     then a model's ``x.view(x.size(0), -1)`` fails."""
-    x = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     if mean is None:
-        return x
-    shape = (1, -1, *[1] * (x.ndim - 2))
-    m = torch.tensor(mean, dtype=torch.float32).view(shape)
-    s = torch.tensor(std, dtype=torch.float32).view(shape)
-    return (x - m) / s
+        return images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return torch.from_numpy(_pixels.normalize(images.numpy(), mean, std))
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4,

@@ -3,7 +3,7 @@
 ``export(model, path)`` writes verified files atomically; ``check_kernels(proto, inputs)``
 proves a file's integer layers exact on every onnxruntime CPU (``_contract``); the packers
 (``pack_int2`` ...) are torch-free and document the bit layouts; the graph rewrites live in
-``_rewrites``.
+``_rewrites``, the raw-uint8-pixel input (``export(..., input="uint8")``) in ``_rawinput``.
 The package is callable: ``lowbit.export(model, path, ...)`` is :func:`export`.
 """
 

@@ -3,7 +3,8 @@
 For every conv/linear whose input and weights are both dequantized codes and that onnxruntime
 runs as an integer kernel (``lowbit._backend.integer_kernel``), read from the file alone: the
 stored weights and their zero point, and the highest stored input code (the Clip after the
-input's QuantizeLinear, else the storage type's). Then
+input's QuantizeLinear, or the top entry of the lookup a raw-pixel input is read through,
+else the storage type's). Then
 
 - the proof (``lowbit._backend.kernel_bound``): for *any* input, no kernel family
   can overflow, the int32 accumulator nor, for int8 weights, the int16 pairs of x86's
@@ -138,6 +139,9 @@ def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[st
         if src is not None and src.op_type == "Clip" and len(src.input) > 2 and \
                 value(src.input[2]) is not None:  # fewer bits: the Clip's upper bound
             x_max = min(x_max, int(value(src.input[2])))
+        elif src is not None and src.op_type == "Gather" and \
+                value(src.input[0]) is not None:  # a lookup (raw pixel input): its top entry
+            x_max = min(x_max, int(value(src.input[0]).max()))
         found.append((node, dx, dw, x_max))
     if not found:
         return ()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import torch.nn as nn
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.general import RemoveStaticGraphInputs
 
-from .. import __version__
+from .. import __version__, _pixels
 from .. import _onnx_meta as meta
 from .._backend import FLOAT_KERNELS, INTEGER_KERNELS, NBITS_OP, cpu_features
 from .._choices import FORMATS, LINEAR_KERNELS, RESIDUAL_ADDS, TERNARY_STORAGE, WEIGHT_FORMS
@@ -41,6 +41,7 @@ from ..quant import PTQConfig
 from ._contract import KernelCheck, check_kernels, summary
 from ._nbits import NBits, use_matmul_nbits
 from ._nbits import summary as nbits_summary
+from ._rawinput import check_form, pixel_feed, raw_pixel_graph
 from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
@@ -63,6 +64,7 @@ KERNEL_INPUTS = 4  # verification inputs the saturating-kernel model runs on
 DEFAULT_THRESHOLDS = Thresholds()
 DEFAULT_PTQ = PTQConfig()
 DEFAULT_NBITS = NBits()
+Feed = Callable[[np.ndarray], np.ndarray] | None  # normalised inputs -> what the file takes
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,18 @@ def _output_step(layers, acts: list[Act]) -> np.ndarray:
 
 
 def _verify_inputs(verify: Any, example: torch.Tensor, data: dict[str, Any],
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+                   pixels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """(normalised float inputs, labels or None, source name) for the gate; user data is
-    normalised as the model's ``data`` says."""
+    normalised as the model's ``data`` says. ``pixels``: random inputs are random uint8
+    pixels, normalised (a raw-pixel-input file is fed those pixels)."""
     if verify is None:
         gen = torch.Generator().manual_seed(0)
-        return torch.randn((RANDOM_INPUTS, *example.shape[1:]), generator=gen), None, RANDOM
+        shape = (RANDOM_INPUTS, *example.shape[1:])
+        if pixels:
+            drawn = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).numpy()
+            return torch.from_numpy(_pixels.normalize(drawn, data["mean"], data["std"])), \
+                None, RANDOM
+        return torch.randn(shape, generator=gen), None, RANDOM
     if isinstance(verify, torch.Tensor):
         return verify.float(), None, "given"
     from ..data import as_data, stats_of
@@ -201,16 +209,19 @@ def _accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor) -> float:
     return float((torch.as_tensor(logits).argmax(1) == labels).float().mean())
 
 
-def _onnx_runner(proto: onnx.ModelProto, optimization: str, config: dict | None = None):
+def _onnx_runner(proto: onnx.ModelProto, optimization: str, config: dict | None = None,
+                 feed: Feed = None):
     """``x -> logits`` in onnxruntime: "basic" runs float kernels (the graph's reference
     semantics), "all" the integer kernels it fuses (what ``lowbit.runtime`` runs), with the
-    session ``config`` entries the file asks for (``meta.LINEAR``)."""
+    session ``config`` entries the file asks for (``meta.LINEAR``); ``feed``: what the file
+    takes for the normalised inputs ``x`` (a raw-pixel-input file: pixels)."""
     from ..runtime._session import session_options
 
     sess = ort.InferenceSession(proto.SerializeToString(),
                                 session_options(optimization=optimization, config=config),
                                 providers=["CPUExecutionProvider"])
-    return lambda x: sess.run([meta.OUTPUT_NAME], {meta.INPUT_NAME: x})[0]
+    feed = feed or (lambda x: x)
+    return lambda x: sess.run([meta.OUTPUT_NAME], {meta.INPUT_NAME: feed(x)})[0]
 
 
 def build_onnx(student: nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
@@ -310,7 +321,9 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
            ternary_storage: str = "trits", residual_add: str = "auto",
            act_bits: int | None = None, layer_bits: dict[str, Any] | None = None,
            ptq: PTQConfig = DEFAULT_PTQ, progress: bool = True,
-           linear_kernel: str = "qdq", nbits: NBits = DEFAULT_NBITS) -> ExportResult:
+           linear_kernel: str = "qdq", nbits: NBits = DEFAULT_NBITS,
+           input: str = "float", layout: str = "nchw",  # noqa: A002  (the issue's keyword)
+           ) -> ExportResult:
     """Export a quantized student (or post-training quantize a float model) as verified files.
 
     ``formats``: "onnx" (packed standard ONNX, written to ``path``) and/or "qonnx" (Brevitas'
@@ -337,8 +350,12 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     when it passes the gate, else float, with a note). ``progress``: bars while calibration
     and the gate run (on a terminal only). ``linear_kernel``: "qdq" (Linear layers as
     DequantizeLinear -> Gemm, portable) or "nbits" (onnxruntime's MatMulNBits as ``nbits``
-    says, gated by its bound unless it computes in float: ``_nbits``). Raises ExportError,
-    writing nothing, when the gate fails.
+    says, gated by its bound unless it computes in float: ``_nbits``). ``input``: what the
+    ONNX file takes, "float" (normalised float32 ``[N, C, H, W]``) or "uint8" (raw pixels: the
+    model's normalisation and input quantization run inside, ``_rawinput``; needs ``data``
+    with mean/std; the gate feeds it the verification pixels), in ``layout`` "nchw" or "nhwc"
+    (``[N, H, W, C]``); the QONNX file keeps float input.
+    Raises ExportError, writing nothing, when the gate fails.
     """
     path = Path(path)
     formats = tuple(dict.fromkeys(formats))
@@ -358,11 +375,12 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET}..{DEFAULT_OPSET} "
                           f"(25: INT2 ternary, 21-24: INT4, < 21: INT8 weights)")
     data = _data_info(data, example_input)
+    check_form(input, layout, data)
     example = example_input if example_input is not None else \
         torch.zeros((1, *data["input_shape"]))
     student, notes = _student(model, bits, calib, act_bits, dict(layer_bits or {}), ptq, data,
                               progress)
-    inputs, labels, source = _verify_inputs(verify, example, data)
+    inputs, labels, source = _verify_inputs(verify, example, data, pixels=input == "uint8")
 
     from ..quant import bake_integer_bias
 
@@ -372,6 +390,9 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     proto, storage, layers, acts = build_onnx(baked, example, opset=opset,
                                               weight_form=weight_form,
                                               ternary_storage=ternary_storage)
+    feed = None
+    if input == "uint8":  # raw pixels in: the lookup replaces the input's QuantizeLinear
+        proto, feed = raw_pixel_graph(proto, baked, data, layout), pixel_feed(data, layout)
     step = _output_step(layers, acts)
     linear: dict[str, Any] = {}
     if linear_kernel == "nbits":
@@ -385,10 +406,11 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         return FloatResidualAdds().apply(wrapped)[0].model
 
     def check_onnx(proto: onnx.ModelProto) -> None:
-        checks["onnx"] = compare("onnx", source, student, _onnx_runner(proto, "basic"),
-                                 inputs, step, gate, progress=progress)
+        checks["onnx"] = compare("onnx", source, student,
+                                 _onnx_runner(proto, "basic", feed=feed), inputs, step, gate,
+                                 progress=progress)
         checks["onnx-int"] = compare("onnx-int", source, student,
-                                     _onnx_runner(proto, "all", linear.get("session")),
+                                     _onnx_runner(proto, "all", linear.get("session"), feed),
                                      inputs, step, gate, progress=progress)
 
     if "onnx" in formats:
@@ -415,13 +437,15 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     failed = [str(v) for v in checks.values() if not v.passed]
     contract: tuple[KernelCheck, ...] = ()
     if "onnx" in formats:  # the same answer on every CPU: proven, and modelled on real inputs
-        contract = check_kernels(proto, inputs[:KERNEL_INPUTS].numpy(), storage)
+        contract = check_kernels(proto, (feed or np.asarray)(inputs[:KERNEL_INPUTS].numpy()),
+                                 storage)
         failed += [f"integer kernels not exact on every CPU: {c}" for c in contract
                    if not c.passed]
     if failed:
         # only the integer kernels disagree: look where they run
         level = "all" if "onnx" in checks and checks["onnx"].passed else "basic"
-        where = locate(student, proto, acts, inputs[:16], level) if "onnx" in formats else ""
+        where = locate(student, proto, acts, inputs[:16], level, feed) \
+            if "onnx" in formats else ""
         raise ExportError("verification failed, nothing written: " + "; ".join(failed)
                           + (f"; {where}" if where else ""))
     accuracy, cautions = {}, []
@@ -429,8 +453,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         with torch.inference_mode():
             float_logits = model.eval()(inputs)
         accuracy = {"float": _accuracy(float_logits, labels),
-                    "onnx": _accuracy(_onnx_runner(built["onnx"][1], "all")(inputs.numpy()),
-                                      labels)}
+                    "onnx": _accuracy(_onnx_runner(built["onnx"][1], "all", linear.get("session"),
+                                                   feed)(inputs.numpy()), labels)}
         drop = accuracy["float"] - accuracy["onnx"]
         if drop > ptq.max_drop:
             warning = (f"post-training quantization costs {drop:.2%} top-1 on {source} "
@@ -461,6 +485,8 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
         if linear and fmt == "onnx":  # MatMulNBits layers: their storage, kernel and gate
             props.update({meta.STORAGE: _json({**storage, **linear["storage"]}),
                           meta.LINEAR: _json(linear)})
+        if fmt == "onnx" and input == "uint8":  # absent: normalised float32 NCHW
+            props[meta.INPUT] = _json({"dtype": "uint8", "layout": layout})
         _set_metadata(p, props)
         seal(p)  # format version and digests of the bytes written: the last step before it
         writes[out] = lambda tmp, p=p: onnx.save(p, tmp)

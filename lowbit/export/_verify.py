@@ -165,12 +165,13 @@ def compare(fmt: str, source: str, student: torch.nn.Module,
 
 
 def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor,
-           optimization: str = "basic") -> str:
+           optimization: str = "basic", feed=None) -> str:
     """Where the file first departs from the student on ``inputs``: the first activation
     quantizer, in graph order, whose codes differ, how many and by how much, and how many
     of those sit at a rounding tie in the student (float rounding) rather than off (a wrong
     graph). "" when every quantizer agrees. Runs the file at ``optimization`` ("basic":
-    float kernels; "all": the integer kernels onnxruntime fuses, whose outputs are the codes).
+    float kernels; "all": the integer kernels onnxruntime fuses, whose outputs are the codes)
+    on ``feed(inputs)`` (a raw-pixel-input file: the pixels; default: the inputs).
 
     Each ``acts`` entry (the exporter's ``Act``) is matched to the first unused QuantizeLinear
     with its scale, in graph order; the file's codes are read from that node's output.
@@ -200,8 +201,8 @@ def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor,
     sess = ort.InferenceSession(probe.SerializeToString(),
                                 session_options(optimization=optimization),
                                 providers=["CPUExecutionProvider"])
-    file_codes = dict(zip(where, sess.run(names, {sess.get_inputs()[0].name: inputs.numpy()}),
-                          strict=True))
+    x = inputs.numpy() if feed is None else feed(inputs.numpy())
+    file_codes = dict(zip(where, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True))
 
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # act name -> (input, output)
     hooks = [student.get_submodule(name).register_forward_hook(

@@ -129,6 +129,7 @@ def fuse(source: str, ops: list[Op], outputs: list[str]) -> Graph:
         elif op.kind == UNARY and src is not None and sole:
             alias[op.output] = ins[0]
             src["fused"].append(op.name)
+            src["params"].extend(op.params)  # a lookup's table (raw pixel input)
             if op.bits is not None:
                 src["act_bits"] = min(src["act_bits"], op.bits)
             inplace_ok[ins[0]] = False

@@ -56,12 +56,13 @@ _UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSw
           "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu", "Erf", "Identity", "Dropout",
           "Cast", "QuantizeLinear", "DequantizeLinear", "Neg", "Abs", "Sqrt", "Exp", "Round",
           "Floor", "Ceil"}
-_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
          "ReduceMax"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Sum"}  # Sum: lowbit writes residual adds as Sum
 _META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
 _CONST_ONLY = {"Gather", "Slice"}  # accepted where they compute constants (trits decoding)
+# and a Gather of activations from a constant table (a raw-pixel input's lookup)
 SUPPORTED = sorted({"Conv", "Gemm", "MatMul", "BatchNormalization", "Concat", "Constant",
                     *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
 
@@ -218,7 +219,7 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
         acts = [t for t in n.input if t and t not in consts and t not in meta]
         if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in meta:
             continue
-        if n.op_type in _CONST_ONLY:
+        if n.op_type in _CONST_ONLY and not (n.op_type == "Gather" and n.input[0] in consts):
             raise FootprintError(f"{source}: {n.op_type} on activations ({n.output[0]}) is not "
                                  f"accounted; only constant {n.op_type} (weight decoding) is")
         out = n.output[0]
@@ -236,7 +237,7 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
             macs = math.prod(out_shape) * (math.prod(w[1:]) if kind == CONV else in_features)
         elif kind == AFFINE and n.op_type != "BatchNormalization":
             ps = params(next(t for t in n.input if t in consts), "bias")
-        if n.op_type == "QuantizeLinear":
+        if n.op_type in ("QuantizeLinear", "Gather"):
             bits = _BITS.get(_elem(types.get(out)), FP32)
         elif n.op_type == "Clip" and _elem(types.get(out)) not in _FLOATS:
             bits = _clip_bits(n, g)
@@ -265,6 +266,9 @@ def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
             raise FootprintError(f"{op} node {n.name!r}: only products with a constant weight "
                                  f"(linear layers) are supported")
         return LINEAR, [], 0, None
+    if op == "Gather":  # a lookup table (raw pixels -> input codes)
+        dims, elem = consts[n.input[0]]
+        return UNARY, [Param("table", math.prod(dims), _BITS.get(elem, FP32))], 0, None
     if op == "BatchNormalization":
         channels = math.prod(consts[n.input[1]][0])
         return AFFINE, [Param("scale", channels, FP32), Param("bias", channels, FP32)], 0, None

@@ -43,6 +43,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checkpoint import arch_of
 from ..errors import QuantizeError
 from . import _brevitas
 from ._spec import QuantSpec
@@ -111,8 +112,7 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
     gm.graph.lint()
     gm.recompile()
     gm.lowbit_quant = spec
-    if hasattr(model, "lowbit_arch"):
-        gm.lowbit_arch = dict(model.lowbit_arch)
+    gm.lowbit_arch = dict(arch_of(model))  # how to rebuild the float model it came from
     return gm
 
 

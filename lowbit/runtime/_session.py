@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from .. import _datafiles, _integrity
+from .. import _datafiles, _integrity, _pixels
 from .. import _onnx_meta as meta
 from ..errors import InputError, ModelError, UsageError
 from ._bench import Timing, time_calls
@@ -98,6 +98,7 @@ class ModelInfo:
     weight_bits: int | None = None
     act_bits: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # every metadata_props entry
+    pixel_layout: str | None = None  # "nchw"/"nhwc": the file takes raw uint8 pixels
 
 
 def _json_meta(props: dict[str, str], key: str, path: Path) -> object:
@@ -144,8 +145,13 @@ def _model_info(sess: ort.InferenceSession, path: Path) -> ModelInfo:
         raise ModelError(f"{path}: input {inp.name!r} has shape {inp.shape}; expected a batch "
                          f"of fixed-shape inputs ([N, C, H, W] images, [N, features], ...) or "
                          f"{meta.INPUT_SHAPE} metadata")
-    if inp.type != "tensor(float)":
-        raise ModelError(f"{path}: input {inp.name!r} is {inp.type}; expected tensor(float) "
+    form = _json_meta(props, meta.INPUT, path)
+    _checked(path, meta.INPUT, form, isinstance(form, dict) and form.get("dtype") == "uint8"
+             and form.get("layout") in ("nchw", "nhwc"),
+             '{"dtype": "uint8", "layout": "nchw" or "nhwc"}')
+    expected = "tensor(uint8)" if form else "tensor(float)"
+    if inp.type != expected:
+        raise ModelError(f"{path}: input {inp.name!r} is {inp.type}; expected {expected} "
                          f"inputs [N, {', '.join(map(str, shape))}]")
     width = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
     classes = _json_meta(props, meta.CLASSES, path)
@@ -167,7 +173,8 @@ def _model_info(sess: ort.InferenceSession, path: Path) -> ModelInfo:
         classes=tuple(str(c) for c in classes) if classes is not None else None,
         mean=tuple(float(v) for v in mean) if mean is not None else None,
         std=tuple(float(v) for v in std) if std is not None else None,
-        weight_bits=bits[meta.WEIGHT_BITS], act_bits=bits[meta.ACT_BITS], metadata=props)
+        weight_bits=bits[meta.WEIGHT_BITS], act_bits=bits[meta.ACT_BITS], metadata=props,
+        pixel_layout=form["layout"] if form else None)
 
 
 def file_session_config(props: dict[str, str], path: Path) -> dict[str, str]:
@@ -223,8 +230,10 @@ class Session:
     """Run an exported image classifier in onnxruntime on raw uint8 images.
 
     ``run`` normalises uint8 ``[N, C, H, W]`` pixels with the file's ``mean``/``std``
-    (``x = (pixels - mean) / std`` per channel, 0..255 scale) and feeds batches of at most
-    ``max_batch`` images; float32 input is taken as already normalised. Float input with a
+    (``x = (pixels - mean) / std`` per channel, 0..255 scale: ``lowbit._pixels``) and feeds
+    batches of at most ``max_batch`` images; float32 input is taken as already normalised.
+    A file exported with ``input="uint8"`` normalises inside: it is fed the pixels as they
+    are (transposed to NHWC for an NHWC file) and takes no float input. Float input with a
     NaN or inf is refused (:class:`InputError`): the quantized graph would map NaN to code 0
     and return a confident class; ``allow_nonfinite=True`` passes it through unchanged.
     Other inputs (``[N, features]``, ``[N, C, L]``) are taken alike, in the file's shape.
@@ -272,7 +281,8 @@ class Session:
         return f"[N, {', '.join(map(str, self.info.input_shape))}]"
 
     def _expected(self) -> str:
-        kinds = "uint8 raw pixels or float32 normalised" if self.info.mean else \
+        kinds = "uint8 raw pixels (normalised inside the file)" if self.info.pixel_layout else \
+            "uint8 raw pixels or float32 normalised" if self.info.mean else \
             "float32 normalised (the file has no normalisation metadata)"
         what = "images" if len(self.info.input_shape) == 3 else "inputs"
         return f"{what} {self._shape()} {kinds}"
@@ -283,7 +293,10 @@ class Session:
         if x.ndim != len(self.info.input_shape) + 1 or tuple(x.shape[1:]) != self.info.input_shape:
             raise InputError(f"{self.path.name}: expected {self._expected()}, got shape "
                              f"{tuple(x.shape)}")
-        if x.dtype == np.uint8 and self.info.mean is None:
+        if x.dtype != np.uint8 and self.info.pixel_layout:
+            raise InputError(f"{self.path.name}: expected {self._expected()}, got dtype "
+                             f"{x.dtype}")
+        if x.dtype == np.uint8 and self.info.mean is None and not self.info.pixel_layout:
             raise InputError(f"{self.path.name}: uint8 input needs normalisation, but the file "
                              f"has no {meta.MEAN}/{meta.STD} metadata; pass float32 images "
                              f"already normalised")
@@ -302,10 +315,18 @@ class Session:
         passes through."""
         if images.dtype == np.float32:
             return images
-        per_channel = (1, -1, *[1] * (len(self.info.input_shape) - 1))  # channel: dim 1
-        mean = np.asarray(self.info.mean, np.float32).reshape(per_channel)
-        inv_std = 1.0 / np.asarray(self.info.std, np.float32).reshape(per_channel)
-        return (images.astype(np.float32) - mean) * inv_std
+        return _pixels.normalize(images, self.info.mean, self.info.std)
+
+    def feed(self, images: np.ndarray) -> np.ndarray:
+        """What the file takes for images ``[N, C, H, W]``: the uint8 pixels as they are
+        (NHWC for an NHWC file) when it normalises inside, else :meth:`normalize`'s floats
+        (uint8 without normalisation metadata: pixels / 255, as ``benchmark`` feeds)."""
+        if self.info.pixel_layout:
+            return np.ascontiguousarray(images.transpose(0, 2, 3, 1)) \
+                if self.info.pixel_layout == "nhwc" else images
+        if images.dtype == np.uint8 and not self.info.mean:
+            return images.astype(np.float32) / 255.0
+        return self.normalize(images)
 
     # -- memory ------------------------------------------------------------------------------
     def bytes_per_image(self) -> int:
@@ -316,8 +337,8 @@ class Session:
                 so = session_options(1, self.optimization, self.config)
                 so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "profile")
                 sess = load_session(self.path, so)
-                sess.run(None, {self.info.input_name: np.zeros((1, *self.info.input_shape),
-                                                                  np.float32)})
+                sess.run(None, {self.info.input_name: self.feed(
+                    np.zeros((1, *self.info.input_shape), np.uint8))})
                 with open(sess.end_profiling()) as f:
                     events = json.load(f)
             peak = 0
@@ -349,13 +370,13 @@ class Session:
         ``[N, C, H, W]``, sequences ``[N, C, L]``, features ``[N, F]`` (or one without N)."""
         x = self._check(np.asarray(x))
         self.check_fits(min(len(x), self.max_batch))
-        out = [self._call(self.normalize(x[i:i + self.max_batch]))
+        out = [self._call(self.feed(x[i:i + self.max_batch]))
                for i in range(0, len(x), self.max_batch)]
         return np.concatenate(out) if out else np.zeros((0, self.info.num_outputs or 0),
                                                         np.float32)
 
     def _call(self, x: np.ndarray) -> np.ndarray:
-        """One onnxruntime call on a normalised float32 batch."""
+        """One onnxruntime call on a batch as the file takes it (:meth:`feed`)."""
         try:
             return self._ort.run([self._output], {self.info.input_name: x})[0]
         except ORT_ERRORS as exc:
@@ -404,8 +425,9 @@ class Session:
         """Latency and throughput of ``run`` per batch size on random pixels.
 
         Each size gets ``warmup`` untimed runs, then timed runs until both ``repeat`` runs and
-        ``min_time`` seconds are reached; latency is the median of one onnxruntime call on an
-        already-normalised float32 batch (normalisation is not timed).
+        ``min_time`` seconds are reached; latency is the median of one onnxruntime call on a
+        batch as the file takes it (:meth:`feed`: normalisation outside the file is not timed;
+        a raw-pixel-input file's own normalisation is).
         """
         for b in batch_sizes:
             self.check_fits(b)
@@ -413,7 +435,7 @@ class Session:
         rows = []
         for b in batch_sizes:
             pixels = rng.integers(0, 256, (b, *self.info.input_shape), dtype=np.uint8)
-            x = self.normalize(pixels) if self.info.mean else pixels.astype(np.float32) / 255.0
+            x = self.feed(pixels)
             times = time_calls(lambda x=x: self._call(x), warmup=warmup,
                                repeat=repeat, min_time=min_time)
             rows.append(Timing.from_times(b, times))
