@@ -12,7 +12,17 @@ import types
 
 from .._backend import storage_for
 from ._contract import KernelCheck, check_kernels
-from ._export import FORMATS, WEIGHT_FORMS, ExportResult, export, qonnx_path
+from ._export import (
+    FORMATS,
+    RESIDUAL_ADDS,
+    TERNARY_STORAGE,
+    WEIGHT_FORMS,
+    ExportOptions,
+    ExportResult,
+    export,
+    qonnx_path,
+)
+from ._notes import Note
 from ._pack import (
     make_tensor,
     pack_int2,
@@ -26,8 +36,9 @@ from ._pack import (
 from ._rewrites import ExportError
 from ._verify import Thresholds, Verification
 
-__all__ = ["FORMATS", "WEIGHT_FORMS", "ExportError", "ExportResult", "KernelCheck",
-           "Thresholds", "Verification", "check_kernels", "export", "make_tensor", "pack_int2",
+__all__ = ["FORMATS", "RESIDUAL_ADDS", "TERNARY_STORAGE", "WEIGHT_FORMS", "ExportError",
+           "ExportOptions", "ExportResult", "KernelCheck", "Note", "Thresholds", "Verification",
+           "check_kernels", "export", "make_tensor", "pack_int2",
            "pack_int4", "pack_trits", "qonnx_path", "read_tensor", "storage_for", "unpack_int2",
            "unpack_int4", "unpack_trits"]
 

@@ -19,11 +19,19 @@ from ._calibrate import (
     calibration_batches,
 )
 from ._describe import Description, LayerDescription, describe
-from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers, weight_storages
+from ._inspect import (
+    ActQuantInfo,
+    QuantLayerInfo,
+    act_quants,
+    output_feed,
+    quant_layers,
+    weight_storages,
+)
 from ._quantize import calibrate, quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
 __all__ = ["ACT_BITS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo",
            "Description", "LayerDescription", "PTQConfig", "QuantLayerInfo", "QuantSpec",
            "act_quants", "bake_integer_bias", "calibrate", "calibrate_data", "calibrate_ranges",
-           "calibration_batches", "describe", "quant_layers", "quantize", "weight_storages"]
+           "calibration_batches", "describe", "output_feed", "quant_layers", "quantize",
+           "weight_storages"]

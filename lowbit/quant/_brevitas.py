@@ -346,8 +346,7 @@ class IntegerBias(nn.Module):
                 bias, *(None if t is None else t.double().cpu().numpy() for t in
                         (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps)
             s = s * f
-        dead = codes.flatten(1).eq(0).all(1).cpu().numpy()  # no code: the exporter stores 1
-        s = np.where(dead, 1.0, np.abs(s)).astype(np.float32)
+        s = _intmath.stored_scale(codes.cpu().numpy(), s)  # as the file stores it
         step = _intmath.bias_step(act_scale(act).cpu().numpy(), s)
         return b.astype(np.float32).astype(np.float64), step
 

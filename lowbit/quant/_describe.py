@@ -17,24 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-import torch.nn as nn
 
-from .._backend import INTEGER_KERNELS
+from .. import _ops
+from .._backend import INTEGER_KERNELS, fused_kernel
 from . import _brevitas
-from ._quantize import (
-    ADDS,
-    FLOAT_ACTIVATIONS,
-    MULS,
-    is_quantizer,
-    layer_end,
-    quantized_downstream,
-    source,
-)
-
-# float activation -> what onnxruntime runs between its quantizers
-_ACTIVATION_KERNELS = {nn.SiLU: "float Sigmoid+Mul", nn.Hardswish: "float HardSwish",
-                       nn.GELU: "float Erf (GELU)", nn.Hardsigmoid: "float HardSigmoid",
-                       nn.Sigmoid: "QLinearSigmoid", nn.LeakyReLU: "QLinearLeakyRelu"}
+from ._quantize import is_quantizer, layer_end, quantized_downstream, source
 
 
 @dataclass(frozen=True)
@@ -102,26 +89,41 @@ def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _row(gm: fx.GraphModule, node: fx.Node, modules: dict) -> LayerDescription | None:
+    """The row of one node (None: not described): conv/linear, float activation, add/mul,
+    and float ops onnxruntime has no integer kernel for (the registry's reason)."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if m is not None and _brevitas.is_quant_layer(m):
+        return _weighted_row(gm, node)
+    op = _ops.lookup(node, modules)
+    if op is None:
+        return None
+    name = node.target if m is not None else node.name
+    if op.role == _ops.FLOAT_ACT:
+        return LayerDescription(name, type(m).__name__, None, _bits(gm, node.args[0]),
+                                fused_kernel(op.onnx) or f"float {op.onnx}")
+    if op.role in (_ops.ADD, _ops.MUL):
+        ins = [_bits(gm, a) for a in node.args[:2] if isinstance(a, fx.Node)]
+        integer = all(b is not None for b in ins) and \
+            all(is_quantizer(gm, u) for u in node.users)
+        kernel = fused_kernel(op.onnx) if integer else f"float {op.onnx}"
+        return LayerDescription(name, op.role, None, min((b for b in ins if b), default=None),
+                                kernel)
+    if op.role == _ops.FLOAT and op.why:
+        what = type(m).__name__ if m is not None else getattr(node.target, "__name__", op.onnx)
+        arg = node.args[0] if node.args else None
+        return LayerDescription(name, what, None,
+                                _bits(gm, arg) if isinstance(arg, fx.Node) else None,
+                                f"float {op.onnx} ({op.why})")
+    return None
+
+
 def describe(student: fx.GraphModule) -> Description:
-    """Every conv/linear, float activation and residual add/mul of a lowbit student, in forward
-    order, with its real weight bits, input bits and the onnxruntime kernel that runs it."""
+    """Every conv/linear, float activation, residual add/mul and float op without an integer
+    kernel of a lowbit student, in forward order, with its real weight bits, input bits and
+    the onnxruntime kernel that runs it."""
     if not isinstance(student, fx.GraphModule) or getattr(student, "lowbit_quant", None) is None:
         raise TypeError("describe() takes a student made by lowbit.quantize")
-    rows = []
-    for node in student.graph.nodes:
-        m = _module(student, node)
-        if m is not None and _brevitas.is_quant_layer(m):
-            rows.append(_weighted_row(student, node))
-        elif m is not None and type(m) in FLOAT_ACTIVATIONS:
-            rows.append(LayerDescription(node.target, type(m).__name__, None,
-                                         _bits(student, node.args[0]),
-                                         _ACTIVATION_KERNELS[type(m)]))
-        elif node.op == "call_function" and node.target in ADDS | MULS:
-            ins = [_bits(student, a) for a in node.args[:2] if isinstance(a, fx.Node)]
-            op = "add" if node.target in ADDS else "mul"
-            integer = all(b is not None for b in ins) and \
-                all(is_quantizer(student, u) for u in node.users)
-            kernel = f"QLinear{op.capitalize()}" if integer else f"float {op.capitalize()}"
-            rows.append(LayerDescription(node.name, op, None,
-                                         min((b for b in ins if b), default=None), kernel))
-    return Description(rows)
+    modules = dict(student.named_modules())
+    return Description(row for node in student.graph.nodes
+                       if (row := _row(student, node, modules)) is not None)
