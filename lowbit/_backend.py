@@ -70,6 +70,7 @@ _KEEPS = OnnxOp(keeps_codes=True)
 ONNX_OPS: dict[str, OnnxOp] = {
     "Conv": OnnxOp("QLinearConv", weight_axis=0),
     "ConvTranspose": OnnxOp(weight_axis=1),
+    "MatMul": OnnxOp("MatMulIntegerToFloat", weight_axis=1),  # output left in float
     "Gemm": OnnxOp("QGemm", weight_axis=0, weight_zero_point=True),  # axis 0: transB=1
     "Add": OnnxOp("QLinearAdd"), "Mul": OnnxOp("QLinearMul"),
     "Sigmoid": OnnxOp("QLinearSigmoid"), "LeakyRelu": OnnxOp("QLinearLeakyRelu"),
@@ -81,6 +82,18 @@ STORAGE_FLOORS = (("int2", 25), ("int4", 21), ("int8", MIN_OPSET))  # lowest ops
 # the oldest onnxruntime that loads a lowbit file of at least this opset (measured with each
 # release from 1.20): 25 (IR 13, INT2), 21 (IR 10, INT4), below (INT8 weights, trits)
 MIN_ONNXRUNTIME = ((25, "1.24.1"), (21, "1.23"), (MIN_OPSET, "1.20"))
+
+
+# ONNX ops whose schema changes between opset 18 (the trace's) and 25 only add element types
+# or attributes whose defaults keep the opset-18 meaning (Resize 19: antialias, aspect
+# policy), so a graph traced at opset 18 means the same at any later opset.
+SAME_SINCE_18 = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Flatten",
+    "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat", "QuantizeLinear",
+    "DequantizeLinear", "Cast", "Identity", "Constant", "Transpose", "Squeeze", "Unsqueeze",
+    "Shape", "Gather", "Pad", "Softmax", "MatMul", "BatchNormalization", "Sigmoid",
+    "ReduceMean", "Slice", "HardSwish", "HardSigmoid", "LeakyRelu", "Erf",
+    "InstanceNormalization", "Resize"})
 
 
 def min_onnxruntime(opset: int) -> str:

@@ -26,6 +26,7 @@ from ._rewrites import (
     DropDefaultAttributes,
     ExportError,
     FoldBatchNorm,
+    FoldWeightTransposes,
     PackWeights,
     QuantizeActivations,
     QuantizeBias,
@@ -94,10 +95,15 @@ def _pack(student: nn.Module, layers, acts, opset: int, weight_form: str,
     scales = {a.name: a.scale for a in acts}
     bias_inputs = {info.name + ".weight": np.float32(scales[info.bias_input])
                    for info in layers if info.bias_input is not None}
-    fold, lower = FoldBatchNorm(), QuantizeActivations()
+    fold, lower, transposes = FoldBatchNorm(), QuantizeActivations(), \
+        FoldWeightTransposes(frozenset(codes))
     model = ModelWrapper(traced)
-    for rewrite in (RemoveStaticGraphInputs(), fold,
-                    PackWeights(codes, fold.factors, cast=weight_form == "cast"),
+    for rewrite in (RemoveStaticGraphInputs(), fold, transposes):
+        model = model.transform(rewrite)
+    for name in transposes.transposed:  # the MatMul reads W.T: codes [in, out] too
+        q, kind, scale = codes[name]
+        codes[name] = (np.ascontiguousarray(q.T), kind, scale)
+    for rewrite in (PackWeights(codes, fold.factors, cast=weight_form == "cast"),
                     QuantizeBias(bias_inputs), lower, SetOpset(opset, min(opset, TRACE_OPSET))):
         model = model.transform(rewrite)
     return model, storage, lower.codes

@@ -311,7 +311,7 @@ def export(model: nn.Module, path: str | Path, *, example_input: torch.Tensor | 
     acc, cautions = {}, []
     if student is not model and labels is not None and "onnx" in files:  # PTQ: its cost
         acc, cautions = _ptq_cost(model, job, files["onnx"].proto, labels, ptq.max_drop)
-    layers = describe(student)
+    layers = describe(student, example)
     kernels: dict[str, int] = {}
     if "onnx" in files:
         kernels, more = _kernel_note(files["onnx"].proto, layers)

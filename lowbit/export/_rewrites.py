@@ -19,7 +19,13 @@ from qonnx.transformation.base import Transformation
 
 from .. import _intmath
 from .. import _onnx_meta as meta
-from .._backend import SIGNED_OFFSET, UNSIGNED_WEIGHTS, activation_range, weight_axis
+from .._backend import (
+    SAME_SINCE_18,
+    SIGNED_OFFSET,
+    UNSIGNED_WEIGHTS,
+    activation_range,
+    weight_axis,
+)
 from .._intmath import channel_shape
 from ..errors import ExportError
 from ._pack import make_tensor, trits_table
@@ -36,7 +42,7 @@ def _is_layer(node: onnx.NodeProto | None) -> bool:
     return node is not None and node.op_type in _LAYERS
 
 
-_LAYERS = ("Conv", "Gemm")
+_LAYERS = ("Conv", "Gemm", "MatMul")  # MatMul: a Linear on more than two dims
 
 
 class FoldBatchNorm(Transformation):
@@ -79,6 +85,35 @@ class FoldBatchNorm(Transformation):
             model.set_initializer(bias_name, folded.astype(np.float32))
             layer.output[0] = bn.output[0]
             model.graph.node.remove(bn)
+            return model, True
+        return model, False
+
+
+class FoldWeightTransposes(Transformation):
+    """Fold the ``Transpose`` of a 2-d weight initializer in ``names`` into the initializer.
+
+    torch exports a Linear applied to more than two dims (channels-last MLPs, ConvNeXt's) as
+    MatMul(x, Transpose(W)); with the transpose folded, the MatMul reads ``W.T`` [in, out] by
+    the weight's own name, so :class:`PackWeights` packs it (output channels on axis 1).
+    ``transposed`` lists the weights folded so.
+    """
+
+    def __init__(self, names: frozenset[str]) -> None:
+        super().__init__()
+        self.names, self.transposed = names, set()
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.get_nodes_by_op_type("Transpose"):
+            w = model.get_initializer(node.input[0])
+            if node.input[0] not in self.names or w is None or w.ndim != 2 or \
+                    node.input[0] in self.transposed:
+                continue
+            name = node.input[0]
+            model.set_initializer(name, np.ascontiguousarray(w.T))
+            for user in model.find_consumers(node.output[0]):
+                user.input[:] = [name if x == node.output[0] else x for x in user.input]
+            model.graph.node.remove(node)
+            self.transposed.add(name)
             return model, True
         return model, False
 
@@ -299,16 +334,6 @@ class QuantizeActivations(Transformation):
         return model, False
 
 
-# ONNX ops whose schema changes between opset 18 and 25 only add element types, so a graph
-# traced at opset 18 means the same at any later opset.
-_SAME_SINCE_18 = {"Conv", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Flatten",
-                  "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat",
-                  "QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Constant",
-                  "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Pad", "Softmax",
-                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice",
-                  "HardSwish", "HardSigmoid", "LeakyRelu", "Erf"}
-
-
 class SetOpset(Transformation):
     """Declare the target opset (and the IR version it needs); drop the ``lowbit`` domain.
 
@@ -322,7 +347,7 @@ class SetOpset(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         if self.opset > self.traced_at:
             changed = sorted({n.op_type for n in model.graph.node
-                              if n.op_type not in _SAME_SINCE_18 and
+                              if n.op_type not in SAME_SINCE_18 and
                               onnx.defs.get_schema(n.op_type, self.opset).since_version >
                               self.traced_at})
             if changed:

@@ -329,7 +329,8 @@ class IntegerBias(nn.Module):
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         if self.training or self.baked:
             return out
-        shape = (1, -1) + (1,) * (out.dim() - 2)
+        shape = [1] * out.dim()
+        shape[-1 if isinstance(self.parts[1], nn.Linear) else 1] = -1  # a Linear's: the last
         return out + self.correction().to(out.device, out.dtype).view(shape)
 
     @torch.no_grad()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import _ops
 from .._backend import INTEGER_KERNELS, fused_kernel
@@ -73,6 +75,8 @@ def _weighted_row(gm: fx.GraphModule, node: fx.Node) -> LayerDescription:
     logits = all(u.op == "output" for u in end.users)
     if in_bits is None:
         kernel = f"float {op} (input not quantized: add requant_bits)"
+    elif op == "Linear" and _rank(node.args[0]) > 2:  # exported as MatMul
+        kernel = fused_kernel("MatMul")
     elif op == "Linear":
         kernel = "float Gemm (onnxruntime fuses QGemm only for weights with a zero point)"
     elif out_quantized:
@@ -85,8 +89,21 @@ def _weighted_row(gm: fx.GraphModule, node: fx.Node) -> LayerDescription:
     return LayerDescription(node.target, op, w_bits, in_bits, kernel)
 
 
+def _rank(node: fx.Node) -> int:
+    """Dims of ``node``'s value as the last shape propagation saw it (2 when unknown)."""
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else 2
+
+
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _folded(gm: fx.GraphModule, norm: fx.Node, modules: dict) -> bool:
+    """Whether the exporter folds BatchNorm ``norm`` into the conv/linear before it."""
+    layer = norm.args[0]
+    return isinstance(layer, fx.Node) and layer.op == "call_module" and \
+        _brevitas.is_quant_layer(modules[layer.target]) and layer_end(gm, layer)[1] is norm
 
 
 def _row(gm: fx.GraphModule, node: fx.Node, modules: dict) -> LayerDescription | None:
@@ -109,6 +126,10 @@ def _row(gm: fx.GraphModule, node: fx.Node, modules: dict) -> LayerDescription |
         kernel = fused_kernel(op.onnx) if integer else f"float {op.onnx}"
         return LayerDescription(name, op.role, None, min((b for b in ins if b), default=None),
                                 kernel)
+    if op.role == _ops.NORM and not _folded(gm, node, modules):
+        return LayerDescription(name, type(m).__name__, None, _bits(gm, node.args[0]),
+                                f"float {op.onnx} (not after a conv/linear: nothing to fold "
+                                f"it into)")
     if op.role == _ops.FLOAT and op.why:
         what = type(m).__name__ if m is not None else getattr(node.target, "__name__", op.onnx)
         arg = node.args[0] if node.args else None
@@ -118,12 +139,22 @@ def _row(gm: fx.GraphModule, node: fx.Node, modules: dict) -> LayerDescription |
     return None
 
 
-def describe(student: fx.GraphModule) -> Description:
+def describe(student: fx.GraphModule, example_input: torch.Tensor | None = None
+             ) -> Description:
     """Every conv/linear, float activation, residual add/mul and float op without an integer
     kernel of a lowbit student, in forward order, with its real weight bits, input bits and
-    the onnxruntime kernel that runs it."""
+    the onnxruntime kernel that runs it. With ``example_input`` the shapes are propagated
+    first, so a Linear applied to more than two dims (exported as MatMul) is told apart."""
     if not isinstance(student, fx.GraphModule) or getattr(student, "lowbit_quant", None) is None:
         raise TypeError("describe() takes a student made by lowbit.quantize")
+    if example_input is not None:
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(student).propagate(example_input)
+        finally:
+            student.train(was_training)
     modules = dict(student.named_modules())
     return Description(row for node in student.graph.nodes
                        if (row := _row(student, node, modules)) is not None)
