@@ -423,9 +423,9 @@ def _short_name(i: int) -> str:
 class ShortenNames(Transformation):
     """Short names (``_short_name``) for initializers and intermediate tensors, except graph
     inputs/outputs and the initializers in ``keep`` (the packed weights, named by layer); node
-    names, doc strings and value_info are dropped: names are a visible share of a packed
-    low-bit file. ``renamed`` maps each old tensor name to its new one, so what the exporter
-    knows by name survives the shortening."""
+    names, doc strings, value_info and annotations of tensors that no longer exist are
+    dropped: names are a visible share of a packed low-bit file. ``renamed`` maps each old
+    tensor name to its new one, so what the exporter knows by name survives the shortening."""
 
     def __init__(self, keep: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -450,6 +450,14 @@ class ShortenNames(Transformation):
             node.ClearField("name")
             node.ClearField("doc_string")
         self.renamed = rename
+        # qonnx annotates tensors (finn_datatype) under names, some random, that no longer
+        # exist: bytes that differ from run to run and describe nothing
+        present = {t for n in g.node for t in [*n.input, *n.output]} | keep
+        for q in g.quantization_annotation:
+            q.tensor_name = rename.get(q.tensor_name, q.tensor_name)
+        kept = [q for q in g.quantization_annotation if q.tensor_name in present]
+        del g.quantization_annotation[:]
+        g.quantization_annotation.extend(kept)
         del g.value_info[:]
         g.ClearField("doc_string")
         model.model.ClearField("doc_string")
