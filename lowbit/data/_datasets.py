@@ -18,6 +18,7 @@ import torch
 
 from .. import _datafiles
 from .._datafiles import DataError
+from ._loader import Loader
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,6 @@ class Dataset:
     def loader(self, batch_size: int, *, train: bool = False, seed: int = 0,
                shard: tuple[int, int] = (0, 1)):
         """Batches of normalised float inputs and labels (see :class:`lowbit.data.Loader`)."""
-        from ._loader import Loader
-
         return Loader(self, batch_size, train=train, seed=seed, shard=shard)
 
     @classmethod

@@ -308,7 +308,7 @@ def reestimate_bn(model: nn.Module, data: DataLike, batches: int = 100, *,
     crops shift them). ``seed``/``epoch`` pick the batches as the training loader does.
     Returns the number of batches used.
     """
-    from ..quant._brevitas import IntegerBias  # here: float training never imports Brevitas
+    from ..quant import IntegerBias  # here: float training never imports Brevitas
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .._backend import UNSIGNED_WEIGHTS
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE_ELEMENTS
 from ..errors import FootprintError
-from ..quant._brevitas import IntegerBias
+from ..quant import IntegerBias
 from ._graph import (
     ADD,
     AFFINE,

@@ -124,6 +124,10 @@ class LearnedRange(nn.Module):
                     dist.all_reduce(batch_max, dist.ReduceOp.MAX)
                 self.value.mul_(n / (n + 1)).add_(batch_max / (n + 1))
                 self.seen += 1
+        return self.range_scale(threshold)
+
+    def range_scale(self, threshold: torch.Tensor) -> torch.Tensor:
+        """scale = r / qmax, the range kept positive and under the clip (``max_range``)."""
         return self.value.clamp(_MIN_SCALE, self.max_range) / threshold
 
 
@@ -409,8 +413,7 @@ def act_scale(m: QuantReLU | QuantIdentity) -> torch.Tensor:
     """Float32 scalar scale of an activation quantizer, read without running it (running it
     would feed a dummy input to a range that is still being calibrated)."""
     tq = _act_tensor_quant(m)
-    impl = tq.scaling_impl
-    return (impl.value.clamp(_MIN_SCALE, impl.max_range) / tq.threshold).float().reshape(())
+    return tq.scaling_impl.range_scale(tq.threshold).float().reshape(())
 
 
 @torch.no_grad()
