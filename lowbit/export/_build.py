@@ -21,6 +21,7 @@ from qonnx.transformation.general import RemoveStaticGraphInputs
 
 from .. import _intmath
 from .. import _onnx_meta as meta
+from .._backend import DEFAULT_OPSET
 from ..quant import QuantLayerInfo
 from ._rewrites import (
     DropDefaultAttributes,
@@ -35,8 +36,6 @@ from ._rewrites import (
     ShortenNames,
 )
 from ._trace import TRACE_OPSET, Act, shadow, trace
-
-DEFAULT_OPSET = 25
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ import torch
 import torch.nn as nn
 from qonnx.core.modelwrapper import ModelWrapper
 
-from .._backend import FLOAT_KERNELS, INTEGER_KERNELS
+from .._backend import DEFAULT_OPSET, FLOAT_KERNELS, INTEGER_KERNELS, MIN_OPSET
 from .._integrity import seal
 from .._io import atomic_write_all
 from ..quant import PTQConfig
-from ._build import DEFAULT_OPSET, Built, build_onnx
+from ._build import Built, build_onnx
 from ._contract import KernelCheck, check_kernels, summary
 from ._metadata import metadata
 from ._notes import FLOAT_ADDS, FLOAT_LAYERS, PTQ_COST, Note
@@ -48,7 +48,6 @@ FORMATS = ("onnx", "qonnx")
 WEIGHT_FORMS = ("cast", "dequant")
 TERNARY_STORAGE = ("trits", "int")
 RESIDUAL_ADDS = ("auto", "integer", "float")
-MIN_OPSET = 13  # per-axis DequantizeLinear
 KERNEL_INPUTS = 4  # verification inputs the saturating-kernel model runs on
 DEFAULT_THRESHOLDS = Thresholds()
 DEFAULT_PTQ = PTQConfig()
