@@ -86,8 +86,9 @@ MODULES: dict[type, Op] = {
     nn.AvgPool2d: Op(FLOAT, "AveragePool", POOL),
     nn.AdaptiveAvgPool1d: Op(FLOAT, "GlobalAveragePool", POOL),
     nn.AdaptiveAvgPool2d: Op(FLOAT, "GlobalAveragePool", POOL),
-    nn.GroupNorm: Op(FLOAT, "GroupNormalization", AFFINE, why=_NO_INT_NORM),
-    nn.LayerNorm: Op(FLOAT, "LayerNormalization", AFFINE, why=_NO_INT_NORM),
+    # normalisations over groups or positions: element-wise for the footprint, not foldable
+    nn.GroupNorm: Op(FLOAT, "GroupNormalization", UNARY, why=_NO_INT_NORM),
+    nn.LayerNorm: Op(FLOAT, "LayerNormalization", UNARY, why=_NO_INT_NORM),
     nn.ConvTranspose2d: Op(FLOAT, "ConvTranspose", CONV, weight_axis=1,
                            why="lowbit keeps ConvTranspose weights in float"),
 }
@@ -107,8 +108,8 @@ FUNCTIONS: dict[object, Op] = {
     torch.squeeze: _VIEWS["squeeze"], torch.unsqueeze: _VIEWS["unsqueeze"],
     torch.permute: _VIEWS["permute"], torch.transpose: _VIEWS["transpose"],
     torch.chunk: _VIEWS["chunk"], torch.split: _VIEWS["split"],
-    F.layer_norm: Op(FLOAT, "LayerNormalization", AFFINE, why=_NO_INT_NORM),
-    F.group_norm: Op(FLOAT, "GroupNormalization", AFFINE, why=_NO_INT_NORM),
+    F.layer_norm: Op(FLOAT, "LayerNormalization", UNARY, why=_NO_INT_NORM),
+    F.group_norm: Op(FLOAT, "GroupNormalization", UNARY, why=_NO_INT_NORM),
     getattr: _SHAPE, operator.getitem: _SHAPE, operator.floordiv: _SHAPE,
 }
 METHODS: dict[str, Op] = {**_VIEWS, "size": _SHAPE, "dim": _SHAPE}

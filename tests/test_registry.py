@@ -17,9 +17,11 @@ import zoo_torchvision as zoo
 import lowbit
 from lowbit import _backend, _ops
 from lowbit.export import export
+from lowbit.footprint import footprint
 from lowbit.quant import describe, quantize
 from lowbit.runtime import Session
 
+DYNAMIC_SHAPES = {"unet", "shufflenet_v2"}
 # per arch: (describe row name, text its kernel column holds)
 EXPECTED = {
     "unet": [("up", "float ConvTranspose (lowbit keeps ConvTranspose weights in float)"),
@@ -59,6 +61,12 @@ def test_new_layer_types_quantize_distill_export_run(arch, tmp_path):
     weighted = [r for r in result.layers if r.weight_bits is not None]
     assert result.kernels == {"integer": sum(r.integer for r in weighted),
                               "float": sum(not r.integer for r in weighted)}
+    # the footprint reads the student (through the registry), and the file alike where its
+    # shapes are static (Resize scales and size()-computed views are computed at run time)
+    weights = footprint(student, (1,), input_shape=shape).weight_bytes
+    assert weights > 0
+    if arch not in DYNAMIC_SHAPES:
+        assert footprint(path, (1,)).weight_bytes == weights
     logits = Session(path).run(data.images[:16].numpy())
     with torch.no_grad():
         ref = student(x[:16]).numpy()

@@ -55,15 +55,16 @@ _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorPro
 _UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
           "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu", "Erf", "Identity", "Dropout",
           "Cast", "QuantizeLinear", "DequantizeLinear", "Neg", "Abs", "Sqrt", "Exp", "Round",
-          "Floor", "Ceil"}
-_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+          "Floor", "Ceil", "LayerNormalization", "InstanceNormalization",
+          "GroupNormalization"}
+_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice"}
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
-         "ReduceMax"}
+         "ReduceMax", "Resize"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Sum"}  # Sum: lowbit writes residual adds as Sum
 _META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
-_CONST_ONLY = {"Gather", "Slice"}  # accepted where they compute constants (trits decoding)
-SUPPORTED = sorted({"Conv", "Gemm", "MatMul", "BatchNormalization", "Concat", "Constant",
-                    *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
+_CONST_ONLY = {"Gather"}  # accepted where it computes constants (trits decoding)
+SUPPORTED = sorted({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Concat",
+                    "Constant", *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
 
 
 def load(model: str | Path | onnx.ModelProto,
@@ -233,7 +234,11 @@ class _Builder:
         w = _dims(self.types.get(n.input[1])) or self.consts[n.input[1]][0]
         in_features = w[0] if n.op_type == "MatMul" or (
             n.op_type == "Gemm" and not _attr(n, "transB", 0)) else w[-1]
-        return ps, math.prod(out_shape) * (math.prod(w[1:]) if kind == CONV else in_features)
+        fan_in = math.prod(w[1:])
+        if n.op_type == "ConvTranspose":  # weight [C_in, C_out / g, k...]: per output value
+            strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
+            fan_in = w[0] // _attr(n, "group", 1) * math.prod(w[2:]) // math.prod(strides)
+        return ps, math.prod(out_shape) * (fan_in if kind == CONV else in_features)
 
     def op(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> Op:
         """The footprint ``Op`` of a node that computes on activations."""
@@ -287,7 +292,7 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
 def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
     """(kind, params, macs, bits) of a node that computes on activations."""
     op = n.op_type
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         if n.input[1] not in consts:
             raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
                                  f"supported (input {n.input[1]!r} is not a constant)")
