@@ -2,11 +2,14 @@
 
 Each is a qonnx ``Transformation``: ``apply(model) -> (model, changed)`` over a qonnx
 ``ModelWrapper``, run with ``model.transform(Rewrite(...))`` until nothing changes. Applied in
-order by :func:`lowbit.export.export`: ``RemoveStaticGraphInputs`` (qonnx) ->
-:class:`FoldBatchNorm` -> :class:`PackWeights` -> :class:`QuantizeBias` ->
+order by ``lowbit.export._build``: ``RemoveStaticGraphInputs`` (qonnx) ->
+:class:`FoldBatchNorm` -> :class:`FoldWeightTransposes` -> :class:`PackWeights` ->
+:class:`QuantizeBias` ->
 :class:`QuantizeActivations` -> :class:`SetOpset` -> :class:`ShareConstants` ->
 :class:`DropDefaultAttributes` -> :class:`ShortenNames`; then, where residual adds are kept in
-float, :class:`FloatResidualAdds` on the finished graph.
+float, :class:`FloatResidualAdds` on the finished graph. Rewrites that name tensors record
+them (``FoldBatchNorm.factors``, ``QuantizeActivations.codes``, ``ShortenNames.renamed``):
+the exporter carries identities instead of finding tensors again by value.
 """
 
 from __future__ import annotations

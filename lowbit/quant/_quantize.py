@@ -36,7 +36,6 @@ import dataclasses
 import operator
 import traceback
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -102,31 +101,6 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
     if hasattr(model, "lowbit_arch"):
         gm.lowbit_arch = dict(model.lowbit_arch)
     return gm
-
-
-@torch.no_grad()
-def calibrate(student: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Set every activation range of ``student`` to the mean batch max |x| over ``batches``.
-
-    For post-training quantization (a student that will not be trained): BatchNorm
-    statistics and weights are untouched (eval mode), and later training does not
-    re-initialise the ranges.
-    """
-    ranges = _brevitas.act_ranges(student)
-    was_training = student.training
-    student.eval()
-    for r in ranges:
-        r.seen.zero_()
-        r.calibrating = True
-    try:
-        for x in batches:
-            student(x)
-    finally:
-        for r in ranges:
-            r.calibrating = False
-            r.seen.clamp_(min=r.init_steps)
-        student.train(was_training)
-    return student
 
 
 class _Tracer(fx.Tracer):
