@@ -22,6 +22,7 @@ from ._export import (
     export,
     qonnx_path,
 )
+from ._notes import KINDS as NOTE_KINDS
 from ._notes import Note
 from ._pack import (
     make_tensor,
@@ -36,10 +37,10 @@ from ._pack import (
 from ._rewrites import ExportError
 from ._verify import Thresholds, Verification
 
-__all__ = ["FORMATS", "RESIDUAL_ADDS", "TERNARY_STORAGE", "WEIGHT_FORMS", "ExportError",
-           "ExportOptions", "ExportResult", "KernelCheck", "Note", "Thresholds", "Verification",
-           "check_kernels", "export", "make_tensor", "pack_int2",
-           "pack_int4", "pack_trits", "qonnx_path", "read_tensor", "storage_for", "unpack_int2",
+__all__ = ["FORMATS", "NOTE_KINDS", "RESIDUAL_ADDS", "TERNARY_STORAGE", "WEIGHT_FORMS",
+           "ExportError", "ExportOptions", "ExportResult", "KernelCheck", "Note", "Thresholds",
+           "Verification", "check_kernels", "export", "make_tensor", "pack_int2", "pack_int4",
+           "pack_trits", "qonnx_path", "read_tensor", "storage_for", "unpack_int2",
            "unpack_int4", "unpack_trits"]
 
 
