@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lowbit import _intmath
 from lowbit._backend import cpu_features
 from lowbit._io import atomic_write, write_json
 
@@ -37,8 +38,8 @@ def brevitas_student(student: nn.Module) -> nn.Module:
     layers = quant.quant_layers(baked)
     with torch.no_grad():
         for info in layers:
-            w = baked.get_submodule(info.name).weight
-            w.copy_(info.int_weight.float() * info.scale.view(-1, *[1] * (w.ndim - 1)))
+            baked.get_submodule(info.name).weight.copy_(torch.from_numpy(
+                _intmath.dequantize(info.int_weight.numpy(), info.scale.numpy())))
     for a, b in zip(layers, quant.quant_layers(baked), strict=True):
         if not (torch.equal(a.int_weight, b.int_weight) and torch.allclose(a.scale, b.scale)):
             raise RuntimeError(f"{a.name}: snapping the weights changed its quantization")

@@ -4,6 +4,14 @@ Torch- and onnx-free (numpy only): the exporter, ``describe``, the gate and the 
 
 - **Kernels.** onnxruntime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv
   (integer codes in, integer codes out); the op names below are those of its optimised graph.
+- **Fused patterns** (:data:`ONNX_OPS`): per ONNX op, the integer kernel onnxruntime fuses
+  DequantizeLinear -> op -> QuantizeLinear into (Conv: QLinearConv; Gemm: QGemm only with
+  a weight zero point, :func:`integer_kernel`; Add, Mul, Sigmoid, LeakyRelu: their QLinear
+  kernels), or that it moves the Q/DQ pair across the op, which changes no code (MaxPool,
+  views, Transpose, Split, nearest Resize); anything else runs in float.
+- **Opsets** (:data:`STORAGE_FLOORS`, :data:`MIN_ONNXRUNTIME`): INT2 from opset 25, INT4
+  from 21, per-axis DequantizeLinear from 13 (lowbit's floor); the oldest onnxruntime that
+  loads each.
 - **Activations** are stored as uint8 codes: unsigned codes as they are, signed codes + 128
   (zero point 128), the form its x86 integer kernels take.
 - **Weights** take the opset's narrowest packed type (:func:`storage_for`), ternary as trits,
@@ -53,6 +61,69 @@ import numpy as np
 
 from . import _intmath
 
+
+@dataclass(frozen=True)
+class OnnxOp:
+    """What onnxruntime's CPU provider does with one ONNX op between quantizers:
+    ``integer`` the kernel it fuses DQ -> op -> Q into (None: none), ``keeps_codes`` that it
+    moves the Q/DQ pair across the op (the op moves codes unchanged), ``weight_axis`` the
+    output-channel axis of a weight input (input 1), ``weight_zero_point`` that the fusion
+    needs an explicit weight zero point."""
+
+    integer: str | None = None
+    keeps_codes: bool = False
+    weight_axis: int | None = None
+    weight_zero_point: bool = False
+
+
+_KEEPS = OnnxOp(keeps_codes=True)
+ONNX_OPS: dict[str, OnnxOp] = {
+    "Conv": OnnxOp("QLinearConv", weight_axis=0),
+    "ConvTranspose": OnnxOp(weight_axis=1),
+    "MatMul": OnnxOp("MatMulIntegerToFloat", weight_axis=1),  # output left in float
+    "Gemm": OnnxOp("QGemm", weight_axis=0, weight_zero_point=True),  # axis 0: transB=1
+    "Add": OnnxOp("QLinearAdd"), "Mul": OnnxOp("QLinearMul"),
+    "Sigmoid": OnnxOp("QLinearSigmoid"), "LeakyRelu": OnnxOp("QLinearLeakyRelu"),
+    **dict.fromkeys(("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                     "Split", "Slice", "Resize", "Identity"), _KEEPS),
+}
+DEFAULT_OPSET, MIN_OPSET = 25, 13  # 13: per-axis DequantizeLinear
+STORAGE_FLOORS = (("int2", 25), ("int4", 21), ("int8", MIN_OPSET))  # lowest opset per type
+# the oldest onnxruntime that loads a lowbit file of at least this opset (measured with each
+# release from 1.20): 25 (IR 13, INT2), 21 (IR 10, INT4), below (INT8 weights, trits)
+MIN_ONNXRUNTIME = ((25, "1.24.1"), (21, "1.23"), (MIN_OPSET, "1.20"))
+
+
+# ONNX ops whose schema changes between opset 18 (the trace's) and 25 only add element types
+# or attributes whose defaults keep the opset-18 meaning (Resize 19: antialias, aspect
+# policy), so a graph traced at opset 18 means the same at any later opset.
+SAME_SINCE_18 = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Flatten",
+    "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat", "QuantizeLinear",
+    "DequantizeLinear", "Cast", "Identity", "Constant", "Transpose", "Squeeze", "Unsqueeze",
+    "Shape", "Gather", "Pad", "Softmax", "MatMul", "BatchNormalization", "Sigmoid",
+    "ReduceMean", "Slice", "HardSwish", "HardSigmoid", "LeakyRelu", "Erf",
+    "InstanceNormalization", "Resize"})
+
+
+def min_onnxruntime(opset: int) -> str:
+    """The oldest onnxruntime that loads a lowbit export at ``opset``."""
+    return next(v for floor, v in MIN_ONNXRUNTIME if opset >= floor)
+
+
+def weight_axis(op_type: str, trans_b: int = 0) -> int:
+    """Output-channel axis of the weight (input 1) of a ``op_type`` node (Gemm: by transB)."""
+    if op_type == "Gemm":
+        return 0 if trans_b else 1
+    return ONNX_OPS[op_type].weight_axis
+
+
+def fused_kernel(op_type: str) -> str | None:
+    """The integer kernel onnxruntime fuses a quantized ``op_type`` into (None: float)."""
+    op = ONNX_OPS.get(op_type)
+    return None if op is None else op.integer
+
+
 # onnxruntime ops that run a conv/linear on integer codes, and the float ones
 INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger",
                              "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
@@ -87,11 +158,8 @@ def storage_for(bits: int, opset: int, ternary_storage: str = "trits") -> str:
     """
     if bits == 2 and ternary_storage == "trits":
         return "trits"
-    if bits == 2 and opset >= 25:
-        return "int2"
-    if bits <= 4 and opset >= 21:
-        return "int4"
-    return "int8"
+    return next(kind for kind, floor in STORAGE_FLOORS
+                if int(kind[3:]) >= bits and opset >= floor)
 
 
 @dataclass(frozen=True)
@@ -132,7 +200,9 @@ def integer_kernel(op_type: str, weight_zero_point: bool) -> bool:
     codes into an integer kernel: always for Conv (QLinearConv); for Gemm (QGemm) only when
     the weights' DequantizeLinear has an explicit zero point, which lowbit writes for uint8
     weights alone, so its int8 Linear layers run as float Gemm."""
-    return op_type != "Gemm" or weight_zero_point
+    op = ONNX_OPS.get(op_type)
+    return op is not None and op.integer is not None and \
+        (weight_zero_point or not op.weight_zero_point)
 
 
 def nbits_zero_point(bits: int) -> int:

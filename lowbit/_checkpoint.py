@@ -354,10 +354,11 @@ def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | No
     kwargs = arch_kwargs if arch_kwargs is not None else kwargs
     if kwargs is None:
         kwargs = _default_kwargs(ckpt, name, where)
-    try:
+    try:  # the recorded arguments against the factory's signature: the file's fault, or not
+        inspect.signature(models.factory(name)).bind(**kwargs)
         with torch.device("meta"):
             probe = models.create(name, **kwargs)
-    except (LowbitError, TypeError, ValueError) as exc:
+    except (LowbitError, TypeError) as exc:  # TypeError: bind's (a bug's goes through)
         raise CheckpointError(f"{where}: cannot build its architecture {name!r} with "
                               f"{kwargs}: {_first_line(exc)}") from None
     need = sum(t.numel() for t in probe.state_dict().values())
@@ -409,9 +410,10 @@ def build(ckpt: dict[str, Any], *, model: nn.Module | None = None, allow: Collec
     if ckpt.get("quant") is not None and getattr(model, "lowbit_quant", None) is None:
         from .quant import QuantSpec, quantize
 
-        try:
-            model = quantize(model, QuantSpec.from_dict(ckpt["quant"]), copy_weights=False)
-        except (LowbitError, TypeError, ValueError) as exc:
+        try:  # from_dict reads the file's dict (TypeError: a malformed field)
+            spec = QuantSpec.from_dict(ckpt["quant"])
+            model = quantize(model, spec, copy_weights=False)
+        except (LowbitError, TypeError) as exc:
             raise CheckpointError(f"{where}: its quantization spec cannot be applied: "
                                   f"{_first_line(exc)}") from None
     try:

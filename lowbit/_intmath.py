@@ -40,6 +40,28 @@ def weight_range(bits: int) -> tuple[int, int]:
     return code_range(bits, signed=True, narrow=True)
 
 
+def channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """Broadcast shape of a per-channel vector along ``axis`` of an ``ndim``-d tensor."""
+    return tuple(-1 if i == axis else 1 for i in range(ndim))
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, axis: int = 0,
+               dtype: type = np.float32) -> np.ndarray:
+    """Weights codes * scale[c] with per-channel ``scale`` along ``axis``, computed in ``dtype``
+    (float32: the student's and the file's product; float64 for bounds)."""
+    codes = np.asarray(codes)
+    return codes.astype(dtype) * np.asarray(scale, dtype).reshape(channel_shape(codes.ndim, axis))
+
+
+def stored_scale(codes: np.ndarray, scale: np.ndarray, axis: int = 0) -> np.ndarray:
+    """float32 per-channel weight scale as a file stores it: |scale| (the sign goes into the
+    codes), 1 for a dead channel (no non-zero code), whose scale decodes nothing."""
+    codes = np.asarray(codes)
+    red = tuple(i for i in range(codes.ndim) if i != axis)
+    dead = ~np.any(codes != 0, axis=red)
+    return np.where(dead, 1.0, np.abs(np.asarray(scale, np.float64))).astype(np.float32)
+
+
 def quantize_codes(x: np.ndarray, scale: np.ndarray | float, qmin: int, qmax: int) -> np.ndarray:
     """Integer codes clamp(round(x / scale), qmin, qmax) as float32 (float32 division)."""
     t = np.asarray(x, np.float32) / np.asarray(scale, np.float32)

@@ -195,14 +195,14 @@ def test_calibration_methods_pick_ranges():
 
 
 def test_calibrated_ranges_follow_the_method(digits_split):
-    from lowbit.quant import calibrate_ranges
+    from lowbit.quant import calibrate
     from lowbit.quant._brevitas import act_ranges
 
     teacher = models.create("digits_cnn", width=4, seed=0)
     batches = [x for x, _ in digits_split[0].subset(256).loader(128)]
     ranges = {}
     for method in ("max", "percentile", "mse"):
-        student = calibrate_ranges(lowbit.quantize(teacher, weight_bits=4), batches, method)
+        student = calibrate(lowbit.quantize(teacher, weight_bits=4), batches, method)
         ranges[method] = torch.stack([r.value.detach().reshape(()) for r in act_ranges(student)])
     assert (ranges["max"] > 0).all()
     assert (ranges["percentile"] <= ranges["max"]).all() and (ranges["mse"] <= ranges["max"]).all()

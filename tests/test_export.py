@@ -39,7 +39,7 @@ from lowbit.export import (
     unpack_int4,
     unpack_trits,
 )
-from lowbit.export._export import _onnx_runner
+from lowbit.export._prepare import onnx_runner
 from lowbit.export._rewrites import FoldBatchNorm
 from lowbit.export._trace import trace
 from lowbit.export._verify import RANDOM, compare
@@ -452,7 +452,103 @@ def test_random_inputs_gate_the_logit_bound_not_top1(tmp_path):
     assert all(c.passed and not c.top1_gated and c.median_steps < 1 for c in checks)
     assert "not gated on random inputs" in str(result.verification["onnx"])
     x = torch.randn(16, 3, 32, 32)
-    run = _onnx_runner(onnx.load(str(tmp_path / "r.onnx")), "all")
+    run = onnx_runner(onnx.load(str(tmp_path / "r.onnx")), "all")
     off = compare("onnx", RANDOM, student, lambda a: run(a) + 5.0, x, np.ones(10),
                   Thresholds(min_agreement=1.0), progress=False)  # top-1 unchanged
     assert off.median_steps > 4 and not off.passed
+
+
+class _HeadReLUFirst(nn.Module):
+    """Registers its head ReLU first and uses it last, right before ``fc``; the residual add
+    feeding conv3 gets a requantizer (``add_quant``) that the student registers last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu_head = nn.ReLU()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu1(self.bn1(self.conv1(x)))
+        z = self.bn3(self.conv3(y + self.bn2(self.conv2(y))))
+        return self.fc(self.relu_head(z).flatten(1))
+
+
+def test_output_step_is_the_quantizer_feeding_the_last_layer(tmp_path):
+    """The gate's unit is s_a * max_j |W_fc[c, j]| with s_a the scale of the quantizer whose
+    codes fc reads (relu_head), not of the last quantizer registered."""
+    from lowbit.export._build import build_onnx
+    from lowbit.quant import act_quants, bake_integer_bias, output_feed, quant_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    student = quantize(_HeadReLUFirst(), weight_bits=4)
+    calibrate(student, [x])
+    assert output_feed(student) == ("fc", "relu_head")
+    scales = {a.name: float(a.scale) for a in act_quants(student)}
+    assert list(scales)[-1] != "relu_head"  # registration order puts another quantizer last
+    fc = next(i for i in quant_layers(student) if i.name == "fc")
+    w_max = (fc.int_weight.double() * fc.scale.double()[:, None]).abs().amax(1).numpy()
+    built = build_onnx(bake_integer_bias(student), x[:1])
+    np.testing.assert_allclose(built.step, scales["relu_head"] * w_max, rtol=1e-12)
+    assert not np.allclose(built.step, scales[list(scales)[-1]] * w_max)
+    result = export(student, tmp_path / "h.onnx", example_input=x[:1], verify=x,
+                    formats=("onnx",), progress=False)
+    assert result.verification["onnx"].passed
+
+
+def _stored_weight_scales(proto: onnx.ModelProto, layers) -> dict[str, np.ndarray]:
+    """Per layer, the scale of the DequantizeLinear its packed weight (named by the layer)
+    reaches, following the decoding nodes (Cast, trits Gather/Slice/Reshape) forward."""
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    found = {}
+    for name in layers:
+        tensor = name
+        while True:
+            node = next(n for n in proto.graph.node if tensor in n.input)
+            if node.op_type == "DequantizeLinear":
+                found[name] = consts[node.input[1]]
+                break
+            tensor = node.output[0]
+    return found
+
+
+def test_stored_weight_scales_are_the_students_integer_bias_scales():
+    """The file stores each layer's own scale (times its BatchNorm factor): exactly the one
+    the student's IntegerBias rounds its bias with, so both compute the same int32 bias
+    (recovered by least squares from the folded weight, conv1's differed by an ulp)."""
+    from lowbit import _intmath
+    from lowbit.export._build import build_onnx
+    from lowbit.quant import bake_integer_bias
+
+    model = _checkpoint.load_model("resnet20_cifar10_ternary")[0]
+    built = build_onnx(bake_integer_bias(model), torch.zeros(1, 3, 32, 32))
+    biases = {name.removesuffix("_integer_bias"): m for name, m in model.named_modules()
+              if name.endswith("_integer_bias")}
+    stored = _stored_weight_scales(built.proto, biases)
+    acts = {a.name: a.scale for a in built.acts}
+    assert "conv1" in biases and len(stored) == len(biases) > 10
+    for name, m in biases.items():
+        step = _intmath.bias_step(acts[m.act_name], stored[name])
+        np.testing.assert_array_equal(step, m.folded()[1], err_msg=name)
+
+
+def test_the_same_student_builds_the_same_bytes():
+    """No run-dependent names: qonnx's annotations of tensors that no longer exist (random
+    names, a few KB on a ResNet-20) are dropped with the old names."""
+    from lowbit.export._build import build_onnx
+    from lowbit.quant import bake_integer_bias
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    student = calibrate(quantize(_HeadReLUFirst(), weight_bits=2), [x])
+    first, second = (build_onnx(bake_integer_bias(student), x[:1]).proto for _ in range(2))
+    assert first.SerializeToString() == second.SerializeToString()
+    tensors = {t for n in first.graph.node for t in [*n.input, *n.output]}
+    assert all(q.tensor_name in tensors for q in first.graph.quantization_annotation)

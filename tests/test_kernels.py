@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
+from lowbit import _intmath
 from lowbit.quant import _kernels
 
 RANGES = [(-128.0, 127.0), (0.0, 15.0), (-8.0, 7.0)]
@@ -178,6 +183,7 @@ def test_no_cxx_compiler_falls_back_to_eager_once(monkeypatch, caplog):
 
     monkeypatch.setattr(_kernels, "_EAGER", {**_kernels._EAGER, "forward": forward})
     monkeypatch.setattr(_kernels, "_fused", {})
+    monkeypatch.setattr(_kernels, "_why_eager", {})
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     x, _, s, qmin, qmax = _inputs(0, torch.float32, -8.0, 7.0)
@@ -188,3 +194,22 @@ def test_no_cxx_compiler_falls_back_to_eager_once(monkeypatch, caplog):
     assert _kernels.fused("forward") is forward
     warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "InvalidCxxCompiler" in warnings[0]
+    # and it is inspectable: which kernel runs, and why
+    status = _kernels.kernel_status()
+    assert status["forward"].startswith("eager (") and "InvalidCxxCompiler" in status["forward"]
+    assert status["backward"] == "not built yet"
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=arrays(np.float32, st.integers(1, 64), elements=st.floats(-1e4, 1e4, width=32)),
+       scale=st.floats(2.0 ** -13, 2.0 ** 7, width=32),
+       qrange=st.sampled_from([_intmath.code_range(b, s) for b in (2, 4, 8)
+                               for s in (False, True)]))
+def test_fake_quant_is_the_numpy_reference(x, scale, qrange):
+    """The student's kernel (float32 division, round half to even, clamp) against the integer
+    contract's numpy quantizer, value for value: codes times scale."""
+    qmin, qmax = qrange
+    y = _kernels.fake_quant(torch.from_numpy(x), torch.tensor(scale, dtype=torch.float32),
+                            float(qmin), float(qmax))
+    want = _intmath.quantize_codes(x, np.float32(scale), qmin, qmax) * np.float32(scale)
+    np.testing.assert_array_equal(y.numpy(), want)

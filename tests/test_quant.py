@@ -147,7 +147,7 @@ def test_first_last_policy_and_overrides():
         quantize(model, weight_bits=3)
 
 
-@pytest.mark.parametrize("layer", [nn.LSTM(8, 8), nn.ConvTranspose2d(3, 3, 2), nn.Conv3d(3, 3, 1)])
+@pytest.mark.parametrize("layer", [nn.LSTM(8, 8), nn.PReLU(3), nn.Conv3d(3, 3, 1)])
 def test_unsupported_layer_is_named(layer):
     model = nn.Sequential(nn.Conv2d(3, 3, 1), layer)
     with pytest.raises(ValueError, match=rf"layer '1' is a torch\.nn\..*{type(layer).__name__}"):
@@ -348,3 +348,23 @@ def test_relu6_clip_survives_a_checkpoint(tmp_path):
     loaded = lowbit.load(tmp_path / "s.pt", model=_relu6_net())
     assert [r.max_range for r in act_ranges(loaded) if r.max_range is not None] == [6.0]
     assert torch.equal(loaded(x), want)
+
+
+def test_one_calibration_protocol_two_meanings_of_max_named_apart():
+    """``calibrate`` runs every method registered by name: "mean-max" (the mean over batches
+    of the batch max |x|, how a range initialises itself) and "max" (the max over all)."""
+    from lowbit.errors import UsageError
+    from lowbit.quant import CALIBRATORS
+
+    assert list(CALIBRATORS) == ["mean-max", "max", "percentile", "mse"]
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.Flatten(), nn.Linear(2 * 4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    batches = [torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 3.0)]
+    peaks = {}
+    for method in ("mean-max", "max"):
+        student = calibrate(quantize(model, weight_bits=8), batches, method)
+        peaks[method] = float(act_quants(student)[0].scale) * 127  # the input quantizer's range
+    assert peaks["mean-max"] == pytest.approx(2.0) and peaks["max"] == pytest.approx(3.0)
+    with pytest.raises(UsageError, match="calibration method must be one of mean-max, max"):
+        calibrate(quantize(model), batches, "minmax")

@@ -37,7 +37,7 @@ from lowbit.errors import (
     UsageError,
 )
 from lowbit.export import Thresholds
-from lowbit.export._export import build_onnx
+from lowbit.export._build import build_onnx
 from lowbit.export._verify import compare, locate
 from lowbit.quant import act_quants, bake_integer_bias, quantize
 from lowbit.runtime import Session
@@ -248,15 +248,15 @@ def test_locate_names_where_a_wrong_graph_departs_and_calls_ties_ties(student):
     model = _checkpoint.load_model(student)[0]
     baked = bake_integer_bias(model)
     x = next(iter(data.load("digits", train=False).loader(128)))[0]
-    proto, _, _, acts = build_onnx(baked, x[:1])
+    built = build_onnx(baked, x[:1])
     # the file is the student: any first difference is a float rounding tie
-    where = locate(baked, proto, acts, x)
+    where = locate(baked, built.proto, built.acts, built.codes, x)
     assert where == "" or re.search(r": (\d+) of \d+ codes, off by up to 1, \1 at a rounding "
                                     r"tie$", where), where
     bn, after = _batchnorms_and_next_quantizer(baked)[1]
     with torch.no_grad():
         bn.running_mean += 3 * bn.running_var.sqrt()  # now the file computes another network
-    where = locate(baked, proto, acts, x)
+    where = locate(baked, built.proto, built.acts, built.codes, x)
     found = re.fullmatch(rf"first difference at quantizer {re.escape(after)}: (\d+) of \d+ "
                          r"codes, off by up to (\d+), (\d+) at a rounding tie", where)
     assert found, where
@@ -749,14 +749,14 @@ def test_gate_fails_a_file_whose_integer_kernels_are_perturbed(student):
     model = _checkpoint.load_model(student)[0]
     baked = bake_integer_bias(model)
     x = next(iter(data.load("digits", train=False).loader(359)))[0]
-    proto, _, layers, acts = build_onnx(baked, x[:1])
-    packed = next(t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8
+    built = build_onnx(baked, x[:1])
+    packed = next(t for t in built.proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8
                   and t.name != "trits_table")
     packed.raw_data = bytes(242 - b if b < 243 else b for b in packed.raw_data)  # -w
-    from lowbit.export._export import _onnx_runner, _output_step
+    from lowbit.export._prepare import onnx_runner
 
-    check = compare("onnx-int", "digits", model, _onnx_runner(proto, "all"), x,
-                    _output_step(layers, acts), Thresholds(), progress=False)
+    check = compare("onnx-int", "digits", model, onnx_runner(built.proto, "all"), x,
+                    built.step, Thresholds(), progress=False)
     assert not check.passed and check.agreement < 0.9
 
 

@@ -18,7 +18,8 @@ from lowbit import _checkpoint, cli, data, models
 from lowbit._onnx_meta import TRITS_BITS
 from lowbit.export import export
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+# the table of shipped checkpoints, with the measured figures
+README = (Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "README.md").read_text()
 SHIPPED = {name: models.pretrained_info(name) for name in models.list_pretrained()}
 STUDENTS = sorted(name for name, info in SHIPPED.items() if info["weight_bits"] is not None)
 STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8, "uint8": 8}

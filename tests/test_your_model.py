@@ -141,7 +141,7 @@ def test_untraceable_model_is_refused_with_its_line():
 
 
 @pytest.mark.parametrize("op,name", [(lambda x: torch.tanh(x), "tanh"),
-                                     (lambda x: x.transpose(2, 3), "transpose")])
+                                     (lambda x: x.exp(), "exp")])
 def test_unsupported_op_is_refused_by_name_before_training(op, name):
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -186,7 +186,7 @@ def test_concatenated_branches_run_as_integer_kernels(tmp_path):
     assert result.kernels == {"integer": 4, "float": 1}  # four convs; the classifier's Gemm
 
 
-@pytest.mark.parametrize("act,kernel", [(nn.GELU, "float Erf (GELU)"),
+@pytest.mark.parametrize("act,kernel", [(nn.GELU, "float Erf"),
                                         (nn.LeakyReLU, "QLinearLeakyRelu")])
 def test_gelu_and_leaky_relu_keep_the_convs_integer(act, kernel, tmp_path):
     data = zoo.synthetic_data((3, 16, 16), 10)

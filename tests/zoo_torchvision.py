@@ -28,11 +28,11 @@ def synthetic_data(shape: tuple[int, ...], classes: int, n: int = 64, seed: int 
                    (127.5,) * shape[0], (64.0,) * shape[0])
 
 
-def teacher(arch: str, data: Dataset) -> nn.Module:
+def teacher(arch: str, data: Dataset, archs: dict | None = None) -> nn.Module:
     """``arch``'s float model with BatchNorm statistics of ``data`` (init statistics would make
     a network whose logits barely depend on its input) and affine parameters like a trained
     one's (init ones fold to equal int32 biases, which the file stores once), in eval mode."""
-    make, _, _ = ARCHS[arch]
+    make, _, _ = (ARCHS if archs is None else archs)[arch]
     torch.manual_seed(0)
     model = make().train()
     for m in model.modules():

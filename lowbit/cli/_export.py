@@ -176,8 +176,6 @@ def _load(args: argparse.Namespace, calib_spec: str | None):
 
 def _export(args: argparse.Namespace) -> None:
     verify_spec, calib_spec = _sources(args)  # before torch loads
-    import warnings
-
     from .. import _checkpoint, data
     from ..export import Thresholds, export, qonnx_path
     from ..quant import PTQConfig
@@ -204,17 +202,13 @@ def _export(args: argparse.Namespace) -> None:
               f"{a}-bit activations with {min(len(calib), ptq.calib)} calibration examples of "
               f"{calib.name} ({ptq.method}); 'lowbit distill' recovers what this costs.",
               file=sys.stderr)
-    with warnings.catch_warnings():
-        # the PTQ warnings (quantized post-training; its cost) are printed below in the CLI's words
-        warnings.filterwarnings("ignore", message="(float model quantized|post-training "
-                                "quantization costs)")
-        result = export(model, out, bits=w, act_bits=a, layer_bits=b.layer_widths(args),
-                        formats=formats, opset=args.opset, verify=verify, calib=calib, ptq=ptq,
-                        data=ckpt["data"], weight_form=args.weight_form, thresholds=thresholds,
-                        ternary_storage=args.ternary_storage, residual_add=args.residual_add,
-                        linear_kernel=args.linear_kernel, nbits=_nbits(args),
-                        input=args.input, layout=args.layout, progress=not args.quiet)
-    _print_result(args, result, verify, ptq_run)
+    result = export(model, out, bits=w, act_bits=a, layer_bits=b.layer_widths(args),
+                    formats=formats, opset=args.opset, verify=verify, calib=calib, ptq=ptq,
+                    data=ckpt["data"], weight_form=args.weight_form, thresholds=thresholds,
+                    ternary_storage=args.ternary_storage, residual_add=args.residual_add,
+                    linear_kernel=args.linear_kernel, nbits=_nbits(args), input=args.input,
+                    layout=args.layout, progress=not args.quiet)
+    _print_result(args, result, verify)
 
 
 def _nbits(args: argparse.Namespace):
@@ -241,7 +235,7 @@ def _outputs(args: argparse.Namespace):
     return out, formats
 
 
-def _print_result(args: argparse.Namespace, result, verify, ptq_run: bool) -> None:
+def _print_result(args: argparse.Namespace, result, verify) -> None:
     prog = getattr(args, "prog", "lowbit-export")
     details = [result.layers, result.arithmetic, result.linear_kernels,
                *result.verification.values()]
@@ -259,7 +253,7 @@ def _print_result(args: argparse.Namespace, result, verify, ptq_run: bool) -> No
     if verify is None and not args.quiet:
         print("verified on random inputs (--verify-data random): the file agrees with the "
               "model, but no accuracy was measured; pass --data SPEC to measure it")
-    for note in result.notes[1 if ptq_run else 0:] if not args.quiet else ():  # PTQ: said above
+    for note in [n for n in result.notes if n.kind != "ptq"] if not args.quiet else ():  # said
         print(f"note: {note}")
     for warning in result.warnings:
         print(f"{prog}: warning: {warning}", file=sys.stderr)

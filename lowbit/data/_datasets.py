@@ -19,6 +19,7 @@ import torch
 from .. import _datafiles
 from .._choices import VALIDATION_SIZE
 from .._datafiles import DataError
+from ._loader import Loader
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,6 @@ class Dataset:
     def loader(self, batch_size: int, *, train: bool = False, seed: int = 0,
                shard: tuple[int, int] = (0, 1)):
         """Batches of normalised float inputs and labels (see :class:`lowbit.data.Loader`)."""
-        from ._loader import Loader
-
         return Loader(self, batch_size, train=train, seed=seed, shard=shard)
 
     @classmethod

@@ -7,11 +7,14 @@ one gather, far cheaper than the training step it feeds, so no worker processes 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import _pixels
-from ._datasets import Dataset
+
+if TYPE_CHECKING:  # a Loader reads a Dataset's fields; the Dataset builds its Loaders
+    from ._datasets import Dataset
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...] | None,

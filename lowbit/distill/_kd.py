@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
@@ -171,10 +172,13 @@ def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = Tru
     can trace it), weights in ``precision`` ("bf16": cast once instead of autocast's cast at
     every call), channels-last unless told it cannot run so (``to_channels_last``). Its
     logits differ from the teacher's by rounding alone."""
+    frozen = copy.deepcopy(teacher).eval()
     try:
-        frozen = fuse(teacher.eval(), inplace=False)
-    except Exception:  # noqa: BLE001  (fx cannot trace it: run it unfused, same numbers)
-        frozen = copy.deepcopy(teacher).eval()
+        traced = fx.symbolic_trace(frozen)
+    except Exception:  # noqa: BLE001  (the teacher's own forward defeats fx in many ways:
+        traced = None  # it runs unfused, the same numbers; fusing a traced graph may not fail)
+    if traced is not None:
+        frozen = fuse(traced, inplace=True)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     frozen = frozen.to(dtype=dtype, memory_format=torch.channels_last if channels_last
                        else torch.preserve_format)

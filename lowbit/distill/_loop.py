@@ -155,105 +155,145 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
     """Train ``run`` for ``cfg.epochs``; checkpoint to ``out`` each epoch; return the record.
 
     ``record["val_split"]`` names the data ``val_acc`` was measured on. ``progress=False``
-    prints nothing (no bar, no per-epoch line).
+    prints nothing (no bar, no per-epoch line). Every draw comes from ``cfg.seed`` in a forked
+    random state: the caller's global RNG is left as it was.
     """
-    torch.manual_seed(cfg.seed)
-    rank, world = _dist.setup()
-    if out is not None and rank == 0:  # a missing or read-only directory: now, not after epoch 1
-        check_outputs([out, Path(out).with_suffix(".json")])
-    train_data = as_data(train_data, split="train")
-    val_data = None if val_data is None else as_data(val_data, stats=stats_of(train_data))
-    modules = {"model": run.model, **run.extra}
-    example = next(iter(train_data.loader(2)), (torch.zeros(0),))[0]
-    layout = run.channels_last and all([to_channels_last(m, example) for m in modules.values()])
-    if not layout:  # one module that cannot: all take contiguous images
-        for m in modules.values():
-            m.to(memory_format=torch.contiguous_format)
-    model = run.model
-    loader = train_data.loader(cfg.batch_size, train=True, seed=cfg.seed, shard=(rank, world))
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{len(train_data)} training examples give no full batch of "
-                            f"{cfg.batch_size}; lower the batch size")
-    record = {"config": asdict(cfg), **(record or {}), "history": []}
-    data_info = train_data.info()
-    start_step, opt_state = 0, None
-    if resume:  # before the optimiser is built: Brevitas re-creates quantizer parameters on load
-        start_step, record, opt_state = _restore(out, modules, record, data_info)
-    if val_data is not None:  # not a setting: kept out of --resume's comparison
-        record["val_split"] = f"{val_data.name} {val_data.split}"
-    if train_data.augments and rank == 0 and progress:
-        note(f"{train_data.name}: training batches are augmented (pad-4 random crop + "
-             f"horizontal flip); augment=False (--no-augment) turns it off")
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    # foreach: one multi-tensor update instead of a Python loop over ~100 tensors (PyTorch
-    # picks it on GPUs only); the same elementwise ops, so the same numbers (fused=True differs)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay, foreach=True)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    ddp = _dist.wrap(model)
-    for m in run.extra.values():
-        _dist.broadcast(m)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        loop = _Loop(run, train_data, val_data, cfg, out, progress)
+        loop.start(resume, record)
+        for epoch in range(loop.step // loop.steps_per_epoch, cfg.epochs):
+            loop.epoch(epoch)
+    run.model.eval()
+    return loop.record
 
-    def save(step: int, finished: bool) -> None:
-        if out is None or rank != 0:
+
+class _Loop:
+    """One training run's state: data, optimiser, step and record (what ``fit`` drives)."""
+
+    def __init__(self, run: Run, train_data: DataLike, val_data: DataLike | None,
+                 cfg: TrainConfig, out: str | Path | None, progress: bool) -> None:
+        self.run, self.cfg, self.out, self.progress = run, cfg, out, progress
+        self.rank, self.world = _dist.setup()
+        if out is not None and self.rank == 0:  # a missing or read-only directory: now
+            check_outputs([out, Path(out).with_suffix(".json")])
+        self.train_data = as_data(train_data, split="train")
+        self.val_data = None if val_data is None else \
+            as_data(val_data, stats=stats_of(self.train_data))
+        self.modules = {"model": run.model, **run.extra}
+        example = next(iter(self.train_data.loader(2)), (torch.zeros(0),))[0]
+        self.layout = run.channels_last and all([to_channels_last(m, example)
+                                                 for m in self.modules.values()])
+        if not self.layout:  # one module that cannot: all take contiguous images
+            for m in self.modules.values():
+                m.to(memory_format=torch.contiguous_format)
+        self.loader = self.train_data.loader(cfg.batch_size, train=True, seed=cfg.seed,
+                                             shard=(self.rank, self.world))
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise TrainingError(f"{len(self.train_data)} training examples give no full batch "
+                                f"of {cfg.batch_size}; lower the batch size")
+
+    def start(self, resume: bool, record: dict[str, Any] | None) -> None:
+        """The record, the step to start from and the optimiser (restored when resuming)."""
+        cfg, run = self.cfg, self.run
+        self.record = {"config": asdict(cfg), **(record or {}), "history": []}
+        self.data_info = self.train_data.info()
+        self.step, opt_state = 0, None
+        if resume:  # before the optimiser is built: Brevitas re-creates quantizer parameters
+            self.step, self.record, opt_state = _restore(self.out, self.modules, self.record,
+                                                         self.data_info)
+        if self.val_data is not None:  # not a setting: kept out of --resume's comparison
+            self.record["val_split"] = f"{self.val_data.name} {self.val_data.split}"
+        if self.train_data.augments and self.rank == 0 and self.progress:
+            note(f"{self.train_data.name}: training batches are augmented (pad-4 random "
+                 f"crop + horizontal flip); augment=False (--no-augment) turns it off")
+        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        # foreach: one multi-tensor update instead of a Python loop over ~100 tensors (PyTorch
+        # picks it on GPUs only); the same elementwise ops, so the same numbers
+        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                   foreach=True)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        self.ddp = _dist.wrap(run.model)
+        for m in run.extra.values():
+            _dist.broadcast(m)
+        self.start_step = self.step
+
+    def save(self, finished: bool) -> None:
+        """Checkpoint (with the optimiser and step unless ``finished``) and the record."""
+        if self.out is None or self.rank != 0:
             return
         state = None if finished else {
-            "step": step, "optimizer": opt.state_dict(),
-            "extra": {k: m.state_dict() for k, m in run.extra.items()}}
-        _checkpoint.save(out, model, data=data_info, record=record, resume=state)
-        write_json(Path(out).with_suffix(".json"), record)  # the record, readable while it runs
+            "step": self.step, "optimizer": self.opt.state_dict(),
+            "extra": {k: m.state_dict() for k, m in self.run.extra.items()}}
+        _checkpoint.save(self.out, self.run.model, data=self.data_info, record=self.record,
+                         resume=state)
+        write_json(Path(self.out).with_suffix(".json"), self.record)  # readable while it runs
 
-    step = start_step
-    for epoch in range(start_step // steps_per_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
-        for m in modules.values():
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, i: int
+                   ) -> tuple[float, torch.Tensor]:
+        """One SGD step at the step's learning rate: (loss, logits)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.lr_at(self.step, self.steps_per_epoch)
+        x = _layout(x, self.layout)
+        with _autocast(self.cfg.precision):
+            loss, logits, _ = self.run.objective(self.ddp or self.run.model, x, y, epoch)
+        if not _dist.all_finite(loss):
+            where = f"; last good checkpoint kept at {self.out}" if self.out else ""
+            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, "
+                                f"step {i + 1}{where}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for m in self.run.extra.values():
+            _dist.sync_grads(m)
+        self.opt.step()
+        self.step += 1
+        return loss.item(), logits
+
+    def epoch(self, epoch: int) -> None:
+        """Train one epoch, log it, evaluate, checkpoint."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        self.loader.set_epoch(epoch)
+        for m in self.modules.values():
             m.train()
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                           enabled=progress and rank == 0)
+        bar = progress_bar(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                           enabled=self.progress and self.rank == 0)
         for i, (x, y) in enumerate(bar):
-            if epoch * steps_per_epoch + i < start_step:
-                continue  # resuming mid-epoch: replay the epoch's draws, skip its finished steps
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr_at(step, steps_per_epoch)
-            x = _layout(x, layout)
-            with _autocast(cfg.precision):
-                loss, logits, _ = run.objective(ddp or model, x, y, epoch)
-            if not _dist.all_finite(loss):
-                where = f"; last good checkpoint kept at {out}" if out else ""
-                raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, "
-                                    f"step {i + 1}{where}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for m in run.extra.values():
-                _dist.sync_grads(m)
-            opt.step()
-            step += 1
+            if epoch * spe + i < self.start_step:
+                continue  # resuming mid-epoch: replay the epoch's draws, skip finished steps
+            loss, logits = self.train_step(x, y, epoch, i)
             seen += len(y)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
-                save(step, finished=False)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and \
+                    self.step % spe:
+                self.save(finished=False)
         bar.close()
         seconds = time.perf_counter() - t0
-        entry = {"epoch": epoch + 1, "lr": cfg.lr_at(step - 1, steps_per_epoch),
+        entry = {"epoch": epoch + 1, "lr": cfg.lr_at(self.step - 1, spe),
                  "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                 "img_per_s": seen * world / seconds, "seconds": seconds, **run.epoch_log(epoch)}
-        if val_data is not None:
-            entry["val_acc"] = record["val_acc"] = evaluate(model, val_data)
-        record["history"].append(entry)
-        if rank == 0 and progress:  # progress=False (--quiet): the final record only
+                 "img_per_s": seen * self.world / seconds, "seconds": seconds,
+                 **self.run.epoch_log(epoch)}
+        self.finish_epoch(epoch, entry)
+
+    def finish_epoch(self, epoch: int, entry: dict[str, Any]) -> None:
+        """Validate, log, re-estimate BatchNorm after the last epoch, checkpoint."""
+        model, cfg = self.run.model, self.cfg
+        if self.val_data is not None:
+            entry["val_acc"] = self.record["val_acc"] = evaluate(model, self.val_data)
+        self.record["history"].append(entry)
+        if self.rank == 0 and self.progress:  # progress=False (--quiet): the record only
             note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in entry.items()))
         last = epoch + 1 == cfg.epochs
         if last and cfg.bn_batches and getattr(model, "lowbit_quant", None) is not None:
-            _finish_bn(model, train_data, val_data, cfg, record, progress and rank == 0)
-        save(step, finished=last)
-    model.eval()
-    return record
+            _finish_bn(model, self.train_data, self.val_data, cfg, self.record,
+                       self.progress and self.rank == 0)
+        self.save(finished=last)
 
 
 @torch.no_grad()
@@ -270,7 +310,7 @@ def reestimate_bn(model: nn.Module, data: DataLike, batches: int = 100, *,
     crops shift them). ``seed``/``epoch`` pick the batches as the training loader does.
     Returns the number of batches used.
     """
-    from ..quant._brevitas import IntegerBias  # here: float training never imports Brevitas
+    from ..quant import IntegerBias  # here: float training never imports Brevitas
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:

@@ -12,8 +12,20 @@ import types
 
 from .._backend import storage_for
 from ._contract import KernelCheck, check_kernels
-from ._export import FORMATS, LINEAR_KERNELS, WEIGHT_FORMS, ExportResult, export, qonnx_path
+from ._export import (
+    FORMATS,
+    LINEAR_KERNELS,
+    RESIDUAL_ADDS,
+    TERNARY_STORAGE,
+    WEIGHT_FORMS,
+    ExportOptions,
+    ExportResult,
+    export,
+    qonnx_path,
+)
 from ._nbits import NBits, pack_nbits, unpack_nbits
+from ._notes import KINDS as NOTE_KINDS
+from ._notes import Note
 from ._pack import (
     make_tensor,
     pack_int2,
@@ -27,11 +39,11 @@ from ._pack import (
 from ._rewrites import ExportError
 from ._verify import Thresholds, Verification
 
-__all__ = ["FORMATS", "LINEAR_KERNELS", "WEIGHT_FORMS", "ExportError", "ExportResult",
-           "KernelCheck", "NBits", "Thresholds", "Verification", "check_kernels", "export",
-           "make_tensor", "pack_int2", "pack_int4", "pack_nbits", "pack_trits", "qonnx_path",
-           "read_tensor", "storage_for", "unpack_int2", "unpack_int4", "unpack_nbits",
-           "unpack_trits"]
+__all__ = ["FORMATS", "LINEAR_KERNELS", "NOTE_KINDS", "RESIDUAL_ADDS", "TERNARY_STORAGE",
+           "WEIGHT_FORMS", "ExportError", "ExportOptions", "ExportResult", "KernelCheck", "NBits",
+           "Note", "Thresholds", "Verification", "check_kernels", "export", "make_tensor",
+           "pack_int2", "pack_int4", "pack_nbits", "pack_trits", "qonnx_path", "read_tensor",
+           "storage_for", "unpack_int2", "unpack_int4", "unpack_nbits", "unpack_trits"]
 
 
 class _CallablePackage(types.ModuleType):

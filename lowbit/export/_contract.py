@@ -107,6 +107,17 @@ def _accumulators(node: onnx.NodeProto, x: np.ndarray, w: np.ndarray, x_zp: int,
     return blocks
 
 
+def _highest_code(src: onnx.NodeProto | None, value) -> int:
+    """The highest code a layer's stored input can hold, as its producer bounds it: a Clip
+    (fewer bits: its upper bound) or a lookup table (raw pixel input: its top entry)."""
+    if src is not None and src.op_type == "Clip" and len(src.input) > 2 and \
+            value(src.input[2]) is not None:
+        return int(value(src.input[2]))
+    if src is not None and src.op_type == "Gather" and value(src.input[0]) is not None:
+        return int(value(src.input[0]).max())
+    return 255
+
+
 def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[str] = (),
                   ) -> tuple[KernelCheck, ...]:
     """:class:`KernelCheck` of every integer layer of ``proto``, the model run on ``inputs``
@@ -135,14 +146,8 @@ def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[st
         if zp is not None and (zp not in inits or inits[zp].data_type not in _CODE_TYPES):
             continue  # not the uint8 codes lowbit's files feed integer kernels
         x_max = _CODE_TYPES[inits[zp].data_type] if zp else 255  # no zero point: uint8
-        src = producers.get(dx.input[0])
-        if src is not None and src.op_type == "Clip" and len(src.input) > 2 and \
-                value(src.input[2]) is not None:  # fewer bits: the Clip's upper bound
-            x_max = min(x_max, int(value(src.input[2])))
-        elif src is not None and src.op_type == "Gather" and \
-                value(src.input[0]) is not None:  # a lookup (raw pixel input): its top entry
-            x_max = min(x_max, int(value(src.input[0]).max()))
-        found.append((node, dx, dw, x_max))
+        found.append((node, dx, dw, min(x_max, _highest_code(producers.get(dx.input[0]),
+                                                             value))))
     if not found:
         return ()
     probe = onnx.ModelProto()

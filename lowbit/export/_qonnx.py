@@ -20,9 +20,11 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from onnx import numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
+from .. import _intmath
 from .. import _onnx_meta as meta
 from ._rewrites import ExportError
 
@@ -35,7 +37,8 @@ class SnapWeightsToCodes(Transformation):
     Brevitas exports the float weight and a Quant node that rounds ``w / scale``; for TWN
     ternary weights the threshold is 0.7 E|w|, not scale / 2, so rounding the float weight
     gives other codes. Stored as codes times scale, the Quant node reproduces the codes.
-    Layers are matched by weight shape and per-channel scale.
+    Run on Brevitas' export before qonnx's cleanup renames it: each layer's weight is the
+    initializer named by its module path (``<layer>.weight``).
     """
 
     def __init__(self, layers) -> None:
@@ -43,21 +46,13 @@ class SnapWeightsToCodes(Transformation):
         self.layers = layers
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
-        for node in model.get_nodes_by_op_type("Quant"):
-            w, s = model.get_initializer(node.input[0]), model.get_initializer(node.input[1])
-            if w is None or s is None or w.ndim < 2:
-                continue
-            for info in self.layers:
-                scale = info.scale.detach().numpy()
-                if tuple(info.int_weight.shape) == w.shape and s.size == scale.size and \
-                        np.allclose(s.reshape(-1), scale, rtol=1e-6, atol=0):
-                    snapped = (info.int_weight.numpy().astype(np.float32) *
-                               s.reshape(-1, *[1] * (w.ndim - 1)).astype(np.float32))
-                    model.set_initializer(node.input[0], snapped)
-                    break
-            else:
-                raise ExportError(f"QONNX weight {node.input[0]} {w.shape} matches no "
-                                  f"quantized layer of the student")
+        inits = {t.name: t for t in model.graph.initializer}
+        for info in self.layers:
+            name = info.name + ".weight"
+            if name not in inits:
+                raise ExportError(f"{info.name}: Brevitas' QONNX export has no weight {name}")
+            snapped = _intmath.dequantize(info.int_weight.numpy(), info.scale.numpy())
+            inits[name].CopyFrom(numpy_helper.from_array(snapped, name))  # in place: same order
         return model, False
 
 
@@ -86,11 +81,12 @@ def build_qonnx(student: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
         except Exception as exc:  # noqa: BLE001  (Brevitas raises many types; report one line)
             raise ExportError(f"Brevitas QONNX export failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    model = ModelWrapper(onnx.load_from_string(buf.getvalue()))
+    model = model.transform(SnapWeightsToCodes(quant_layers(student)), cleanup=False)
     try:
-        model = cleanup_model(ModelWrapper(onnx.load_from_string(buf.getvalue())))
+        model = cleanup_model(model)
     except Exception as exc:  # noqa: BLE001  (qonnx folds constants in onnxruntime)
         raise ExportError(_qonnx_runtime_message(exc)) from None
-    model = model.transform(SnapWeightsToCodes(quant_layers(student)))
     model.model.ir_version = min(model.model.ir_version, ORT_MAX_IR)
     return model.model
 

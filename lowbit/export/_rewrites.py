@@ -2,11 +2,14 @@
 
 Each is a qonnx ``Transformation``: ``apply(model) -> (model, changed)`` over a qonnx
 ``ModelWrapper``, run with ``model.transform(Rewrite(...))`` until nothing changes. Applied in
-order by :func:`lowbit.export.export`: ``RemoveStaticGraphInputs`` (qonnx) ->
-:class:`FoldBatchNorm` -> :class:`PackWeights` -> :class:`QuantizeBias` ->
+order by ``lowbit.export._build``: ``RemoveStaticGraphInputs`` (qonnx) ->
+:class:`FoldBatchNorm` -> :class:`FoldWeightTransposes` -> :class:`PackWeights` ->
+:class:`QuantizeBias` ->
 :class:`QuantizeActivations` -> :class:`SetOpset` -> :class:`ShareConstants` ->
 :class:`DropDefaultAttributes` -> :class:`ShortenNames`; then, where residual adds are kept in
-float, :class:`FloatResidualAdds` on the finished graph.
+float, :class:`FloatResidualAdds` on the finished graph. Rewrites that name tensors record
+them (``FoldBatchNorm.factors``, ``QuantizeActivations.codes``, ``ShortenNames.renamed``):
+the exporter carries identities instead of finding tensors again by value.
 """
 
 from __future__ import annotations
@@ -19,35 +22,49 @@ from qonnx.transformation.base import Transformation
 
 from .. import _intmath
 from .. import _onnx_meta as meta
-from .._backend import SIGNED_OFFSET, UNSIGNED_WEIGHTS, activation_range
+from .._backend import (
+    SAME_SINCE_18,
+    SIGNED_OFFSET,
+    UNSIGNED_WEIGHTS,
+    activation_range,
+    weight_axis,
+)
+from .._intmath import channel_shape
 from ..errors import ExportError
 from ._pack import make_tensor, trits_table
 from ._trace import DOMAIN
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
-    """Output-channel axis of the weight (input 1) of a Conv or Gemm node."""
-    if node.op_type == "Conv":
-        return 0
-    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-    return 0 if trans_b else 1
+    """Output-channel axis of the weight (input 1) of a layer node (``lowbit._backend``)."""
+    return weight_axis(node.op_type, next((a.i for a in node.attribute if a.name == "transB"), 0))
 
 
-def _channel_shape(ndim: int, axis: int) -> tuple[int, ...]:
-    return tuple(-1 if i == axis else 1 for i in range(ndim))
+def _is_layer(node: onnx.NodeProto | None) -> bool:
+    """Whether ``node`` is a conv/linear the exporter quantizes (Conv or Gemm)."""
+    return node is not None and node.op_type in _LAYERS
+
+
+_LAYERS = ("Conv", "Gemm", "MatMul")  # MatMul: a Linear on more than two dims
 
 
 class FoldBatchNorm(Transformation):
     """Fold an inference BatchNormalization into the Conv/Gemm that alone feeds it.
 
     BN(y) = (y - mean) * f + beta with f = gamma / sqrt(var + eps), so the layer gets weight
-    W * f (per output channel) and bias (b - mean) * f + beta; computed in float64.
+    W * f (per output channel) and bias (b - mean) * f + beta; computed in float64. ``factors``
+    keeps f (float64) per weight name: :class:`PackWeights` scales the layer's own scales by
+    it instead of recovering them from the folded weight.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factors: dict[str, np.ndarray] = {}
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         for bn in model.get_nodes_by_op_type("BatchNormalization"):
             layer = model.find_producer(bn.input[0])
-            if layer is None or layer.op_type not in ("Conv", "Gemm") or \
+            if not _is_layer(layer) or \
                     model.get_tensor_fanout(bn.input[0]) != 1:
                 continue
             w = model.get_initializer(layer.input[1])
@@ -59,8 +76,9 @@ class FoldBatchNorm(Transformation):
             bias = model.get_initializer(layer.input[2]) if len(layer.input) > 2 else None
             f, folded = _intmath.fold_batchnorm(bias, *params, eps)
             axis = _weight_axis(layer)
+            self.factors[layer.input[1]] = f
             model.set_initializer(layer.input[1], (w.astype(np.float64) *
-                                                   f.reshape(_channel_shape(w.ndim, axis))
+                                                   f.reshape(channel_shape(w.ndim, axis))
                                                    ).astype(np.float32))
             bias_name = layer.input[1].rsplit(".", 1)[0] + ".bias"
             if len(layer.input) > 2:
@@ -74,17 +92,43 @@ class FoldBatchNorm(Transformation):
         return model, False
 
 
-def channel_scales(w: np.ndarray, codes: np.ndarray, axis: int, name: str) -> np.ndarray:
-    """Per-channel s with ``w == codes * s`` (least squares, then checked to 1e-5 relative)."""
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    w64, q = w.astype(np.float64), codes.astype(np.float64)
-    qq = (q * q).sum(axis=red)
-    s = np.where(qq > 0, (w64 * q).sum(axis=red) / np.where(qq > 0, qq, 1), 1.0)
-    err = np.abs(w64 - q * s.reshape(_channel_shape(w.ndim, axis))).max(initial=0)
+class FoldWeightTransposes(Transformation):
+    """Fold the ``Transpose`` of a 2-d weight initializer in ``names`` into the initializer.
+
+    torch exports a Linear applied to more than two dims (channels-last MLPs, ConvNeXt's) as
+    MatMul(x, Transpose(W)); with the transpose folded, the MatMul reads ``W.T`` [in, out] by
+    the weight's own name, so :class:`PackWeights` packs it (output channels on axis 1).
+    ``transposed`` lists the weights folded so.
+    """
+
+    def __init__(self, names: frozenset[str]) -> None:
+        super().__init__()
+        self.names, self.transposed = names, set()
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        for node in model.get_nodes_by_op_type("Transpose"):
+            w = model.get_initializer(node.input[0])
+            if node.input[0] not in self.names or w is None or w.ndim != 2 or \
+                    node.input[0] in self.transposed:
+                continue
+            name = node.input[0]
+            model.set_initializer(name, np.ascontiguousarray(w.T))
+            for user in model.find_consumers(node.output[0]):
+                user.input[:] = [name if x == node.output[0] else x for x in user.input]
+            model.graph.node.remove(node)
+            self.transposed.add(name)
+            return model, True
+        return model, False
+
+
+def check_codes(w: np.ndarray, q: np.ndarray, s: np.ndarray, axis: int, name: str) -> None:
+    """Refuse a float weight ``w`` that is not ``q * s`` per channel (to 1e-5 relative): the
+    layer's codes and scales do not describe the traced weight."""
+    w64 = w.astype(np.float64)
+    err = np.abs(w64 - _intmath.dequantize(q, s, axis, np.float64)).max(initial=0)
     if err > 1e-5 * max(np.abs(w64).max(initial=0), 1e-30):
         raise ExportError(f"{name}: weights are not integer codes times a per-channel scale "
                           f"(max error {err:.3g}); is the layer quantized per output channel?")
-    return s
 
 
 TRITS_TABLE = meta.TRITS_TABLE
@@ -120,40 +164,44 @@ class PackWeights(Transformation):
     """Replace float weights by packed integer codes and a per-channel DequantizeLinear.
 
     ``codes`` maps a weight initializer name to (int8 codes, storage "int2"|"int4"|"int8"|
-    "uint8"|"trits"; trits are decoded in-graph by :func:`_decode_trits`, uint8 codes + 128
-    carry zero point 128: ``lowbit._backend``'s overflow rule).
-    The per-channel scale is recovered from the (BatchNorm-folded) float weight; a negative
-    scale (negative BN gamma) flips the channel's codes so every stored scale is positive.
+    "uint8"|"trits", float32 per-channel scale of the student's layer; trits are decoded
+    in-graph by :func:`_decode_trits`, uint8 codes + 128 carry zero point 128:
+    ``lowbit._backend``'s overflow rule). ``factors``: the BatchNorm factor f folded into each
+    weight (:class:`FoldBatchNorm`); the channel scale is scale * f (checked against the folded
+    float weight), a negative one (negative BN gamma) flips the channel's codes so every
+    stored scale is positive (``lowbit._intmath.stored_scale``).
     ``cast=True`` inserts ``Cast(to=INT8)`` after an INT2/INT4 initializer: onnxruntime folds
     it at load time, leaving the int8 DequantizeLinear pattern its QDQ fusion turns into
     integer kernels (QLinearConv), while the file still holds 2/4-bit weights.
     """
 
-    def __init__(self, codes: dict[str, tuple[np.ndarray, str]], cast: bool = True) -> None:
+    def __init__(self, codes: dict[str, tuple[np.ndarray, str, np.ndarray]],
+                 factors: dict[str, np.ndarray], cast: bool = True) -> None:
         super().__init__()
-        self.codes, self.cast = codes, cast
+        self.codes, self.factors, self.cast = codes, factors, cast
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm") or node.input[1] not in self.codes:
+            if not _is_layer(node) or node.input[1] not in self.codes:
                 continue
             name = node.input[1]
             w = model.get_initializer(name)
             if w is None:
                 continue
-            q, storage = self.codes[name]
+            q, storage, scale = self.codes[name]
             q = np.asarray(q).astype(np.int8)
             axis = _weight_axis(node)
             if q.shape != w.shape:
                 raise ExportError(f"{name}: codes of shape {q.shape} for a weight {w.shape}")
-            s = channel_scales(w, q, axis, name)
+            s = np.asarray(scale, np.float64) * self.factors.get(name, 1.0)
+            check_codes(w, q, s, axis, name)
             sign = np.where(s < 0, -1, 1).astype(np.int8)
-            q = q * sign.reshape(_channel_shape(q.ndim, axis))
+            q = q * sign.reshape(channel_shape(q.ndim, axis))
             model.del_initializer(name)
             # the packed weight is named by its layer: "layer1.0.conv1.weight" -> "layer1.0.conv1"
             src = name.removesuffix(".weight")
             model.graph.initializer.append(make_tensor(src, q, storage))
-            model.set_initializer(name + "_scale", np.abs(s).astype(np.float32))
+            model.set_initializer(name + "_scale", _intmath.stored_scale(q, s, axis))
             args = [name + "_scale"]
             if storage == "trits":
                 src = _decode_trits(model, src, q.shape, name)
@@ -188,7 +236,7 @@ class QuantizeBias(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or \
+            if not _is_layer(node) or len(node.input) < 3 or \
                     node.input[1] not in self.input_scales:
                 continue
             bias = model.get_initializer(node.input[2])
@@ -243,7 +291,13 @@ class QuantizeActivations(Transformation):
     feed two ops, or pass a Clip, and the conv before it then stays float). QuantizeLinear
     saturates to the 8-bit range; for fewer bits a Clip on the codes narrows it to
     [qmin, qmax] (+ 128 if signed), so y = clamp(round(x / s), qmin, qmax) * s exactly.
+    ``codes`` maps each quantizer's name to the tensor of its stored codes (the
+    QuantizeLinear output): the identity ``locate`` reads the file's codes by.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes: dict[str, str] = {}
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         for node in model.graph.node:
@@ -268,7 +322,7 @@ class QuantizeActivations(Transformation):
             idx = model.get_node_index(node)
             x, y = node.input[0], node.output[0]
             new = [helper.make_node("QuantizeLinear", [x, *qargs], [name + ".q"], **kw)]
-            codes = name + ".q"
+            codes = self.codes[name] = name + ".q"
             if bits < 8:
                 model.set_initializer(name + ".qmin", np.asarray(lo, dtype))
                 model.set_initializer(name + ".qmax", np.asarray(hi, dtype))
@@ -281,16 +335,6 @@ class QuantizeActivations(Transformation):
                 model.graph.node.insert(idx + i, n)
             return model, True
         return model, False
-
-
-# ONNX ops whose schema changes between opset 18 and 25 only add element types, so a graph
-# traced at opset 18 means the same at any later opset.
-_SAME_SINCE_18 = {"Conv", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Flatten",
-                  "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat",
-                  "QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Constant",
-                  "Transpose", "Squeeze", "Unsqueeze", "Shape", "Gather", "Pad", "Softmax",
-                  "MatMul", "BatchNormalization", "Sigmoid", "ReduceMean", "Slice",
-                  "HardSwish", "HardSigmoid", "LeakyRelu", "Erf"}
 
 
 class SetOpset(Transformation):
@@ -306,7 +350,7 @@ class SetOpset(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         if self.opset > self.traced_at:
             changed = sorted({n.op_type for n in model.graph.node
-                              if n.op_type not in _SAME_SINCE_18 and
+                              if n.op_type not in SAME_SINCE_18 and
                               onnx.defs.get_schema(n.op_type, self.opset).since_version >
                               self.traced_at})
             if changed:
@@ -382,12 +426,14 @@ def _short_name(i: int) -> str:
 class ShortenNames(Transformation):
     """Short names (``_short_name``) for initializers and intermediate tensors, except graph
     inputs/outputs and the initializers in ``keep`` (the packed weights, named by layer); node
-    names, doc strings and value_info are dropped: names are a visible share of a packed
-    low-bit file."""
+    names, doc strings, value_info and annotations of tensors that no longer exist are
+    dropped: names are a visible share of a packed low-bit file. ``renamed`` maps each old
+    tensor name to its new one, so what the exporter knows by name survives the shortening."""
 
     def __init__(self, keep: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.keep = keep
+        self.renamed: dict[str, str] = {}
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         g = model.graph
@@ -406,6 +452,15 @@ class ShortenNames(Transformation):
             node.input[:] = [rename.get(x, x) for x in node.input]
             node.ClearField("name")
             node.ClearField("doc_string")
+        self.renamed = rename
+        # qonnx annotates tensors (finn_datatype) under names, some random, that no longer
+        # exist: bytes that differ from run to run and describe nothing
+        present = {t for n in g.node for t in [*n.input, *n.output]} | keep
+        for q in g.quantization_annotation:
+            q.tensor_name = rename.get(q.tensor_name, q.tensor_name)
+        kept = [q for q in g.quantization_annotation if q.tensor_name in present]
+        del g.quantization_annotation[:]
+        g.quantization_annotation.extend(kept)
         del g.value_info[:]
         g.ClearField("doc_string")
         model.model.ClearField("doc_string")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .. import _onnx_meta as meta
-from .._intmath import code_range
+from .._intmath import code_range, dequantize
 from ..errors import ExportError
 from ..quant._kernels import fake_quant
 
@@ -91,8 +91,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _float_layer(old: nn.Module, info) -> nn.Module:
     """A plain Conv2d/Linear with the hyperparameters of ``old`` and weight codes * scale."""
-    scale = info.scale.detach().float().reshape(-1, *([1] * (info.int_weight.ndim - 1)))
-    weight = info.int_weight.detach().float() * scale
+    weight = torch.from_numpy(dequantize(info.int_weight.detach().numpy(),
+                                         info.scale.detach().float().numpy()))
     bias = info.bias is not None
     if isinstance(old, (nn.Conv1d, nn.Conv2d)):
         conv = nn.Conv1d if isinstance(old, nn.Conv1d) else nn.Conv2d

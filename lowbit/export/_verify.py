@@ -164,8 +164,8 @@ def compare(fmt: str, source: str, student: torch.nn.Module,
                         top1, median_steps, ties, counted)
 
 
-def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor,
-           optimization: str = "basic", feed=None) -> str:
+def locate(student: torch.nn.Module, proto, acts, codes: dict[str, str],
+           inputs: torch.Tensor, optimization: str = "basic", feed=None) -> str:
     """Where the file first departs from the student on ``inputs``: the first activation
     quantizer, in graph order, whose codes differ, how many and by how much, and how many
     of those sit at a rounding tie in the student (float rounding) rather than off (a wrong
@@ -173,30 +173,24 @@ def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor,
     float kernels; "all": the integer kernels onnxruntime fuses, whose outputs are the codes)
     on ``feed(inputs)`` (a raw-pixel-input file: the pixels; default: the inputs).
 
-    Each ``acts`` entry (the exporter's ``Act``) is matched to the first unused QuantizeLinear
-    with its scale, in graph order; the file's codes are read from that node's output.
+    ``acts`` are the exporter's ``Act``; ``codes`` maps each quantizer's name to the tensor of
+    its stored codes in ``proto`` (``Built.codes``, carried from the rewrite that made it).
     """
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from ..runtime._session import session_options
+    from ..runtime import session_options
 
     consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    qnodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    where: dict[str, int] = {}  # act name -> index into qnodes
-    for act in acts:
-        for i, node in enumerate(qnodes):
-            s = consts.get(node.input[1])
-            if i not in where.values() and s is not None and s.shape == act.scale.shape \
-                    and np.array_equal(s, act.scale):
-                where[act.name] = i
-                break
+    producers = {out: (i, n) for i, n in enumerate(proto.graph.node) for out in n.output}
+    where = {a.name: producers[codes[a.name]] for a in acts
+             if codes.get(a.name) in producers}  # act name -> (graph index, QuantizeLinear)
     if not where:
         return ""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    names = [qnodes[i].output[0] for i in where.values()]
+    names = [codes[name] for name in where]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     sess = ort.InferenceSession(probe.SerializeToString(),
                                 session_options(optimization=optimization),
@@ -215,10 +209,10 @@ def locate(student: torch.nn.Module, proto, acts, inputs: torch.Tensor,
         for h in hooks:
             h.remove()
     by_act = {a.name: a for a in acts}
-    for name in sorted(where, key=where.get):  # graph order
+    for name in sorted(where, key=lambda n: where[n][0]):  # graph order
         act = by_act[name]
         lo, hi = _intmath.code_range(act.bits, act.signed)
-        node = qnodes[where[name]]  # the file's own zero point (absent: 0)
+        node = where[name][1]  # the file's own zero point (absent: 0)
         zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else 0
         got = np.clip(file_codes[name].astype(np.int64) - np.int64(zero), lo, hi)
         x, y = (t.float().numpy() for t in seen[name])

@@ -129,7 +129,9 @@ def fuse(source: str, ops: list[Op], outputs: list[str]) -> Graph:
         elif op.kind == UNARY and src is not None and sole:
             alias[op.output] = ins[0]
             src["fused"].append(op.name)
-            src["params"].extend(op.params)  # a lookup's table (raw pixel input)
+            # a lookup's table (raw pixel input) is data the file stores; the affine params of
+            # other fused unary ops are not counted here (see the footprint's limitations)
+            src["params"].extend(p for p in op.params if p.role == "table")
             if op.bits is not None:
                 src["act_bits"] = min(src["act_bits"], op.bits)
             inplace_ok[ins[0]] = False

@@ -55,16 +55,17 @@ _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorPro
 _UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
           "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu", "Erf", "Identity", "Dropout",
           "Cast", "QuantizeLinear", "DequantizeLinear", "Neg", "Abs", "Sqrt", "Exp", "Round",
-          "Floor", "Ceil"}
-_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+          "Floor", "Ceil", "LayerNormalization", "InstanceNormalization",
+          "GroupNormalization"}
+_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice"}
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
-         "ReduceMax"}
+         "ReduceMax", "Resize"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Sum"}  # Sum: lowbit writes residual adds as Sum
 _META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
-_CONST_ONLY = {"Gather", "Slice"}  # accepted where they compute constants (trits decoding)
-# and a Gather of activations from a constant table (a raw-pixel input's lookup)
-SUPPORTED = sorted({"Conv", "Gemm", "MatMul", "BatchNormalization", "Concat", "Constant",
-                    *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
+_CONST_ONLY = {"Gather"}  # accepted where it computes constants (trits decoding), and
+# where it looks activations up in a constant table (a raw-pixel input's lookup)
+SUPPORTED = sorted({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Concat",
+                    "Constant", *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
 
 
 def load(model: str | Path | onnx.ModelProto,
@@ -147,10 +148,10 @@ def _module_path(name: str) -> str:
     return ".".join(path)
 
 
-def _build(proto: onnx.ModelProto, source: str) -> Graph:
-    g = proto.graph
+def _constants(g: onnx.GraphProto, types: dict) -> tuple[dict, set[str], dict]:
+    """(constant tensors -> (dims, element type), shape-plumbing tensors, producer per tensor):
+    initializers, Constant outputs and what is computed from constants alone."""
     consts = {i.name: (tuple(i.dims), i.data_type) for i in g.initializer}
-    types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
     producer: dict[str, onnx.NodeProto] = {}
     meta: set[str] = set()
     for n in g.node:
@@ -167,28 +168,43 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
         elif ins and all(t in consts for t in ins):
             for t in n.output:  # constant subgraph (DequantizeLinear of weights, Cast, ...)
                 consts[t] = (_dims(types.get(t)) or (), _elem(types.get(t)))
-    inits = {i.name for i in g.initializer} | {n.output[0] for n in g.node
-                                               if n.op_type == "Constant"}
-    # scales / zero points / clip bounds of activation quantizers (a layer's int32 bias scale
-    # reuses its input quantizer's scale): not weights
-    act_consts = {t for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip")
-                  and n.input[0] not in consts for t in n.input[1:] if t in inits}
-    claimed: set[str] = set()
+    return consts, meta, producer
 
-    def sources(t: str) -> list[str]:
+
+class _Builder:
+    """Reads one ONNX graph into footprint ``Op`` s: which constants are a layer's weights,
+    its bias, its scales and zero points, and per node the kind, shape and bits."""
+
+    def __init__(self, proto: onnx.ModelProto, source: str) -> None:
+        g = self.g = proto.graph
+        self.source = source
+        self.types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
+        self.consts, self.meta, self.producer = _constants(g, self.types)
+        self.inits = {i.name for i in g.initializer} | {n.output[0] for n in g.node
+                                                        if n.op_type == "Constant"}
+        # scales / zero points / clip bounds of activation quantizers (a layer's int32 bias
+        # scale reuses its input quantizer's scale): not weights
+        self.act_consts = {t for n in g.node
+                           if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Clip")
+                           and n.input[0] not in self.consts for t in n.input[1:]
+                           if t in self.inits}
+        self.claimed: set[str] = set()
+
+    def sources(self, t: str) -> list[str]:
         """Initializers (and Constant outputs) a constant tensor is computed from."""
-        if t in inits:
+        if t in self.inits:
             return [t]
-        n = producer.get(t)
-        return [s for i in (n.input if n else ()) if i for s in sources(i)]
+        n = self.producer.get(t)
+        return [s for i in (n.input if n else ()) if i for s in self.sources(i)]
 
-    def params(t: str, main: str) -> list[Param]:
+    def params(self, t: str, main: str) -> list[Param]:
         """Parameters stored for a weight (main="weight") or bias (main="bias") input."""
-        everything = list(dict.fromkeys(sources(t)))
+        consts = self.consts
+        everything = list(dict.fromkeys(self.sources(t)))
         # int64 initializers are shapes and indices (graph plumbing), not weight data
-        found = [s for s in everything if s not in claimed and s != TRITS_TABLE
-                 and s not in act_consts and consts[s][1] != TensorProto.INT64]
-        claimed.update(found)
+        found = [s for s in everything if s not in self.claimed and s != TRITS_TABLE
+                 and s not in self.act_consts and consts[s][1] != TensorProto.INT64]
+        self.claimed.update(found)
         # the stored codes first: integer-typed in a quantized file (the trit bytes of a small
         # layer are fewer than its float scales), else the largest tensor
         found.sort(key=lambda s: (consts[s][1] in _FLOATS and TRITS_TABLE in everything,
@@ -201,62 +217,84 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
                 out.append(Param(role, math.prod(consts[t][0]), TRITS_BITS))
             else:
                 out.append(Param(role, math.prod(dims), _BITS.get(elem, FP32)))
-        if TRITS_TABLE in everything and TRITS_TABLE not in claimed:
-            claimed.add(TRITS_TABLE)
+        if TRITS_TABLE in everything and TRITS_TABLE not in self.claimed:
+            self.claimed.add(TRITS_TABLE)
             out.append(Param("table", math.prod(consts[TRITS_TABLE][0]), 8))
         return out
 
-    def shape(t: str) -> tuple[int, ...] | None:
+    def shape(self, t: str) -> tuple[int, ...] | None:
         """Per-sample shape; None unless the rank and every dim are known."""
-        dims = _dims(types.get(t))
+        dims = _dims(self.types.get(t))
         return dims[1:] if dims and min(dims) > 0 else None
 
-    inputs = [v.name for v in g.input if v.name not in consts]
-    ops = [Op(name, INPUT, [], name, shape(name) or (), bits=_BITS.get(_elem(types[name]), FP32))
-           for name in inputs]
-    missing: list[str] = []
-    for n in g.node:
-        acts = [t for t in n.input if t and t not in consts and t not in meta]
-        if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in meta:
-            continue
-        if n.op_type in _CONST_ONLY and not (n.op_type == "Gather" and n.input[0] in consts):
-            raise FootprintError(f"{source}: {n.op_type} on activations ({n.output[0]}) is not "
-                                 f"accounted; only constant {n.op_type} (weight decoding) is")
+    def layer(self, n: onnx.NodeProto, kind: str, out_shape: tuple[int, ...]
+              ) -> tuple[list[Param], int]:
+        """(parameters, MACs) of a conv/linear node."""
+        ps = self.params(n.input[1], "weight") + (self.params(n.input[2], "bias")
+                                                   if len(n.input) > 2 and n.input[2] else [])
+        w = _dims(self.types.get(n.input[1])) or self.consts[n.input[1]][0]
+        in_features = w[0] if n.op_type == "MatMul" or (
+            n.op_type == "Gemm" and not _attr(n, "transB", 0)) else w[-1]
+        fan_in = math.prod(w[1:])
+        if n.op_type == "ConvTranspose":  # weight [C_in, C_out / g, k...]: per output value
+            strides = next((list(a.ints) for a in n.attribute if a.name == "strides"), [1])
+            fan_in = w[0] // _attr(n, "group", 1) * math.prod(w[2:]) // math.prod(strides)
+        return ps, math.prod(out_shape) * (fan_in if kind == CONV else in_features)
+
+    def op(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> Op:
+        """The footprint ``Op`` of a node that computes on activations."""
         out = n.output[0]
-        out_shape = shape(out)
-        if out_shape is None:
-            missing.append(f"{out} ({n.op_type})")
-            continue
-        kind, ps, macs, bits = _classify(n, acts, consts)
+        acts = [t for t in n.input if t and t not in self.consts and t not in self.meta]
+        kind, ps, macs, bits = _classify(n, acts, self.consts)
         if kind in (CONV, LINEAR):
-            ps = params(n.input[1], "weight") + (params(n.input[2], "bias")
-                                                 if len(n.input) > 2 and n.input[2] else [])
-            w = _dims(types.get(n.input[1])) or consts[n.input[1]][0]
-            in_features = w[0] if n.op_type == "MatMul" or (
-                n.op_type == "Gemm" and not _attr(n, "transB", 0)) else w[-1]
-            macs = math.prod(out_shape) * (math.prod(w[1:]) if kind == CONV else in_features)
+            ps, macs = self.layer(n, kind, out_shape)
         elif kind == AFFINE and n.op_type != "BatchNormalization":
-            ps = params(next(t for t in n.input if t in consts), "bias")
+            ps = self.params(next(t for t in n.input if t in self.consts), "bias")
         if n.op_type in ("QuantizeLinear", "Gather"):
-            bits = _BITS.get(_elem(types.get(out)), FP32)
-        elif n.op_type == "Clip" and _elem(types.get(out)) not in _FLOATS:
-            bits = _clip_bits(n, g)
+            bits = _BITS.get(_elem(self.types.get(out)), FP32)
+        elif n.op_type == "Clip" and _elem(self.types.get(out)) not in _FLOATS:
+            bits = _clip_bits(n, self.g)
         name = _module_path(n.name) if n.name else out
         if kind in (ADD, CONCAT):
             name = ".".join(p for p in (name, n.op_type.lower()) if p)
-        name = name or n.name
-        ops.append(Op(name, kind, acts, out, out_shape, ps, macs, bits))
-    if missing:
-        raise FootprintError(f"{source}: no shape information for {len(missing)} tensor(s): "
-                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
-                             f"the graph needs static shapes apart from the batch dimension")
-    return fuse(source, ops, [v.name for v in g.output])
+        return Op(name or n.name, kind, acts, out, out_shape, ps, macs, bits)
+
+    def graph(self) -> Graph:
+        """Every node's Op, fused (``_graph.fuse``); FootprintError where shapes are missing."""
+        g, consts = self.g, self.consts
+        inputs = [v.name for v in g.input if v.name not in consts]
+        ops = [Op(name, INPUT, [], name, self.shape(name) or (),
+                  bits=_BITS.get(_elem(self.types[name]), FP32)) for name in inputs]
+        missing: list[str] = []
+        for n in g.node:
+            if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in self.meta:
+                continue
+            if n.op_type in _CONST_ONLY and not (n.op_type == "Gather"
+                                                 and n.input[0] in self.consts):
+                raise FootprintError(f"{self.source}: {n.op_type} on activations "
+                                     f"({n.output[0]}) is not accounted; only constant "
+                                     f"{n.op_type} (weight decoding) is")
+            out_shape = self.shape(n.output[0])
+            if out_shape is None:
+                missing.append(f"{n.output[0]} ({n.op_type})")
+                continue
+            ops.append(self.op(n, out_shape))
+        if missing:
+            raise FootprintError(f"{self.source}: no shape information for {len(missing)} "
+                                 f"tensor(s): {', '.join(missing[:8])}"
+                                 f"{' ...' if len(missing) > 8 else ''}; the graph needs static "
+                                 f"shapes apart from the batch dimension")
+        return fuse(self.source, ops, [v.name for v in g.output])
+
+
+def _build(proto: onnx.ModelProto, source: str) -> Graph:
+    return _Builder(proto, source).graph()
 
 
 def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
     """(kind, params, macs, bits) of a node that computes on activations."""
     op = n.op_type
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         if n.input[1] not in consts:
             raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
                                  f"supported (input {n.input[1]!r} is not a constant)")

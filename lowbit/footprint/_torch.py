@@ -18,10 +18,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _ops
 from .._backend import UNSIGNED_WEIGHTS
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE_ELEMENTS
 from ..errors import FootprintError
-from ..quant._brevitas import IntegerBias
+from ..quant import IntegerBias
 from ._graph import (
     ADD,
     AFFINE,
@@ -62,7 +63,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return type(m).__module__.startswith(("brevitas", "lowbit.quant")) or \
-            super().is_leaf_module(m, qualname)
+            _ops.is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
@@ -86,6 +87,7 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     shapes = _shapes(model, graph, input_shape, source)
     ops, outputs = [], []
     table_counted = False  # the trits' decoding table is stored once per model
+    skipped: dict[str, list[str]] = {}  # non-tensor node -> the tensors it read
     for node in graph.nodes:
         if node.op == "output":
             outputs = _nodes(node.args)
@@ -97,13 +99,15 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         if node.op == "get_attr":
             continue
         kind, name, params, macs, bits = _classify(node, modules, storage, act_bits, shape)
-        if kind is None or shape is None:  # shape queries and other non-tensor results
+        ins = [i for a in _nodes((node.args, node.kwargs)) for i in skipped.get(a, [a])
+               if i in shapes]
+        if kind is None or shape is None:  # shape queries, tuples (a split's parts)
+            skipped[node.name] = ins  # a part of a split reads what the split read
             continue
         if storage.get(name) == "trits" and not table_counted:
             params = [*params, Param("table", TRITS_TABLE_ELEMENTS, 8)]  # decoding table, once
             table_counted = True
-        ops.append(Op(name, kind, [a for a in _nodes((node.args, node.kwargs)) if a in shapes],
-                      node.name, shape, params, macs, bits))
+        ops.append(Op(name, kind, ins, node.name, shape, params, macs, bits))
     return fuse(source, ops, outputs)
 
 
@@ -157,11 +161,14 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, s
               act_bits: dict[str, int], shape: tuple[int, ...] | None) -> tuple:
     """(kind, name, params, macs, bits) of one fx node; kind "unknown" if unsupported."""
     stack = list((node.meta.get("nn_module_stack") or {}).keys())
+    op = _ops.lookup(node, modules)
+    if op is not None and op.footprint is None:  # sizes and indices: no tensor
+        return None, node.name, [], 0, None
     if node.op == "call_module":
         name, m = node.target, modules[node.target]
         if name in act_bits:
             return UNARY, name, [], 0, act_bits[name]
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)):
             return (*_weighted(name, m, storage.get(name), shape)[:4], None)
         if isinstance(m, _BN_MODULES):
             c = m.num_features
@@ -172,8 +179,15 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, s
             return POOL, name, [], 0, None
         if isinstance(m, nn.Flatten):
             return VIEW, name, [], 0, None
+        if op is not None:  # the registry's kind; a normalisation's affine parameters
+            return op.footprint, name, _affine(m.parameters()), 0, None
         return "unknown", f"{name} ({type(m).__name__})", [], 0, None
-    if node.op == "call_function":
+    if op is not None and node.op == "call_function":
+        kind = op.footprint
+        base = getattr(node.target, "__name__", str(node.target))
+    elif op is not None:
+        kind, base = op.footprint, node.target
+    elif node.op == "call_function":
         kind = _FUNCTIONS.get(node.target, "unknown")
         base = getattr(node.target, "__name__", str(node.target))
     else:  # call_method
@@ -186,6 +200,12 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, s
     return kind, name if kind != "unknown" else f"{node.name} ({base})", [], 0, None
 
 
+def _affine(params) -> list[Param]:
+    """A normalisation's per-channel scale and shift (fp32), if it has them."""
+    return [Param(role, p.numel(), FP32) for role, p in zip(("scale", "bias"), params,
+                                                              strict=False)]
+
+
 # bits per stored code (lowbit.export's storage names); uint8 codes carry a zero point too
 _STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8, UNSIGNED_WEIGHTS: 8}
 
@@ -193,7 +213,8 @@ _STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8, UNSIGNED_W
 def _weighted(name: str, m: nn.Module, storage: str | None, shape: tuple[int, ...] | None
               ) -> tuple:
     """(kind, name, params, MACs) of a conv/linear; ``storage`` None means a float layer."""
-    n_out = m.weight.shape[0]
+    axis = 1 if isinstance(m, nn.ConvTranspose2d) else 0  # the registry's weight axis
+    n_out = m.weight.shape[axis]
     params = [Param("weight", m.weight.numel(), _STORED_BITS[storage] if storage else FP32)]
     if storage is not None:
         params.append(Param("scale", n_out, FP32))
@@ -203,5 +224,8 @@ def _weighted(name: str, m: nn.Module, storage: str | None, shape: tuple[int, ..
         params.append(Param("bias", m.bias.numel(), FP32))
     out = math.prod(shape) if shape else 0
     fan_in = math.prod(m.weight.shape[1:])  # C_in / groups * kernel, or in_features
+    if axis == 1:  # transposed: each output takes C_in / groups * kernel / stride^2 products
+        fan_in = m.weight.shape[0] // m.groups * math.prod(m.weight.shape[2:]) // \
+            math.prod(m.stride)
     kind = LINEAR if isinstance(m, nn.Linear) else CONV
     return kind, name, params, out * fan_in

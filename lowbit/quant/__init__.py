@@ -4,26 +4,38 @@ layer the weight bits, input bits and the onnxruntime kernel that will run it.
 
 ``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
 exporter's contract, see ``_inspect``), ``weight_storages`` how the exporter stores them;
-``calibrate`` (running mean of batch max) and
-``calibrate_ranges`` / ``calibrate_data`` (max, percentile or MSE on batches or on any data,
-see ``_calibrate``) set activation ranges for post-training quantization;
-``bake_integer_bias`` folds the eval-mode integer-bias rounding into plain biases for tracing.
+``calibrate(student, batches, method)`` sets activation ranges by a calibration method
+registered by name (``CALIBRATORS``: mean-max, max, percentile, MSE; see ``_calibrate``),
+``calibrate_data`` does so on any data as a ``PTQConfig`` says;
+``bake_integer_bias`` folds the eval-mode integer-bias rounding (``IntegerBias`` nodes) into
+plain biases for tracing.
 """
 
-from ._brevitas import bake_integer_bias
+from ._brevitas import IntegerBias, bake_integer_bias
 from ._calibrate import (
     CALIB_METHODS,
+    CALIBRATORS,
+    Observer,
     PTQConfig,
+    calibrate,
     calibrate_data,
-    calibrate_ranges,
     calibration_batches,
 )
 from ._describe import Description, LayerDescription, describe
-from ._inspect import ActQuantInfo, QuantLayerInfo, act_quants, quant_layers, weight_storages
-from ._quantize import calibrate, quantize
+from ._inspect import (
+    ActQuantInfo,
+    QuantLayerInfo,
+    act_quants,
+    output_feed,
+    quant_layers,
+    weight_storages,
+)
+from ._kernels import kernel_status
+from ._quantize import quantize
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
-__all__ = ["ACT_BITS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS", "ActQuantInfo",
-           "Description", "LayerDescription", "PTQConfig", "QuantLayerInfo", "QuantSpec",
-           "act_quants", "bake_integer_bias", "calibrate", "calibrate_data", "calibrate_ranges",
-           "calibration_batches", "describe", "quant_layers", "quantize", "weight_storages"]
+__all__ = ["ACT_BITS", "CALIBRATORS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS",
+           "ActQuantInfo", "Description", "IntegerBias", "LayerDescription", "Observer",
+           "PTQConfig", "QuantLayerInfo", "QuantSpec", "act_quants", "bake_integer_bias",
+           "calibrate", "calibrate_data", "calibration_batches", "describe", "kernel_status",
+           "output_feed", "quant_layers", "quantize", "weight_storages"]

@@ -124,6 +124,10 @@ class LearnedRange(nn.Module):
                     dist.all_reduce(batch_max, dist.ReduceOp.MAX)
                 self.value.mul_(n / (n + 1)).add_(batch_max / (n + 1))
                 self.seen += 1
+        return self.range_scale(threshold)
+
+    def range_scale(self, threshold: torch.Tensor) -> torch.Tensor:
+        """scale = r / qmax, the range kept positive and under the clip (``max_range``)."""
         return self.value.clamp(_MIN_SCALE, self.max_range) / threshold
 
 
@@ -329,7 +333,8 @@ class IntegerBias(nn.Module):
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         if self.training or self.baked:
             return out
-        shape = (1, -1) + (1,) * (out.dim() - 2)
+        shape = [1] * out.dim()
+        shape[-1 if isinstance(self.parts[1], nn.Linear) else 1] = -1  # a Linear's: the last
         return out + self.correction().to(out.device, out.dtype).view(shape)
 
     @torch.no_grad()
@@ -346,8 +351,7 @@ class IntegerBias(nn.Module):
                 bias, *(None if t is None else t.double().cpu().numpy() for t in
                         (bn.weight, bn.bias, bn.running_mean, bn.running_var)), bn.eps)
             s = s * f
-        dead = codes.flatten(1).eq(0).all(1).cpu().numpy()  # no code: the exporter stores 1
-        s = np.where(dead, 1.0, np.abs(s)).astype(np.float32)
+        s = _intmath.stored_scale(codes.cpu().numpy(), s)  # as the file stores it
         step = _intmath.bias_step(act_scale(act).cpu().numpy(), s)
         return b.astype(np.float32).astype(np.float64), step
 
@@ -409,8 +413,7 @@ def act_scale(m: QuantReLU | QuantIdentity) -> torch.Tensor:
     """Float32 scalar scale of an activation quantizer, read without running it (running it
     would feed a dummy input to a range that is still being calibrated)."""
     tq = _act_tensor_quant(m)
-    impl = tq.scaling_impl
-    return (impl.value.clamp(_MIN_SCALE, impl.max_range) / tq.threshold).float().reshape(())
+    return tq.scaling_impl.range_scale(tq.threshold).float().reshape(())
 
 
 @torch.no_grad()

@@ -1,19 +1,22 @@
-"""Post-training calibration of activation ranges: max, percentile and MSE.
+"""Calibration of activation ranges, one protocol: ``calibrate(student, batches, method)``.
 
-The three methods users know from onnxruntime's and Brevitas' calibrators, for a student
-that will not be trained (post-training quantization). Each activation quantizer with range
-``r`` and ``b`` bits uses the scale ``s = r / qmax`` (``qmax = 2^b - 1`` unsigned,
-``2^(b-1) - 1`` signed) and computes ``clamp(round(x / s), qmin, qmax) * s``; calibration
-picks ``r`` from the quantizer's inputs over the calibration batches:
+Each activation quantizer with range ``r`` and ``b`` bits uses the scale ``s = r / qmax``
+(``qmax = 2^b - 1`` unsigned, ``2^(b-1) - 1`` signed) and computes
+``clamp(round(x / s), qmin, qmax) * s``; calibration picks ``r`` from the quantizer's inputs
+over the calibration batches, by a method registered by name (:data:`CALIBRATORS`):
 
-    max         r = max |x|                      (nothing clipped; coarse steps when outliers)
+    mean-max    r = mean over batches of the batch max |x|   (how a range initialises itself
+                in training; a starting point for QAT)
+    max         r = max |x| over all batches     (nothing clipped; coarse steps when outliers)
     percentile  r = the ``percentile``-th percentile of |x|   (clips the rarest outliers)
     mse         r minimising mean (fake-quant(x; r) - x)^2 over a grid of 100 ranges up to max
 
-Two passes: the first sets every range to its running mean of batch max |x| (so each
-quantizer sees inputs quantized as they will be), the second reads the quantizers' inputs
-and sets each range by ``method``. Percentile and MSE use a seeded sample of at most
-``SAMPLE`` values per quantizer and batch, and at most ``MAX_VALUES`` in all.
+The last three are the post-training methods users know from onnxruntime's and Brevitas'
+calibrators (:data:`CALIB_METHODS`). Pass 1 sets every range to its running mean of batch
+max |x| (that is all of "mean-max"); so each quantizer then sees inputs quantized as they
+will be, pass 2 feeds every quantizer's inputs to its :class:`Observer` (``observe``) and
+sets the range it ``compute`` s. Percentile and MSE keep a seeded sample of at most
+``SAMPLE`` values per quantizer and batch, and read at most ``MAX_VALUES`` in all.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..errors import UsageError
 from ._brevitas import act_ranges
 from ._kernels import fake_quant
 
+MEAN_MAX = "mean-max"
 SAMPLE = 1 << 15  # values kept per quantizer and batch for percentile / MSE
 MAX_VALUES = 1 << 17  # values per quantizer the percentile / MSE search reads
 MSE_GRID = 100  # candidate ranges for MSE, evenly spaced in (0, max]
@@ -91,52 +95,100 @@ def choose_range(values: torch.Tensor, peak: float, qmax: float, method: str,
     return float(grid[int(err.argmin()), 0])
 
 
+class Observer:
+    """One quantizer's pass-2 calibration: ``observe`` each batch of its inputs (flattened),
+    then ``compute`` its range for largest code ``qmax``. This one takes max |x|."""
+
+    def __init__(self, gen: torch.Generator, percentile: float) -> None:
+        self.gen, self.percentile, self.peak = gen, percentile, 0.0
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.peak = max(self.peak, float(x.abs().max()) if x.numel() else 0.0)
+
+    def compute(self, qmax: float) -> float:
+        return self.peak
+
+
+class _Sampled(Observer):
+    """Keeps a seeded sample of the inputs for :func:`choose_range`."""
+
+    method = ""
+
+    def __init__(self, gen: torch.Generator, percentile: float) -> None:
+        super().__init__(gen, percentile)
+        self.samples: list[torch.Tensor] = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        if x.numel():
+            keep = torch.randint(0, x.numel(), (min(SAMPLE, x.numel()),), generator=self.gen)
+            self.samples.append(x[keep].float())
+
+    def compute(self, qmax: float) -> float:
+        values = torch.cat(self.samples) if self.samples else torch.zeros(1)
+        return choose_range(values, self.peak, qmax, self.method, self.percentile)
+
+
+class _Percentile(_Sampled):
+    method = "percentile"
+
+
+class _MSE(_Sampled):
+    method = "mse"
+
+
+# method -> its pass-2 observer (None: pass 1 alone)
+CALIBRATORS: dict[str, type[Observer] | None] = {MEAN_MAX: None, "max": Observer,
+                                                 "percentile": _Percentile, "mse": _MSE}
+
+
+def _pass_one(student: nn.Module, ranges: list, batches: list, bar) -> None:
+    """Every range set to its running mean of batch max |x| (``LearnedRange``'s own init)."""
+    for r in ranges:
+        r.seen.zero_()
+        r.calibrating = True
+    for x in batches:
+        student(x)
+        bar.update()
+    for r in ranges:
+        r.calibrating = False
+
+
 @torch.no_grad()
-def calibrate_ranges(student: nn.Module, batches: Iterable[torch.Tensor],
-                     method: str = "max", percentile: float = 99.99, seed: int = 0,
-                     progress: bool = False) -> nn.Module:
+def calibrate(student: nn.Module, batches: Iterable[torch.Tensor], method: str = MEAN_MAX, *,
+              percentile: float = 99.99, seed: int = 0, progress: bool = False) -> nn.Module:
     """Set every activation range of ``student`` from ``batches`` of normalised inputs by
-    ``method`` (module docstring); weights and BatchNorm statistics are untouched (eval
-    mode) and later training does not re-initialise the ranges. ``progress``: a bar over
-    the two passes (on a terminal only). Returns ``student``."""
-    if method not in CALIB_METHODS:
-        raise UsageError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, "
+    ``method`` (one of :data:`CALIBRATORS`, module docstring); weights and BatchNorm
+    statistics are untouched (eval mode) and later training does not re-initialise the
+    ranges. ``progress``: a bar over the passes (on a terminal only). Returns ``student``."""
+    if method not in CALIBRATORS:
+        raise UsageError(f"calibration method must be one of {', '.join(CALIBRATORS)}, "
                          f"got {method!r}")
     batches = list(batches)
     if not batches:
         raise UsageError("calibration needs at least one batch of inputs")
     ranges = act_ranges(student)
-    was_training = student.training
-    student.eval()
+    observer = CALIBRATORS[method]
     gen = torch.Generator().manual_seed(seed)
-    peaks = {id(r): 0.0 for r in ranges}
-    samples: dict[int, list[torch.Tensor]] = {id(r): [] for r in ranges}
+    observers = {id(r): observer(gen, percentile) for r in ranges} if observer else {}
     qmax: dict[int, float] = {}
 
     def observe(module: nn.Module, args: tuple) -> None:
-        x, threshold = args[0].detach().flatten(), args[1]
-        qmax[id(module)] = float(threshold)
-        peaks[id(module)] = max(peaks[id(module)], float(x.abs().max()) if x.numel() else 0.0)
-        if method != "max" and x.numel():
-            keep = torch.randint(0, x.numel(), (min(SAMPLE, x.numel()),), generator=gen)
-            samples[id(module)].append(x[keep].float())
+        qmax[id(module)] = float(args[1])
+        observers[id(module)].observe(args[0].detach().flatten())
 
-    for r in ranges:  # pass 1: running mean of batch max, as LearnedRange initialises itself
-        r.seen.zero_()
-        r.calibrating = True
+    was_training = student.training
+    student.eval()
     hooks = []
-    bar = progress_bar(total=2 * len(batches), desc="calibrating", unit="batch",
-                       enabled=progress)
+    bar = progress_bar(total=(2 if observer else 1) * len(batches), desc="calibrating",
+                       unit="batch", enabled=progress)
     try:
-        for x in batches:
-            student(x)
-            bar.update()
-        for r in ranges:
-            r.calibrating = False
-        hooks = [r.register_forward_pre_hook(observe) for r in ranges]
-        for x in batches:  # pass 2: the quantizers' inputs, with pass-1 ranges upstream
-            student(x)
-            bar.update()
+        _pass_one(student, ranges, batches, bar)
+        if observer is not None:  # pass 2: the quantizers' inputs, pass-1 ranges upstream
+            hooks = [r.register_forward_pre_hook(observe) for r in ranges]
+            for x in batches:
+                student(x)
+                bar.update()
     finally:
         bar.close()
         for h in hooks:
@@ -146,10 +198,8 @@ def calibrate_ranges(student: nn.Module, batches: Iterable[torch.Tensor],
             r.seen.clamp_(min=r.init_steps)
         student.train(was_training)
     for r in ranges:
-        if id(r) not in qmax:
-            continue  # a quantizer the inputs never reached keeps its pass-1 range
-        values = torch.cat(samples[id(r)]) if samples[id(r)] else torch.zeros(1)
-        r.value.fill_(choose_range(values, peaks[id(r)], qmax[id(r)], method, percentile))
+        if id(r) in qmax:  # a quantizer the inputs never reached keeps its pass-1 range
+            r.value.fill_(observers[id(r)].compute(qmax[id(r)]))
     return student
 
 
@@ -183,6 +233,6 @@ def calibrate_data(student: nn.Module, calib: Any, ptq: PTQConfig | None = None,
     :func:`calibration_batches`); returns the student and the number of examples used."""
     ptq = ptq or PTQConfig()
     batches = calibration_batches(calib, ptq, stats)
-    return calibrate_ranges(student, batches, ptq.method, ptq.percentile,
-                            progress=progress), sum(len(b) for b in batches)
+    return calibrate(student, batches, ptq.method, percentile=ptq.percentile,
+                     progress=progress), sum(len(b) for b in batches)
 

@@ -16,25 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
-import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from .._backend import INTEGER_KERNELS
+from .. import _ops
+from .._backend import INTEGER_KERNELS, fused_kernel
 from . import _brevitas
-from ._quantize import (
-    ADDS,
-    FLOAT_ACTIVATIONS,
-    MULS,
-    is_quantizer,
-    layer_end,
-    quantized_downstream,
-    source,
-)
-
-# float activation -> what onnxruntime runs between its quantizers
-_ACTIVATION_KERNELS = {nn.SiLU: "float Sigmoid+Mul", nn.Hardswish: "float HardSwish",
-                       nn.GELU: "float Erf (GELU)", nn.Hardsigmoid: "float HardSigmoid",
-                       nn.Sigmoid: "QLinearSigmoid", nn.LeakyReLU: "QLinearLeakyRelu"}
+from ._quantize import is_quantizer, layer_end, quantized_downstream, source
 
 
 @dataclass(frozen=True)
@@ -86,6 +75,8 @@ def _weighted_row(gm: fx.GraphModule, node: fx.Node) -> LayerDescription:
     logits = all(u.op == "output" for u in end.users)
     if in_bits is None:
         kernel = f"float {op} (input not quantized: add requant_bits)"
+    elif op == "Linear" and _rank(node.args[0]) > 2:  # exported as MatMul
+        kernel = fused_kernel("MatMul")
     elif op == "Linear":
         kernel = "float Gemm (onnxruntime fuses QGemm only for weights with a zero point)"
     elif out_quantized:
@@ -98,30 +89,72 @@ def _weighted_row(gm: fx.GraphModule, node: fx.Node) -> LayerDescription:
     return LayerDescription(node.target, op, w_bits, in_bits, kernel)
 
 
+def _rank(node: fx.Node) -> int:
+    """Dims of ``node``'s value as the last shape propagation saw it (2 when unknown)."""
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else 2
+
+
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def describe(student: fx.GraphModule) -> Description:
-    """Every conv/linear, float activation and residual add/mul of a lowbit student, in forward
-    order, with its real weight bits, input bits and the onnxruntime kernel that runs it."""
+def _folded(gm: fx.GraphModule, norm: fx.Node, modules: dict) -> bool:
+    """Whether the exporter folds BatchNorm ``norm`` into the conv/linear before it."""
+    layer = norm.args[0]
+    return isinstance(layer, fx.Node) and layer.op == "call_module" and \
+        _brevitas.is_quant_layer(modules[layer.target]) and layer_end(gm, layer)[1] is norm
+
+
+def _row(gm: fx.GraphModule, node: fx.Node, modules: dict) -> LayerDescription | None:
+    """The row of one node (None: not described): conv/linear, float activation, add/mul,
+    and float ops onnxruntime has no integer kernel for (the registry's reason)."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if m is not None and _brevitas.is_quant_layer(m):
+        return _weighted_row(gm, node)
+    op = _ops.lookup(node, modules)
+    if op is None:
+        return None
+    name = node.target if m is not None else node.name
+    if op.role == _ops.FLOAT_ACT:
+        return LayerDescription(name, type(m).__name__, None, _bits(gm, node.args[0]),
+                                fused_kernel(op.onnx) or f"float {op.onnx}")
+    if op.role in (_ops.ADD, _ops.MUL):
+        ins = [_bits(gm, a) for a in node.args[:2] if isinstance(a, fx.Node)]
+        integer = all(b is not None for b in ins) and \
+            all(is_quantizer(gm, u) for u in node.users)
+        kernel = fused_kernel(op.onnx) if integer else f"float {op.onnx}"
+        return LayerDescription(name, op.role, None, min((b for b in ins if b), default=None),
+                                kernel)
+    if op.role == _ops.NORM and not _folded(gm, node, modules):
+        return LayerDescription(name, type(m).__name__, None, _bits(gm, node.args[0]),
+                                f"float {op.onnx} (not after a conv/linear: nothing to fold "
+                                f"it into)")
+    if op.role == _ops.FLOAT and op.why:
+        what = type(m).__name__ if m is not None else getattr(node.target, "__name__", op.onnx)
+        arg = node.args[0] if node.args else None
+        return LayerDescription(name, what, None,
+                                _bits(gm, arg) if isinstance(arg, fx.Node) else None,
+                                f"float {op.onnx} ({op.why})")
+    return None
+
+
+def describe(student: fx.GraphModule, example_input: torch.Tensor | None = None
+             ) -> Description:
+    """Every conv/linear, float activation, residual add/mul and float op without an integer
+    kernel of a lowbit student, in forward order, with its real weight bits, input bits and
+    the onnxruntime kernel that runs it. With ``example_input`` the shapes are propagated
+    first, so a Linear applied to more than two dims (exported as MatMul) is told apart."""
     if not isinstance(student, fx.GraphModule) or getattr(student, "lowbit_quant", None) is None:
         raise TypeError("describe() takes a student made by lowbit.quantize")
-    rows = []
-    for node in student.graph.nodes:
-        m = _module(student, node)
-        if m is not None and _brevitas.is_quant_layer(m):
-            rows.append(_weighted_row(student, node))
-        elif m is not None and type(m) in FLOAT_ACTIVATIONS:
-            rows.append(LayerDescription(node.target, type(m).__name__, None,
-                                         _bits(student, node.args[0]),
-                                         _ACTIVATION_KERNELS[type(m)]))
-        elif node.op == "call_function" and node.target in ADDS | MULS:
-            ins = [_bits(student, a) for a in node.args[:2] if isinstance(a, fx.Node)]
-            op = "add" if node.target in ADDS else "mul"
-            integer = all(b is not None for b in ins) and \
-                all(is_quantizer(student, u) for u in node.users)
-            kernel = f"QLinear{op.capitalize()}" if integer else f"float {op.capitalize()}"
-            rows.append(LayerDescription(node.name, op, None,
-                                         min((b for b in ins if b), default=None), kernel))
-    return Description(rows)
+    if example_input is not None:
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad():
+                ShapeProp(student).propagate(example_input)
+        finally:
+            student.train(was_training)
+    modules = dict(student.named_modules())
+    return Description(row for node in student.graph.nodes
+                       if (row := _row(student, node, modules)) is not None)

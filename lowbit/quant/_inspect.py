@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .._backend import activation_range, storage_for, weight_storage
@@ -103,3 +104,20 @@ def weight_storages(model: nn.Module, opset: int = 25, ternary_storage: str = "t
             info.int_weight.numpy(), x_max,
             storage_for(info.weight_bits, opset, ternary_storage), info.kind)
     return storage
+
+
+def output_feed(student: fx.GraphModule) -> tuple[str, str | None]:
+    """(the last conv/linear in forward order, the activation quantizer whose codes reach its
+    input, looking back through any op; None when none does): the gate's output step is that
+    quantizer's scale through that layer, whatever order the modules were registered in."""
+    modules = dict(student.named_modules())
+    layers = [n for n in student.graph.nodes
+              if n.op == "call_module" and _brevitas.is_quant_layer(modules[n.target])]
+    if not layers:
+        raise ValueError("the student has no quantized conv/linear layer")
+    node = layers[-1].args[0]
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        if node.op == "call_module" and _brevitas.is_act_quant(modules[node.target]):
+            return layers[-1].target, node.target
+        node = node.args[0] if node.args else None
+    return layers[-1].target, None

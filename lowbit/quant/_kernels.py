@@ -7,8 +7,9 @@ over the tensor, and together they cost more than the convolutions of a CPU QAT 
 The math is computed in float32 whatever the input dtype (bf16 autocast included) and is
 bit-identical between the compiled and the eager kernels (``tests/test_kernels.py``; only
 the order of the scale gradient's sum differs); where inductor cannot compile (no C++
-compiler, an unsupported platform) the eager kernels run instead, with one log line. Set
-``LOWBIT_EAGER_KERNELS=1`` to skip compilation.
+compiler, an unsupported platform) the eager kernels run instead, with one log line, and
+:func:`kernel_status` says which kernels run and why. Set ``LOWBIT_EAGER_KERNELS=1`` to skip
+compilation.
 """
 
 from __future__ import annotations
@@ -57,7 +58,23 @@ def fake_quant_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
 # it saves: small models (digits, tests) run the eager kernels, CIFAR-sized activations fused.
 FUSE_MIN_ELEMENTS = 1 << 18
 _EAGER = {"forward": fake_quant, "backward": fake_quant_backward}
-_fused: dict[str, Callable] = {}
+_fused: dict[str, Callable] = {}  # the kernel each name runs once first asked for
+_why_eager: dict[str, str] = {}  # name -> why it runs eager (a compile failure's message)
+
+
+def kernel_status() -> dict[str, str]:
+    """What each kernel ("forward", "backward") runs for CIFAR-sized tensors: "compiled",
+    "eager (LOWBIT_EAGER_KERNELS=1)", "eager (<the compile failure>)", or "not built yet"."""
+    status = {}
+    for name in _EAGER:
+        if name in _why_eager:
+            status[name] = f"eager ({_why_eager[name]})"
+        elif name not in _fused:
+            status[name] = "not built yet"
+        else:
+            status[name] = "compiled" if _fused[name] is not _EAGER[name] else \
+                "eager (LOWBIT_EAGER_KERNELS=1)"
+    return status
 
 
 def kernel(name: str, numel: int) -> Callable:
@@ -91,9 +108,11 @@ def _with_fallback(name: str, compiled: Callable, eager: Callable) -> Callable:
         except torch._dynamo.exc.TorchDynamoException as exc:  # inductor's failures (no C++
             # compiler: InvalidCxxCompiler inside BackendCompilerFailed); eager is exact, and
             # anything wrong with the arguments themselves raises again from it
-            _log.warning("lowbit: fused quantizer kernels unavailable (%s: %s); using eager "
-                         "PyTorch kernels (same numbers, slower QAT)", type(exc).__name__,
-                         str(exc).splitlines()[0][:200] if str(exc) else "")
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            _log.warning("lowbit: fused quantizer kernels unavailable (%s); using eager "
+                         "PyTorch kernels (same numbers, slower QAT); "
+                         "lowbit.quant.kernel_status() says so", why)
+            _why_eager[name] = why
             _fused[name] = eager
             return eager(*args)
 

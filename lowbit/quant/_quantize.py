@@ -36,32 +36,18 @@ import dataclasses
 import operator
 import traceback
 import warnings
-from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _ops
 from .._checkpoint import arch_of
 from ..errors import QuantizeError
 from . import _brevitas
 from ._spec import QuantSpec
 
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-# float activations: output quantized (signed codes unless the output is >= 0)
-FLOAT_ACTIVATIONS = {nn.SiLU: True, nn.Hardswish: True, nn.GELU: True, nn.LeakyReLU: True,
-                     nn.Sigmoid: False, nn.Hardsigmoid: False}
-# ops that pass quantized codes through unchanged (onnxruntime moves DequantizeLinear past them)
-PASS_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.Identity, nn.Dropout)
-FLOAT_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape}
-_PASS_METHODS = {"flatten", "reshape", "view", "contiguous"}
-ADDS = {operator.add, torch.add}
-MULS = {operator.mul, torch.mul}
-_FUNCTIONS = ADDS | MULS | _PASS_FUNCTIONS | {torch.cat, getattr, operator.getitem}
-_METHODS = _PASS_METHODS | {"size", "dim"}
 _INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
 _INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "add": operator.add,
                     "mul": operator.mul}
@@ -106,7 +92,8 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
                                                      spec.scale_rule, copy_weights))
     if not copy_weights:
         for m in gm.modules():
-            if isinstance(m, BATCHNORM):
+            if _ops.MODULES.get(type(m), None) is not None and \
+                    _ops.MODULES[type(m)].role == _ops.NORM:
                 m.reset_parameters()
     _insert_quantizers(gm, spec)
     gm.graph.lint()
@@ -116,34 +103,17 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
     return gm
 
 
-@torch.no_grad()
-def calibrate(student: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
-    """Set every activation range of ``student`` to the mean batch max |x| over ``batches``.
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping the registry's leaf modules (``lowbit._ops.is_leaf``) as one
+    call each."""
 
-    For post-training quantization (a student that will not be trained): BatchNorm
-    statistics and weights are untouched (eval mode), and later training does not
-    re-initialise the ranges.
-    """
-    ranges = _brevitas.act_ranges(student)
-    was_training = student.training
-    student.eval()
-    for r in ranges:
-        r.seen.zero_()
-        r.calibrating = True
-    try:
-        for x in batches:
-            student(x)
-    finally:
-        for r in ranges:
-            r.calibrating = False
-            r.seen.clamp_(min=r.init_steps)
-        student.train(was_training)
-    return student
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _ops.is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     """torch.fx trace of a deep copy of ``model``, or a QuantizeError with the offending line."""
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     tracer.record_stack_traces = True
     try:
         graph = tracer.trace(copy.deepcopy(model))
@@ -168,6 +138,7 @@ def _canonicalise(gm: fx.GraphModule) -> None:
             DuplicateSharedStatelessModule,
             TorchFunctionalToModule,
         )
+    _split_norm_act(gm)
     TorchFunctionalToModule(TorchFunctionalToModule.FN_TO_MODULE_MAP + _MORE_FUNCTIONS).apply(gm)
     for method, cls in _MORE_METHODS:
         MethodToModule(method, cls).apply(gm)
@@ -186,6 +157,22 @@ def _canonicalise(gm: fx.GraphModule) -> None:
     for m in gm.modules():
         if getattr(m, "inplace", False):
             m.inplace = False  # a quantizer after it needs the float value intact
+    gm.recompile()
+
+
+def _split_norm_act(gm: fx.GraphModule) -> None:
+    """A BatchNorm fused with its activation (``lowbit._ops.split_norm_act``) -> the plain
+    BatchNorm at the same path, then its activation as ``<path>.act``: the BatchNorm folds
+    into the conv before it and the activation is quantized like any other."""
+    for node in list(gm.graph.nodes):
+        parts = _ops.split_norm_act(gm.get_submodule(node.target)) \
+            if node.op == "call_module" else None
+        if parts is None:
+            continue
+        bn, act = parts
+        gm.set_submodule(node.target, bn)
+        # a child of the BatchNorm: the state-dict keys stay those of the fused module
+        _insert_after(gm, node, f"{node.target}.act", act)
     gm.recompile()
 
 
@@ -226,52 +213,59 @@ def _where(node: fx.Node) -> str:
     return f" ({frames[-1][0]}: {frames[-1][1]})" if frames else ""
 
 
+def _refusal(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """Why lowbit cannot quantize ``node`` (None: it can): not in the op registry, or a
+    registered layer built in a way lowbit cannot export."""
+    op = _ops.lookup(node, modules)
+    if node.op == "call_module":
+        m = modules[node.target]
+        what = f"layer {node.target!r} is a {type(m).__module__}.{type(m).__name__}"
+        if isinstance(m, nn.Hardtanh) and type(m) is not nn.ReLU6 and m.min_val != 0:
+            return what + f"(min_val={m.min_val}): only Hardtanh(0, c) is a clipped ReLU"
+        if op is not None and op.role == _ops.WEIGHTED and \
+                getattr(m, "padding_mode", "zeros") != "zeros":
+            return what + f"(padding_mode={m.padding_mode!r}): only zero padding exports"
+        if op is not None and op.role == _ops.NORM and not m.track_running_stats:
+            # it normalises by batch statistics in eval mode too: nothing to fold into the
+            # integer convolution before it, and the student's eval forward fails
+            return what + "(track_running_stats=False): build it with " \
+                "track_running_stats=True so it has running statistics to fold"
+    elif node.op == "call_function":
+        what = f"call {getattr(node.target, '__name__', node.target)}()"
+    elif node.op == "call_method":
+        what = f"method .{node.target}()"
+    else:
+        return None
+    return None if op is not None else what
+
+
 def _check_supported(gm: fx.GraphModule) -> None:
     """Refuse, by name, every layer and op lowbit cannot quantize or export."""
-    supported = ("Conv1d, Conv2d (incl. grouped/depthwise), Linear, BatchNorm1d/2d, ReLU, "
-                 "ReLU6, Hardtanh(0, c), SiLU, Hardswish, Hardsigmoid, GELU, LeakyReLU, "
-                 "Sigmoid, MaxPool/AvgPool/AdaptiveAvgPool 1d/2d, Flatten, Dropout, Identity, "
-                 "add, mul, cat, flatten/view/reshape")
-    bad = []
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise QuantizeError(f"the model takes {len(inputs)} inputs; lowbit quantizes models "
                             f"with exactly one input tensor")
     modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            m = modules[node.target]
-            ok = isinstance(m, WEIGHTED + BATCHNORM + PASS_MODULES + FLOAT_MODULES +
-                            (nn.ReLU, nn.ReLU6) + tuple(FLOAT_ACTIVATIONS)) or \
-                (isinstance(m, nn.Hardtanh) and m.min_val == 0)
-            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode != "zeros":
-                ok = False
-            what = f"layer {node.target!r} is a {type(m).__module__}.{type(m).__name__}"
-            if isinstance(m, BATCHNORM) and not m.track_running_stats:
-                # it normalises by batch statistics in eval mode too: nothing to fold into the
-                # integer convolution before it, and the student's eval forward fails
-                ok, what = False, what + "(track_running_stats=False): build it with " \
-                    "track_running_stats=True so it has running statistics to fold"
-        elif node.op == "call_function":
-            ok = node.target in _FUNCTIONS
-            what = f"call {getattr(node.target, '__name__', node.target)}()"
-        elif node.op == "call_method":
-            ok = node.target in _METHODS
-            what = f"method .{node.target}()"
-        else:
-            continue
-        if not ok:
-            bad.append(what + _where(node))
+    bad = [why + _where(node) for node in gm.graph.nodes
+           for why in [_refusal(node, modules)] if why is not None]
     if bad:
+        supported = ", ".join(sorted({t.__name__ for t in _ops.MODULES} |
+                                     {getattr(f, "__name__", str(f)) + "()"
+                                      for f in _ops.FUNCTIONS} |
+                                     {"." + m + "()" for m in _ops.METHODS}))
         raise QuantizeError(f"lowbit cannot quantize {'; '.join(bad[:8])}"
                             f"{' ...' if len(bad) > 8 else ''}. Supported: {supported}")
+
+
+def _role(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    return _ops.role(node, dict(gm.named_modules()))
 
 
 def _weighted_order(gm: fx.GraphModule) -> list[str]:
     """Conv/Linear module paths in forward order; each must be called exactly once."""
     modules = dict(gm.named_modules())
     calls = [n.target for n in gm.graph.nodes
-             if n.op == "call_module" and isinstance(modules[n.target], WEIGHTED)]
+             if n.op == "call_module" and _ops.role(n, modules) == _ops.WEIGHTED]
     shared = sorted({t for t in calls if calls.count(t) > 1})
     if shared:
         raise QuantizeError(f"layers {', '.join(shared)} are called more than once (shared "
@@ -293,9 +287,7 @@ def is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def passes_codes(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` moves quantized codes without changing them (pool max, views)."""
-    return isinstance(_module(gm, node), PASS_MODULES) or \
-        (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or \
-        (node.op == "call_method" and node.target in _PASS_METHODS)
+    return _role(gm, node) == _ops.PASS
 
 
 def source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
@@ -315,7 +307,7 @@ def layer_end(gm: fx.GraphModule, layer: fx.Node) -> tuple[fx.Node, fx.Node | No
     """(last node of the layer's integer kernel, its BatchNorm node or None): a BatchNorm
     that alone consumes the layer is folded into it by the exporter."""
     users = list(layer.users)
-    if len(users) == 1 and isinstance(_module(gm, users[0]), BATCHNORM):
+    if len(users) == 1 and _role(gm, users[0]) == _ops.NORM:
         return users[0], users[0]
     return layer, None
 
@@ -348,15 +340,17 @@ def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
     graph = gm.graph
     (placeholder,) = [n for n in graph.nodes if n.op == "placeholder"]
     _insert_after(gm, placeholder, "input_quant", _brevitas.act_quant(spec.input_bits, True))
+    modules = dict(gm.named_modules())
     for node in list(graph.nodes):
-        m = _module(gm, node)
-        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+        op = _ops.lookup(node, modules) if node.op == "call_module" else None
+        if op is not None and op.role == _ops.RELU:
+            m = modules[node.target]
             clip = None if type(m) is nn.ReLU else float(getattr(m, "max_val", 6.0))
             gm.set_submodule(node.target, _brevitas.quant_relu(spec.act_bits, clip))
-        elif type(m) in FLOAT_ACTIVATIONS:
+        elif op is not None and op.role == _ops.FLOAT_ACT:
             _insert_after(gm, node, _quant_name(gm, node),
-                          _brevitas.act_quant(spec.act_bits, FLOAT_ACTIVATIONS[type(m)]))
-    layers = [n for n in graph.nodes if isinstance(_module(gm, n), WEIGHTED)]
+                          _brevitas.act_quant(spec.act_bits, op.signed))
+    layers = [n for n in graph.nodes if _brevitas.is_quant_layer(_module(gm, n))]
     # outputs: a layer whose output no quantizer covers gets one (residual adds always;
     # everything else when requantization is on), the network's logits excepted
     if spec.residual_bits is not None:
@@ -364,7 +358,7 @@ def _insert_quantizers(gm: fx.GraphModule, spec: QuantSpec) -> None:
             end, _ = layer_end(gm, layer)
             if quantized_downstream(gm, end) or all(u.op == "output" for u in end.users):
                 continue
-            feeds_add = any(u.op == "call_function" and u.target in ADDS for u in end.users)
+            feeds_add = any(_role(gm, u) == _ops.ADD for u in end.users)
             if feeds_add or spec.requant_bits is not None:
                 _insert_after(gm, end, _quant_name(gm, end),
                               _brevitas.act_quant(spec.residual_bits, True))

@@ -22,6 +22,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from .. import _datafiles, _integrity, _pixels
 from .. import _onnx_meta as meta
+from .._backend import DEFAULT_OPSET, min_onnxruntime
 from ..errors import InputError, ModelError, UsageError
 from ._bench import Timing, time_calls
 
@@ -188,10 +189,7 @@ def file_session_config(props: dict[str, str], path: Path) -> dict[str, str]:
     return dict(config or {})
 
 
-# The oldest onnxruntime that loads lowbit's default export (opset 25, IR 13, INT2 weights),
-# measured with each release from 1.20; pyproject's floor. --opset 21 files (IR 10, INT4)
-# load from 1.23, --opset 20 files (INT8 weights, ternary trits) from 1.20.
-MIN_ORT_DEFAULT_EXPORT = "1.24.1"
+MIN_ORT_DEFAULT_EXPORT = min_onnxruntime(DEFAULT_OPSET)  # pyproject's floor
 _NEWER_RUNTIME = ("IR version", "opset", "Could not find an implementation", "not supported")
 
 
@@ -199,10 +197,10 @@ def _newer_runtime_hint(message: str) -> str:
     """For a file written for a newer onnxruntime: which one, and how to export for this one."""
     if not any(k in message for k in _NEWER_RUNTIME):
         return ""
-    return (f"; lowbit's default export (opset 25) needs onnxruntime >= "
+    return (f"; lowbit's default export (opset {DEFAULT_OPSET}) needs onnxruntime >= "
             f"{MIN_ORT_DEFAULT_EXPORT}: upgrade onnxruntime, or export for "
-            f"{ort.__version__} with 'lowbit-export --opset 21' (onnxruntime 1.23) or "
-            f"'--opset 20' (1.20-1.22)")
+            f"{ort.__version__} with 'lowbit-export --opset 21' (onnxruntime "
+            f"{min_onnxruntime(21)}) or '--opset 20' ({min_onnxruntime(20)}-1.22)")
 
 
 def load_session(path: str | Path, so: ort.SessionOptions) -> ort.InferenceSession:

@@ -1,0 +1,117 @@
+"""The op registry (``lowbit._ops``) and the onnxruntime description (``lowbit._backend``):
+layer types real models need go quantize -> distill -> export -> run, integer where
+onnxruntime fuses the pattern, float with the reason in ``describe()`` otherwise.
+
+The models are ``zoo_registry``'s structural copies (U-Net decoder, ShuffleNetV2, ConvNeXt,
+timm's EfficientNet-B0 layout with BatchNormAct2d, DenseNet).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import zoo_registry as reg
+import zoo_torchvision as zoo
+
+import lowbit
+from lowbit import _backend, _ops
+from lowbit.export import export
+from lowbit.footprint import footprint
+from lowbit.quant import describe, quantize
+from lowbit.runtime import Session
+
+DYNAMIC_SHAPES = {"unet", "shufflenet_v2"}
+# per arch: (describe row name, text its kernel column holds)
+EXPECTED = {
+    "unet": [("up", "float ConvTranspose (lowbit keeps ConvTranspose weights in float)"),
+             ("dec.1", "float GroupNormalization (onnxruntime has no integer normalisation"),
+             ("interpolate", "float Resize (interpolated values are not codes)"),
+             ("mix.0", "QLinearConv")],
+    "shufflenet_v2": [("stage2.1.branch2.0", "QLinearConv"),
+                      ("stage2.2.branch2.0", "QLinearConv")],
+    "convnext": [("features.1.block.2", "float LayerNormalization"),
+                 ("features.1.block.3", "MatMulIntegerToFloat"),
+                 ("features.1.block.4", "float Erf"), ("features.1.block.0", "QLinearConv")],
+    "timm_efficientnet": [("bn1.act", "float Sigmoid+Mul"), ("conv_dw", "QLinearConv"),
+                          ("conv_pw", "QLinearConv"), ("conv_head", "QLinearConv")],
+    "densenet": [("layer1.norm1", "float BatchNormalization (not after a conv/linear"),
+                 ("norm5", "float BatchNormalization"), ("layer2.conv1", "QLinearConv")],
+}
+
+
+@pytest.mark.parametrize("arch", list(reg.ARCHS))
+def test_new_layer_types_quantize_distill_export_run(arch, tmp_path):
+    _, shape, classes = reg.ARCHS[arch]
+    data = zoo.synthetic_data(shape, classes)
+    teacher = zoo.teacher(arch, data, reg.ARCHS)
+    student = quantize(teacher, weight_bits=4)
+    student, _ = lowbit.distill(student, teacher, data, epochs=1, batch_size=32, lr=0.01,
+                                progress=False)
+    student.eval()
+    x = (data.images.float() - 127.5) / 64
+    path = tmp_path / f"{arch}.onnx"
+    result = export(student, path, example_input=x[:1], verify=x, formats=("onnx",),
+                    data=data, progress=False)
+    assert result.verification["onnx"].passed and result.verification["onnx-int"].passed
+    rows = {r.name: r.kernel for r in result.layers}
+    for name, kernel in EXPECTED[arch]:
+        assert rows[name].startswith(kernel), (name, rows[name])
+    # describe() and onnxruntime's optimised graph count the same integer conv/linear layers
+    weighted = [r for r in result.layers if r.weight_bits is not None]
+    assert result.kernels == {"integer": sum(r.integer for r in weighted),
+                              "float": sum(not r.integer for r in weighted)}
+    # the footprint reads the student (through the registry), and the file alike where its
+    # shapes are static (Resize scales and size()-computed views are computed at run time)
+    weights = footprint(student, (1,), input_shape=shape).weight_bytes
+    assert weights > 0
+    if arch not in DYNAMIC_SHAPES:
+        assert footprint(path, (1,)).weight_bytes == weights
+    logits = Session(path).run(data.images[:16].numpy())
+    with torch.no_grad():
+        ref = student(x[:16]).numpy()
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_timm_batchnorm_act_is_split_and_folded():
+    """timm's BatchNormAct2d becomes its BatchNorm (folded into the conv) and its activation
+    (quantized), with the state-dict keys of the fused module."""
+    model = reg.TimmEfficientNetTiny().eval()
+    student = quantize(model)
+    assert type(student.get_submodule("bn1")) is nn.BatchNorm2d
+    keys = set(student.state_dict())
+    assert {k for k in model.state_dict() if k.startswith("bn1.")} <= keys
+    assert not any(r.op == "BatchNorm2d" for r in describe(student))  # all folded
+
+
+def test_stochastic_depth_is_identity_in_eval_and_traced_as_one_call():
+    block = reg.CNBlock(8, 0.5, 0.5)
+    student = quantize(block)
+    called = [n.target for n in student.graph.nodes if n.op == "call_module"]
+    assert "stochastic_depth" in called
+    x = torch.randn(2, 8, 4, 4)
+    block.eval()
+    with torch.no_grad():
+        assert torch.equal(block.stochastic_depth(x), x)
+
+
+def test_registry_ops_are_described_by_the_backend():
+    """Every registered op either has an onnxruntime rule or runs in float; weighted layers
+    name their Brevitas twin and weight axis; every FLOAT op's reason, if any, is a sentence."""
+    for op in [*_ops.MODULES.values(), *_ops.FUNCTIONS.values(), *_ops.METHODS.values()]:
+        assert op.role in _ops.ROLES
+        if op.role == _ops.WEIGHTED:
+            assert op.twin and op.weight_axis == 0
+            assert _backend.ONNX_OPS[op.onnx].weight_axis is not None
+        if op.role == _ops.PASS and op.onnx in _backend.ONNX_OPS:
+            assert _backend.ONNX_OPS[op.onnx].keeps_codes
+
+
+@pytest.mark.parametrize("opset,ort", [(25, "1.24.1"), (24, "1.23"), (21, "1.23"),
+                                       (20, "1.20"), (13, "1.20")])
+def test_opset_floors(opset, ort):
+    assert _backend.min_onnxruntime(opset) == ort
+    kinds = [_backend.storage_for(b, opset, "int") for b in (2, 4, 8)]
+    assert kinds == [["int8", "int4", "int2"][(opset >= 21) + (opset >= 25)],
+                     "int4" if opset >= 21 else "int8", "int8"]
+    assert _backend.storage_for(2, opset) == "trits"  # trits: any opset lowbit writes
