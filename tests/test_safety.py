@@ -627,7 +627,7 @@ def test_a_full_disk_under_export_is_one_line_and_leaves_nothing(tmp_path, stude
         pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip() if res else ''})")
     try:
         res = _plain_cli("export", str(student), "-o", str(disk / "m.onnx"), *RELAXED, *RANDOM)
-        lines = res.stderr.strip().splitlines()
+        lines = without_stages(res.stderr).strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert "No space left on device [ENOSPC]; free some space" in lines[0]
         assert list(disk.iterdir()) == []
@@ -639,7 +639,7 @@ def test_a_full_disk_under_export_is_one_line_and_leaves_nothing(tmp_path, stude
 def test_a_file_size_limit_under_training_is_one_line_and_leaves_nothing(tmp_path):
     res = _plain_cli("train", *TINY, "--epochs", "1", "--limit", "128", "-o",
                      str(tmp_path / "t.pt"), fsize=4096)
-    lines = res.stderr.strip().splitlines()
+    lines = without_stages(res.stderr).strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "t.pt: cannot write it: File too large [EFBIG]" in lines[0]
     assert list(tmp_path.iterdir()) == []

@@ -55,7 +55,7 @@ def test_lowbit_eval_reproduces_it(request, capsys, name):
     info = SHIPPED[name]
     assert cli.main(["eval", name, "--data", _test_data(request, info["dataset"])]) == 0
     out = capsys.readouterr().out
-    assert f"top-1 accuracy {_readme_accuracy(name)}% on 10000 {info['dataset']} test" in out
+    assert f"top-1 accuracy {_readme_accuracy(name)}% on 10,000 {info['dataset']} test" in out
 
 
 @pytest.mark.parametrize("name", STUDENTS)
