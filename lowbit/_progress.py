@@ -27,9 +27,8 @@ def _line(text: str) -> None:
 class _Stage:
     """A bar-like object (``update``/``close``, iterable) that prints one line at its end."""
 
-    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str,
-                 bar: Any) -> None:
-        self.iterable, self.total, self.desc, self.unit, self.bar = iterable, total, desc, unit, bar
+    def __init__(self, iterable: Iterable | None, desc: str, unit: str, bar: Any) -> None:
+        self.iterable, self.desc, self.unit, self.bar = iterable, desc, unit, bar
         self.n, self.t0, self.closed = 0, time.monotonic(), False
 
     def update(self, n: int = 1) -> None:
@@ -76,7 +75,7 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
         if tqdm is not None:
             shown = tqdm(iterable, total=total, desc=desc, unit=unit, leave=False,
                          file=sys.stderr)
-    stage = _Stage(iterable, total, desc, unit, shown)
+    stage = _Stage(iterable, desc, unit, shown)
     if not enabled:
         stage.closed = True  # silent
     return stage

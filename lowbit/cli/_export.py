@@ -24,7 +24,8 @@ _PTQ = {"calib_method": "method", "calib": "calib", "percentile": "percentile",
         "max_drop": "max_drop"}
 
 
-def _help_defaults() -> dict[str, Any]:
+def help_defaults() -> dict[str, Any]:
+    """Defaults ``--help`` shows (read from the library configs)."""
     from dataclasses import asdict
 
     from ..export import NBits, Thresholds
@@ -273,11 +274,6 @@ def _print_result(args: argparse.Namespace, result, verify) -> None:
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = b.subcommand(sub, "export", summary="export a checkpoint as packed ONNX / QONNX (verified)",
-                     description=DESCRIPTION, defaults=_help_defaults)
+                     description=DESCRIPTION, defaults=help_defaults)
     arguments(p)
     p.set_defaults(prog="lowbit export")
-
-
-def help_defaults() -> dict[str, Any]:
-    """Defaults ``lowbit-export --help`` shows (read from the library configs)."""
-    return _help_defaults()
