@@ -12,6 +12,7 @@ SCHEMES = ("A", "B", "C")  # Apprentice: joint, frozen teacher + fresh student, 
 LOSSES = ("hinton", "apprentice")
 GSLR_SHAPES = ("linear", "cosine")
 SCHEDULES = ("cosine", "step")
+OPTIMIZERS = ("sgd", "adamw")
 VALIDATION_SIZE = 5000  # examples held out of the training data, at most a tenth of it
 PRECISIONS = ("fp32", "bf16")
 FORMATS = ("onnx", "qonnx")

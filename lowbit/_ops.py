@@ -39,8 +39,8 @@ ADD, MUL, CAT, SHAPE = "add", "mul", "cat", "shape"
 ROLES = (WEIGHTED, NORM, RELU, FLOAT_ACT, PASS, FLOAT, ADD, MUL, CAT, SHAPE)
 
 # footprint kinds (lowbit.footprint._graph)
-CONV, LINEAR, AFFINE, UNARY, VIEW, BINARY, CONCAT, POOL = "conv", "linear", "affine", \
-    "unary", "view", "add", "concat", "pool"
+CONV, LINEAR, AFFINE, UNARY, VIEW, BINARY, CONCAT, POOL, MATMUL = "conv", "linear", \
+    "affine", "unary", "view", "add", "concat", "pool", "matmul"
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class Op:
 
 
 _NO_INT_NORM = "onnxruntime has no integer normalisation kernel"
+_SOFTMAX = Op(FLOAT, "Softmax", UNARY, why="onnxruntime has no integer softmax kernel")
+# a product of two activations (attention scores, their weighting of the values): float, so
+# its inputs need no quantizer of their own and the scores keep their full range
+_MATMUL = Op(FLOAT, "MatMul", MATMUL, why="a product of two activations (attention) runs in "
+             "float")
 
 MODULES: dict[type, Op] = {
     nn.Conv1d: Op(WEIGHTED, "Conv", CONV, "QuantConv1d", 0),
@@ -89,6 +94,7 @@ MODULES: dict[type, Op] = {
     # normalisations over groups or positions: element-wise for the footprint, not foldable
     nn.GroupNorm: Op(FLOAT, "GroupNormalization", UNARY, why=_NO_INT_NORM),
     nn.LayerNorm: Op(FLOAT, "LayerNormalization", UNARY, why=_NO_INT_NORM),
+    nn.Softmax: _SOFTMAX,
     nn.ConvTranspose2d: Op(FLOAT, "ConvTranspose", CONV, weight_axis=1,
                            why="lowbit keeps ConvTranspose weights in float"),
 }
@@ -99,6 +105,7 @@ _VIEWS = {name: Op(PASS, onnx, VIEW) for name, onnx in (
     ("permute", "Transpose"), ("transpose", "Transpose"), ("chunk", "Split"),
     ("split", "Split"))}
 _SHAPE = Op(SHAPE, "Shape", None)
+_MEAN = Op(FLOAT, "ReduceMean", POOL)  # no why: averaging needs no row, as pooling
 
 FUNCTIONS: dict[object, Op] = {
     operator.add: Op(ADD, "Add", BINARY), torch.add: Op(ADD, "Add", BINARY),
@@ -110,9 +117,14 @@ FUNCTIONS: dict[object, Op] = {
     torch.chunk: _VIEWS["chunk"], torch.split: _VIEWS["split"],
     F.layer_norm: Op(FLOAT, "LayerNormalization", UNARY, why=_NO_INT_NORM),
     F.group_norm: Op(FLOAT, "GroupNormalization", UNARY, why=_NO_INT_NORM),
+    F.softmax: _SOFTMAX, torch.softmax: _SOFTMAX,
+    operator.matmul: _MATMUL, torch.matmul: _MATMUL, torch.bmm: _MATMUL,
+    # a mean over tokens or channels (a spatial mean becomes global average pooling first)
+    torch.mean: _MEAN,
     getattr: _SHAPE, operator.getitem: _SHAPE, operator.floordiv: _SHAPE,
 }
-METHODS: dict[str, Op] = {**_VIEWS, "size": _SHAPE, "dim": _SHAPE}
+METHODS: dict[str, Op] = {**_VIEWS, "size": _SHAPE, "dim": _SHAPE, "softmax": _SOFTMAX,
+                          "mean": _MEAN}
 
 _UPSAMPLE_NEAREST = Op(PASS, "Resize", POOL)
 _UPSAMPLE_LINEAR = Op(FLOAT, "Resize", POOL, why="interpolated values are not codes")

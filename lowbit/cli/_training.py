@@ -8,10 +8,10 @@ from typing import Any
 from .. import _choices as c
 from . import _base as b
 
-_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs",
-                  "precision", "seed", "checkpoint_every")
+_TRAIN_OPTIONS = ("epochs", "optimizer", "batch_size", "lr", "weight_decay", "schedule",
+                  "warmup_epochs", "precision", "seed", "checkpoint_every")
 _KD_OPTIONS = ("scheme", "loss", "temperature", "lam", "alpha", "beta", "gamma",
-               "teacher_precision")
+               "teacher_precision", "hidden", "attention")
 
 
 # ------------------------------------------------------------------ data and validation
@@ -156,11 +156,12 @@ def _train_help_defaults() -> dict[str, Any]:
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = b.subcommand(sub, "train", summary="train a float model (e.g. a teacher)",
                      defaults=_train_help_defaults,
-                     description="Train a float model with SGD + momentum and a cosine or step "
-                     "schedule. Validation is held out of the training data; the test split is "
-                     "measured once, at the end. Writes a self-describing checkpoint every "
-                     "epoch and a .json record beside it; --resume continues an interrupted run "
-                     "from it. Defaults are those of lowbit.train (lowbit.TrainConfig).")
+                     description="Train a float model with SGD + momentum (or AdamW) and a "
+                     "cosine or step schedule. Validation is held out of the training data; the "
+                     "test split is measured once, at the end. Writes a self-describing "
+                     "checkpoint every epoch and a .json record beside it; --resume continues "
+                     "an interrupted run from it. Defaults are those of lowbit.train "
+                     "(lowbit.TrainConfig).")
     b.arch_options(p, "architecture", "resnet20")
     p.add_argument("--width", type=b.positive, default=None,
                    help="channel multiplier (wide_resnet20; same as --arch-kwargs width)")
@@ -174,8 +175,11 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     unset ones keep the command's config)."""
     p.add_argument("--epochs", type=b.positive, default=None, help="training epochs")
     b.batch_size_option(p, "examples per step")
+    p.add_argument("--optimizer", choices=c.OPTIMIZERS, default=None,
+                   help="sgd (momentum 0.9, Nesterov) or adamw (transformers)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay (L2 for sgd, decoupled for adamw)")
     p.add_argument("--schedule", choices=c.SCHEDULES, default=None,
                    help="learning-rate decay")
     p.add_argument("--warmup", dest="warmup_epochs", type=b.non_negative_float, default=None,
@@ -253,7 +257,7 @@ def _distill(args: argparse.Namespace) -> None:
     student = student_for(args.scheme or "C", init, seed=cfg.seed, **spec,
                           **b.layer_widths(args))
     kd = replace(KDConfig(), **b.given(args, _KD_OPTIONS), gslr=_gslr(args),
-                 teacher_grad=args.teacher_grad)
+                 teacher_grad=args.teacher_grad, hidden_layers=args.hidden_layers)
     student, record = distill(student, teacher, train_set, val_set, kd, cfg, out=args.output,
                               resume=args.resume, teacher_out=args.teacher_out, allow=allow,
                               progress=not args.quiet)
@@ -330,6 +334,15 @@ def _kd_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-precision", choices=c.PRECISIONS, default=None,
                    help="schemes B/C: precision of the frozen teacher's forward (default: "
                    "--precision); bf16 is faster on CPUs with AMX/AVX512-BF16")
+    p.add_argument("--hidden", type=b.non_negative_float, default=None,
+                   help="weight of the hidden-state loss (TernaryBERT: MSE of each block's "
+                   "output, summed over blocks; 0: off)")
+    p.add_argument("--attention", type=b.non_negative_float, default=None,
+                   help="weight of the attention-map loss (MSE of each softmax in the blocks)")
+    p.add_argument("--hidden-layers", type=lambda text: tuple(text.split(",")), default=(),
+                   metavar="PATH,...", help="module paths of the blocks whose outputs are "
+                   "matched (default: the children of the teacher's longest nn.Sequential "
+                   "or nn.ModuleList)")
 
 
 # ------------------------------------------------------------------ eval, models, demo

@@ -35,8 +35,9 @@ from torch.fx.experimental.optimization import fuse
 from .. import _checkpoint
 from .._choices import GSLR_SHAPES, LOSSES, SCHEMES
 from ..data import Data, DataLike, as_data
-from ..errors import DataError, UsageError
+from ..errors import DataError, TrainingError, UsageError
 from . import _dist
+from ._hidden import check_pairs, default_layers, hidden_loss, tapped
 from ._loop import Run, TrainConfig, fit, to_channels_last
 
 SHAPES = GSLR_SHAPES
@@ -88,7 +89,9 @@ class KDConfig:
     by default the teacher learns from its own cross-entropy alone. ``teacher_precision``
     ("fp32" or "bf16"; default: the training precision) sets the frozen teacher's forward
     alone: "bf16" is much faster on CPUs with AMX, and its soft targets change only by
-    bf16 rounding of the logits.
+    bf16 rounding of the logits. ``hidden`` and ``attention`` weigh TernaryBERT's
+    hidden-state and attention-map losses (``_hidden``; 0: off) over ``hidden_layers``
+    (module paths; empty: the teacher's blocks).
     """
 
     scheme: str = "C"
@@ -101,8 +104,12 @@ class KDConfig:
     gslr: GSLR | None = None
     teacher_grad: bool = False
     teacher_precision: str | None = None
+    hidden: float = 0.0
+    attention: float = 0.0
+    hidden_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_layers", tuple(self.hidden_layers))
         if self.scheme not in SCHEMES:
             raise UsageError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         if self.loss not in LOSSES:
@@ -111,7 +118,7 @@ class KDConfig:
             raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.lam <= 1:
             raise UsageError(f"lam must be in [0, 1], got {self.lam}")
-        for name in ("alpha", "beta", "gamma"):
+        for name in ("alpha", "beta", "gamma", "hidden", "attention"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UsageError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if isinstance(self.gslr, dict):
@@ -128,6 +135,11 @@ class KDConfig:
         if self.teacher_grad and self.scheme != "A":
             raise UsageError(f"teacher_grad needs scheme 'A' (a jointly trained teacher); "
                              f"scheme {self.scheme!r} freezes the teacher")
+
+    @property
+    def taps(self) -> bool:
+        """Whether hidden states or attention maps are matched besides the logits."""
+        return self.hidden > 0 or self.attention > 0
 
     def soft_weight(self, epoch: int) -> float:
         """Weight of the soft term at (0-based) ``epoch``: ``lam``/``gamma``, or GSLR's value."""
@@ -185,24 +197,37 @@ def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = Tru
     return frozen.requires_grad_(False)
 
 
-def _objective(kd: KDConfig, teacher: nn.Module):
+def _objective(kd: KDConfig, teacher: nn.Module, taps: tuple[nn.Module, nn.Module] | None):
     """The distillation objective for ``fit``: ``(model, x, y, epoch) -> (loss, logits, {})``.
-    Schemes B and C take the :func:`frozen_teacher` copy."""
+    Schemes B and C take the :func:`frozen_teacher` copy; ``taps``: the student and teacher
+    read through ``_hidden.tapped`` (hidden-state and attention losses)."""
     dtype = next(teacher.parameters()).dtype
 
+    def teacher_forward(x: torch.Tensor):
+        model = teacher if taps is None else taps[1]
+        if kd.scheme == "A":
+            return model(x)
+        # frozen teacher: no graph, no saved activations, its own precision; clones are
+        # ordinary tensors, which autograd may save for backward
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
+            out = model(x.to(dtype))
+        if taps is None:
+            return out.clone()
+        t, hidden, attention = out
+        return t.clone(), [h.clone() for h in hidden], [a.clone() for a in attention]
+
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
-        s = model(x)  # [B, classes]
+        if taps is not None and model is not taps[0].lowbit_student:
+            raise TrainingError("hidden-state and attention losses run on one process; "
+                                "torchrun wraps the student")
+        s, s_hidden, s_attention = (model(x), (), ()) if taps is None else taps[0](x)
         w = kd.soft_weight(epoch)
-        if w == 0 and kd.loss == "hinton" and kd.scheme != "A":
+        if w == 0 and kd.loss == "hinton" and kd.scheme != "A" and taps is None:
             # labels only (lam = 0, or GSLR's end): the frozen teacher's forward would be
             # multiplied by zero, so skip it; the loss and its gradient are those below, exactly
             return F.cross_entropy(s.float(), y), s, {}
-        if kd.scheme == "A":
-            t = teacher(x)
-        else:  # frozen teacher: no graph, no saved activations, its own precision
-            with torch.inference_mode(), torch.autocast("cpu", enabled=False):
-                t = teacher(x.to(dtype))
-            t = t.clone()  # an ordinary tensor, which autograd may save for backward
+        t, t_hidden, t_attention = (teacher_forward(x), (), ()) if taps is None else \
+            teacher_forward(x)
         s32, t32 = s.float(), t.float()
         if kd.loss == "hinton":
             loss = hinton_loss(s32, t32, y, lam=w, temperature=kd.temperature,
@@ -212,9 +237,25 @@ def _objective(kd: KDConfig, teacher: nn.Module):
         else:
             loss = apprentice_loss(s32, t32, y, alpha=kd.alpha, beta=kd.beta, gamma=w,
                                    temperature=kd.temperature, teacher_grad=kd.teacher_grad)
+        if taps is not None:
+            loss = loss + kd.hidden * hidden_loss(s_hidden, t_hidden) + \
+                kd.attention * hidden_loss(s_attention, t_attention)
         return loss, s, {}
 
     return objective
+
+
+def _taps(kd: KDConfig, student: nn.Module, teacher: nn.Module, inference: nn.Module,
+          x: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
+    """The student and the teacher's ``inference`` copy read through ``_hidden.tapped`` at
+    ``kd.hidden_layers`` (default: ``teacher``'s blocks), checked to pair up on ``x``."""
+    if not kd.taps:
+        return None
+    layers = kd.hidden_layers or default_layers(teacher)
+    pair = tapped(student, layers), tapped(inference, layers)
+    pair[0].lowbit_student = student
+    check_pairs(*pair, x)
+    return pair
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -324,9 +365,13 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dat
         raise UsageError("the teacher and the student are the same module")
     _check_outputs(student, teacher, train_data)
     extra = {"teacher": teacher} if kd.scheme == "A" else {}  # fit sets its layout
-    layout = kd.scheme == "A" or to_channels_last(teacher, next(iter(train_data.loader(2)))[0])
-    run = Run(student, _objective(kd, teacher if kd.scheme == "A" else frozen_teacher(
-        teacher, kd.teacher_precision or cfg.precision, layout)), extra=extra,
+    example = next(iter(train_data.loader(2)))[0]
+    layout = kd.scheme == "A" or to_channels_last(teacher, example)
+    inference = teacher if kd.scheme == "A" else frozen_teacher(
+        teacher, kd.teacher_precision or cfg.precision, layout)
+    taps = _taps(kd, student, teacher, inference, example.to(
+        memory_format=torch.channels_last) if layout and example.ndim == 4 else example)
+    run = Run(student, _objective(kd, inference, taps), extra=extra,
               epoch_log=lambda epoch: {"soft_weight": kd.soft_weight(epoch)},
               channels_last=layout)
     record = {"kind": "distill", "kd": kd.to_dict(), "teacher": teacher_info}

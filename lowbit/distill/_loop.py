@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checkpoint
-from .._choices import PRECISIONS, SCHEDULES
+from .._choices import OPTIMIZERS, PRECISIONS, SCHEDULES
 from .._io import check_outputs, write_json
 from .._progress import bar as progress_bar
 from .._progress import note
@@ -32,9 +32,13 @@ from . import _dist
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """SGD hyper-parameters and run settings (defaults: He et al. CIFAR recipe, cosine decay)."""
+    """Optimiser hyper-parameters and run settings (defaults: He et al. CIFAR recipe, SGD with
+    cosine decay). ``optimizer="adamw"`` (transformers) takes ``lr``, ``weight_decay``
+    (decoupled, on tensors of 2 or more dims: weights, kernels, embeddings) and Adam's
+    default betas."""
 
     epochs: int = 200
+    optimizer: str = "sgd"  # "sgd" (momentum, Nesterov) or "adamw"
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -58,6 +62,8 @@ class TrainConfig:
             raise UsageError(f"bn_batches must be >= 0, got {self.bn_batches}")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -168,6 +174,18 @@ def fit(run: Run, train_data: DataLike, val_data: DataLike | None, cfg: TrainCon
     return loop.record
 
 
+def _optimizer(cfg: TrainConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimiser ``cfg`` names over ``params``. foreach: one multi-tensor update instead of
+    a Python loop over ~100 tensors (PyTorch picks it on GPUs only); the same numbers."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, foreach=True)
+    # AdamW as transformers are trained: no decay of biases, norms' affine parameters, scales
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, foreach=True)
+
+
 class _Loop:
     """One training run's state: data, optimiser, step and record (what ``fit`` drives)."""
 
@@ -208,12 +226,8 @@ class _Loop:
         if self.train_data.augments and self.rank == 0 and self.progress:
             note(f"{self.train_data.name}: training batches are augmented (pad-4 random "
                  f"crop + horizontal flip); augment=False (--no-augment) turns it off")
-        params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        # foreach: one multi-tensor update instead of a Python loop over ~100 tensors (PyTorch
-        # picks it on GPUs only); the same elementwise ops, so the same numbers
-        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                                   foreach=True)
+        self.opt = _optimizer(cfg, [p for m in self.modules.values() for p in m.parameters()
+                                    if p.requires_grad])
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
         self.ddp = _dist.wrap(run.model)

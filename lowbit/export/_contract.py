@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .. import _intmath
-from .._backend import KernelBound, integer_kernel, kernel_bound
+from .._backend import ONNX_OPS, KernelBound, integer_kernel, kernel_bound
 
 _LAYERS = ("Conv", "Gemm", "MatMul")
 _CODE_TYPES = {onnx.TensorProto.UINT8: 255}  # stored input type -> highest stored value
@@ -85,9 +85,10 @@ def _accumulators(node: onnx.NodeProto, x: np.ndarray, w: np.ndarray, x_zp: int,
     group, as its kernel forms them; None where the layer's shape is not modelled."""
     a = _attrs(node)
     if node.op_type in ("Gemm", "MatMul"):
-        if x.ndim != 2 or w.ndim != 2:
+        if x.ndim < 2 or w.ndim != 2:
             return None
-        return [(x, w.T if a.get("transB", 0) else w)]
+        # MatMul over [..., K] inputs (a Linear over tokens): one GEMM of all rows
+        return [(x.reshape(-1, x.shape[-1]), w.T if a.get("transB", 0) else w)]
     if x.ndim == 3:  # Conv1d: one row of height 1
         x, w = x[:, :, None], w[:, :, None]
         pads = a.get("pads", [0, 0])
@@ -118,23 +119,21 @@ def _highest_code(src: onnx.NodeProto | None, value) -> int:
     return 255
 
 
-def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[str] = (),
-                  ) -> tuple[KernelCheck, ...]:
-    """:class:`KernelCheck` of every integer layer of ``proto``, the model run on ``inputs``
-    (a few: float kernels at onnxruntime's "disabled" level, the file's own semantics).
-    ``names``: layer names of the packed weights, to name the layers."""
-    g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
+def _integer_layers(g: onnx.GraphProto, inits: dict, producers: dict, value
+                    ) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto, int]]:
+    """(layer node, input DequantizeLinear, weight DequantizeLinear, highest input code) of
+    every layer onnxruntime runs as an integer kernel."""
 
     def dq(name: str) -> onnx.NodeProto | None:
+        """The DequantizeLinear whose codes reach ``name``, through ops that onnxruntime moves
+        the Q/DQ pair across (views: the codes are the same, rearranged)."""
         node = producers.get(name)
+        while node is not None and node.op_type in ONNX_OPS and \
+                ONNX_OPS[node.op_type].keeps_codes and node.op_type != "Resize":
+            node = producers.get(node.input[0])
         return node if node is not None and node.op_type == "DequantizeLinear" else None
 
-    def value(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(inits[name]) if name in inits else None
-
-    found = []  # (layer node, input DequantizeLinear, weight DequantizeLinear, highest x)
+    found = []
     for node in g.node:
         if node.op_type not in _LAYERS or len(node.input) < 2:
             continue
@@ -148,12 +147,35 @@ def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[st
         x_max = _CODE_TYPES[inits[zp].data_type] if zp else 255  # no zero point: uint8
         found.append((node, dx, dw, min(x_max, _highest_code(producers.get(dx.input[0]),
                                                              value))))
+    return found
+
+
+def _codes_at(node: onnx.NodeProto, dx: onnx.NodeProto) -> str:
+    """The tensor to read a layer's input codes from (see ``check_kernels``)."""
+    return dx.input[0] if node.input[0] == dx.output[0] else node.input[0]
+
+
+def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[str] = (),
+                  ) -> tuple[KernelCheck, ...]:
+    """:class:`KernelCheck` of every integer layer of ``proto``, the model run on ``inputs``
+    (a few: float kernels at onnxruntime's "disabled" level, the file's own semantics).
+    ``names``: layer names of the packed weights, to name the layers."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+
+    def value(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    found = _integer_layers(g, inits, producers, value)
     if not found:
         return ()
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    wanted = list(dict.fromkeys(t for _, dx, dw, _ in found for t in (dx.input[0], dw.input[0])
-                                if t not in inits))
+    # a layer's input codes: its DequantizeLinear's input, or, past views, the layer's float
+    # input (exactly (code - zero point) * scale) quantized back
+    wanted = list(dict.fromkeys(t for node, dx, dw, _ in found
+                                for t in (_codes_at(node, dx), dw.input[0]) if t not in inits))
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -172,7 +194,10 @@ def check_kernels(proto: onnx.ModelProto, inputs: np.ndarray, names: Iterable[st
         # the pairs a uint8 x int8 kernel forms, of stored values (zero points are
         # subtracted afterwards, exactly); uint8 weights are widened to int16 first: exact
         if np.issubdtype(w.dtype, np.signedinteger) and x_zp.size == 1:
-            x = np.asarray(got[dx.input[0]]).astype(np.int64)
+            x = np.asarray(got[_codes_at(node, dx)])
+            if _codes_at(node, dx) != dx.input[0]:
+                x = np.rint(x / value(dx.input[1])) + x_zp[0]
+            x = x.astype(np.int64)
             for a, b in _accumulators(node, x, w.astype(np.int64), int(x_zp[0])) or ():
                 exact = _intmath.accumulate(a, b, "int32")
                 saturated += int((_intmath.accumulate(a, b, "u8s8") != exact).sum())

@@ -93,8 +93,8 @@ class ExportResult:
         return nbits_summary(self.linear) if self.linear else ""
 
 
-def optimized_ops(proto: onnx.ModelProto) -> list[str]:
-    """Op types of the graph onnxruntime runs for ``proto`` at the default ("all") level."""
+def optimized_graph(proto: onnx.ModelProto) -> onnx.GraphProto:
+    """The graph onnxruntime runs for ``proto`` at the default ("all") level."""
     import tempfile
 
     from ..runtime import session_options
@@ -103,16 +103,29 @@ def optimized_ops(proto: onnx.ModelProto) -> list[str]:
         so = session_options(optimization="all")
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+        return onnx.load(so.optimized_model_filepath).graph
+
+
+def _weighted(node: onnx.NodeProto, producers: dict, inits: set[str]) -> bool:
+    """Whether a float MatMul/Gemm/Conv multiplies by stored weights (a conv/linear layer),
+    not by another activation (attention): its second input traces back to an initializer."""
+    name = node.input[1]
+    while name not in inits and name in producers and producers[name].input:
+        name = producers[name].input[0]
+    return name in inits
 
 
 def count_kernels(proto: onnx.ModelProto) -> dict[str, int]:
     """How many conv/linear layers onnxruntime runs as integer and as float kernels (and as
-    MatMulNBits, "nbits", where there are any)."""
-    ops = optimized_ops(proto)
+    MatMulNBits, "nbits", where there are any); products of two activations are no layer."""
+    graph = optimized_graph(proto)
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    ops = [n.op_type for n in graph.node]
     nbits = ops.count(NBITS_OP)
     return {"integer": sum(op in INTEGER_KERNELS for op in ops),
-            "float": sum(op in FLOAT_KERNELS for op in ops), **({"nbits": nbits} if nbits else {})}
+            "float": sum(n.op_type in FLOAT_KERNELS and _weighted(n, producers, inits)
+                         for n in graph.node), **({"nbits": nbits} if nbits else {})}
 
 
 def qonnx_path(path: Path) -> Path:

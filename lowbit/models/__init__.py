@@ -15,7 +15,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import UsageError
-from . import _digits, _resnet  # noqa: F401  (registers the models)
+from . import _digits, _resnet, _vit  # noqa: F401  (registers the models)
 from ._registry import create as _create
 from ._registry import factory, is_user_code, list_models, register_model
 
