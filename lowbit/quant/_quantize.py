@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _ops
-from .._checkpoint import arch_of
+from .._ckptfile import arch_of
 from ..errors import QuantizeError
 from . import _brevitas
 from ._spec import QuantSpec
