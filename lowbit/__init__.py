@@ -1,13 +1,15 @@
 """lowbit: float PyTorch model -> ternary / 4-bit student (QAT + distillation) -> packed ONNX.
 
 The public API is imported lazily, so ``import lowbit.runtime`` (the edge runtime) never
-pulls in torch.
+pulls in torch. ``lowbit.export``, ``lowbit.distill`` and ``lowbit.footprint`` are functions;
+their packages' other names are imported from them (``from lowbit.export import NBits``).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+from ._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -35,18 +37,15 @@ _API = {
 _RENAMED = {"save_checkpoint": "save", "save": "save_model", "load": "restore"}
 
 __all__ = ["__version__", *sorted(_API)]
+__getattr__, __dir__ = lazy_names(__name__, {name: f"{module}:{_RENAMED.get(name, name)}"
+                                             for name, module in _API.items()})
 
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        module = importlib.import_module(_API[name])
-        # A name that is its module's own (lowbit.distill, a callable package) is the module.
-        own = module.__name__ == f"{__name__}.{name}"
-        value = module if own else getattr(module, _RENAMED.get(name, name))
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+# lowbit.distill, lowbit.export and lowbit.footprint are functions named after their packages.
+# The import system binds a package to its parent's attribute when it first loads it, so the
+# three (light: their names resolve lazily) are loaded here and their bindings dropped: a later
+# ``import lowbit.export`` finds the package loaded and leaves ``lowbit.export`` the function,
+# which __getattr__ resolves on first use.
+for _package in ("distill", "export", "footprint"):
+    importlib.import_module(f"{__name__}.{_package}")
+    del globals()[_package]
+del _package

@@ -25,6 +25,7 @@ builds them.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -142,8 +143,45 @@ NAMED_MODULES: dict[str, Op] = {
 }
 
 
+# functions of those libraries, known by qualified name, each traced as a call of the module
+# class beside it (in the function's own module) built from the arguments between the input
+# and ``training``: torchvision's stochastic_depth(x, p, mode, training) is StochasticDepth(p,
+# mode)(x). The ``training`` flag torch.fx records is a constant of the model's mode when it
+# was traced; the module's is the student's own, so train() applies it and eval() does not.
+NAMED_FUNCTIONS: dict[str, str] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": "StochasticDepth",
+}
+
+
 def _qualname(m: nn.Module) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _function_name(f: object) -> str:
+    return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', '')}"
+
+
+def named_functions(model: nn.Module) -> tuple[object, ...]:
+    """The :data:`NAMED_FUNCTIONS` that ``model``'s forwards call by a global name (found in
+    their modules' globals, as torch.fx's autowrap looks for them; never imported)."""
+    found = {id(v): v for m in model.modules()
+             for v in getattr(type(m).forward, "__globals__", {}).values()
+             if inspect.isfunction(v) and _function_name(v) in NAMED_FUNCTIONS}
+    return tuple(found.values())
+
+
+def module_form(fn: object, args: tuple, kwargs: dict) -> nn.Module | None:
+    """The module that does what ``fn(*args, **kwargs)`` does, for a :data:`NAMED_FUNCTIONS`
+    function called with constant arguments (None otherwise)."""
+    cls = NAMED_FUNCTIONS.get(_function_name(fn))
+    if cls is None:
+        return None
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = [v for k, v in list(bound.arguments.items())[1:] if k != "training"]
+    if any(isinstance(v, (fx.Proxy, fx.Node)) for v in values):
+        return None
+    return fn.__globals__[cls](*values)
 
 
 def is_leaf(m: nn.Module) -> bool:

@@ -37,6 +37,7 @@ EXPECTED = {
                           ("conv_pw", "QLinearConv"), ("conv_head", "QLinearConv")],
     "densenet": [("layer1.norm1", "float BatchNormalization (not after a conv/linear"),
                  ("norm5", "float BatchNormalization"), ("layer2.conv1", "QLinearConv")],
+    "stochastic_depth": [("block.0", "QLinearConv")],
 }
 
 
@@ -93,6 +94,52 @@ def test_stochastic_depth_is_identity_in_eval_and_traced_as_one_call():
     block.eval()
     with torch.no_grad():
         assert torch.equal(block.stochastic_depth(x), x)
+
+
+try:  # torchvision's own function, if it imports (a CUDA build without CUDA does not)
+    from torchvision.ops import stochastic_depth as tv_stochastic_depth
+except Exception:  # noqa: BLE001
+    tv_stochastic_depth = None
+
+
+class TorchvisionSDNet(reg.SDNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + tv_stochastic_depth(self.block(x), 0.5, "row", self.training))
+        return self.fc(x.mean([2, 3]))
+
+
+@pytest.mark.parametrize("net", [
+    reg.SDNet, pytest.param(TorchvisionSDNet, marks=pytest.mark.skipif(
+        tv_stochastic_depth is None, reason="torchvision does not import"))])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_stochastic_depth_function_follows_the_students_mode(net, mode, tmp_path):
+    """``stochastic_depth(x, p, mode, self.training)`` in a forward becomes a call of its
+    module, whatever the flag was when traced: the student drops rows in train(), none in
+    eval(), and exports as an identity."""
+    torch.manual_seed(0)
+    model = getattr(net(), mode)()
+    student = quantize(model, weight_bits=4)
+    sd = [m for m in student.modules() if type(m).__name__ == "StochasticDepth"]
+    assert len(sd) == 1 and (sd[0].p, sd[0].mode) == (0.5, "row")
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        student.eval()
+        assert torch.equal(student(x), student(x))
+        out = torch.randn(64, 8, 4, 4)  # what the block gives it
+        assert torch.equal(sd[0](out), out)
+        student.train()
+        dropped = (sd[0](out) == 0).flatten(1).all(1)
+    assert 0 < dropped.sum() < len(x)
+    student.eval()
+    path = tmp_path / "sd.onnx"
+    result = export(student, path, example_input=x[:1], verify=x, formats=("onnx",),
+                    progress=False)
+    assert result.verification["onnx"].passed
+    with torch.no_grad():
+        ref = student(x[:8]).numpy()
+    logits = Session(path).run(x[:8].numpy())
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
 
 def test_registry_ops_are_described_by_the_backend():

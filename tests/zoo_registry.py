@@ -135,7 +135,25 @@ class StochasticDepth(nn.Module):
         return stochastic_depth(x, self.p, self.mode, self.training)
 
 
-StochasticDepth.__module__ = "torchvision.ops.stochastic_depth"  # where torchvision has it
+StochasticDepth.__module__ = "torchvision.ops.stochastic_depth"  # where torchvision has them
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+
+
+class SDNet(nn.Module):
+    """A residual block calling the function form, ``stochastic_depth(x, p, mode,
+    self.training)`` (the flag is a constant when torch.fx traces it)."""
+
+    def __init__(self, classes: int = 4, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, padding=1), nn.BatchNorm2d(dim),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim))
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + stochastic_depth(self.block(x), 0.5, "row", self.training))
+        return self.fc(x.mean([2, 3]))
 
 
 class Permute(nn.Module):  # torchvision.ops.misc.Permute
@@ -284,4 +302,5 @@ ARCHS.update({
     "convnext": (ConvNeXtTiny, (3, 8, 8), 4),
     "timm_efficientnet": (TimmEfficientNetTiny, (3, 8, 8), 4),
     "densenet": (DenseNetTiny, (3, 8, 8), 4),
+    "stochastic_depth": (SDNet, (3, 8, 8), 4),
 })

@@ -7,14 +7,26 @@ one gather, far cheaper than the training step it feeds, so no worker processes 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .. import _pixels
 
-if TYPE_CHECKING:  # a Loader reads a Dataset's fields; the Dataset builds its Loaders
-    from ._datasets import Dataset
+
+class Batchable(Protocol):
+    """What a :class:`Loader` reads of its data (a ``lowbit.data.Dataset``, which builds its
+    Loaders: named here by its fields, so the two modules do not import each other)."""
+
+    images: torch.Tensor  # [N, ...] uint8 pixels or float inputs
+    labels: torch.Tensor  # [N] int64
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    @property
+    def augments(self) -> bool: ...
+
+    def __len__(self) -> int: ...
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...] | None,
@@ -58,7 +70,7 @@ class Loader:
     ``shard=(rank, world)`` gives each data-parallel process its own slice of every epoch.
     """
 
-    def __init__(self, data: Dataset, batch_size: int = 128, *, train: bool = False,
+    def __init__(self, data: Batchable, batch_size: int = 128, *, train: bool = False,
                  seed: int = 0, drop_last: bool | None = None,
                  shard: tuple[int, int] = (0, 1)) -> None:
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed

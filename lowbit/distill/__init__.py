@@ -1,26 +1,18 @@
 """Training: float teachers (``train``) and knowledge distillation into quantized students.
 
-The package is callable: ``lowbit.distill(student, teacher, train, val, ...)`` is
-:func:`distill` (the public API names the function after the package).
+``lowbit.distill`` is the function :func:`distill` (the public API names the function after
+the package); this package's names are imported from it (``from lowbit.distill import
+KDConfig``) and resolved on first use, so importing it does not import torch.
 """
 
-import sys
-import types
+from .._lazy import lazy_names
 
-from ._kd import DISTILL_CONFIG, GSLR, KDConfig, apprentice_loss, distill, hinton_loss, student_for
-from ._loop import TrainConfig, TrainingError, evaluate, reestimate_bn
-from ._train import train
+_NAMES = {
+    **dict.fromkeys(["DISTILL_CONFIG", "GSLR", "KDConfig", "apprentice_loss", "distill",
+                     "hinton_loss", "student_for"], "._kd"),
+    **dict.fromkeys(["TrainConfig", "TrainingError", "evaluate", "reestimate_bn"], "._loop"),
+    "train": "._train",
+}
 
-__all__ = ["DISTILL_CONFIG", "GSLR", "KDConfig", "TrainConfig", "TrainingError",
-           "apprentice_loss", "distill", "evaluate", "hinton_loss", "reestimate_bn", "student_for",
-           "train"]
-
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return distill(*args, **kwargs)
-
-    __call__.__doc__ = distill.__doc__
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_names(__name__, _NAMES)

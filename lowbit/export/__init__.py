@@ -4,53 +4,25 @@
 proves a file's integer layers exact on every onnxruntime CPU (``_contract``); the packers
 (``pack_int2`` ...) are torch-free and document the bit layouts; the graph rewrites live in
 ``_rewrites``, the raw-uint8-pixel input (``export(..., input="uint8")``) in ``_rawinput``.
-The package is callable: ``lowbit.export(model, path, ...)`` is :func:`export`.
+``lowbit.export`` is the function :func:`export`; this package's names are imported from it
+(``from lowbit.export import ExportOptions``) and resolved on first use, so importing it is
+cheap.
 """
 
-import sys
-import types
+from .._lazy import lazy_names
 
-from .._backend import storage_for
-from ._contract import KernelCheck, check_kernels
-from ._export import (
-    FORMATS,
-    LINEAR_KERNELS,
-    RESIDUAL_ADDS,
-    TERNARY_STORAGE,
-    WEIGHT_FORMS,
-    ExportOptions,
-    ExportResult,
-    export,
-    qonnx_path,
-)
-from ._nbits import NBits, pack_nbits, unpack_nbits
-from ._notes import KINDS as NOTE_KINDS
-from ._notes import Note
-from ._pack import (
-    make_tensor,
-    pack_int2,
-    pack_int4,
-    pack_trits,
-    read_tensor,
-    unpack_int2,
-    unpack_int4,
-    unpack_trits,
-)
-from ._rewrites import ExportError
-from ._verify import Thresholds, Verification
+_NAMES = {
+    **dict.fromkeys(["FORMATS", "LINEAR_KERNELS", "RESIDUAL_ADDS", "TERNARY_STORAGE",
+                     "WEIGHT_FORMS", "ExportOptions", "ExportResult", "export", "qonnx_path"],
+                    "._export"),
+    **dict.fromkeys(["KernelCheck", "check_kernels"], "._contract"),
+    **dict.fromkeys(["NBits", "pack_nbits", "unpack_nbits"], "._nbits"),
+    **dict.fromkeys(["make_tensor", "pack_int2", "pack_int4", "pack_trits", "read_tensor",
+                     "unpack_int2", "unpack_int4", "unpack_trits"], "._pack"),
+    **dict.fromkeys(["Thresholds", "Verification"], "._verify"),
+    "NOTE_KINDS": "._notes:KINDS", "Note": "._notes",
+    "ExportError": "lowbit.errors", "storage_for": "lowbit._backend",
+}
 
-__all__ = ["FORMATS", "LINEAR_KERNELS", "NOTE_KINDS", "RESIDUAL_ADDS", "TERNARY_STORAGE",
-           "WEIGHT_FORMS", "ExportError", "ExportOptions", "ExportResult", "KernelCheck", "NBits",
-           "Note", "Thresholds", "Verification", "check_kernels", "export", "make_tensor",
-           "pack_int2", "pack_int4", "pack_nbits", "pack_trits", "qonnx_path", "read_tensor",
-           "storage_for", "unpack_int2", "unpack_int4", "unpack_nbits", "unpack_trits"]
-
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args, **kwargs) -> ExportResult:
-        return export(*args, **kwargs)
-
-    __call__.__doc__ = export.__doc__
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+__all__ = sorted(_NAMES)
+__getattr__, __dir__ = lazy_names(__name__, _NAMES)

@@ -3,16 +3,14 @@
 ``footprint(model_or_onnx, batch_sizes=(1, 8), weight_bits=None, act_bits=None)`` accounts a
 PyTorch model, a lowbit checkpoint or an ONNX file layer by layer (the picture of Apprentice's
 Figure 1: weights dominate at batch 1, activations grow with the batch). The ONNX path needs
-only onnx + numpy; torch is imported only for PyTorch models and checkpoints. The package is
-callable: ``lowbit.footprint(model)`` is ``lowbit.footprint.footprint(model)``. Conventions
-(BN folded, in-place activations, liveness) and the checks against qonnx and onnxruntime:
-docs/footprint.md.
+only onnx + numpy; torch is imported only for PyTorch models and checkpoints.
+``lowbit.footprint`` is the function :func:`footprint` (``from lowbit.footprint import
+Footprint`` for this package's other names). Conventions (BN folded, in-place activations,
+liveness) and the checks against qonnx and onnxruntime: docs/footprint.md.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +80,3 @@ def plot(reports: dict[str, Footprint], path: str | Path) -> Path:
 
     return _plot(reports, path)
 
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Footprint:
-        return footprint(*args, **kwargs)
-
-    __call__.__doc__ = footprint.__doc__
-
-
-sys.modules[__name__].__class__ = _CallablePackage

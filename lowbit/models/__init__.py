@@ -9,11 +9,11 @@ holds. Every place that takes a checkpoint path also takes a shipped checkpoint'
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
+from .._shipped import DEFAULT_PRETRAINED, PRETRAINED, list_pretrained, locate, pretrained
 from ..errors import UsageError
 from . import _digits, _resnet, _vit  # noqa: F401  (registers the models)
 from ._registry import create as _create
@@ -21,40 +21,10 @@ from ._registry import factory, is_user_code, list_models, register_model
 
 list = list_models  # noqa: A001  (lowbit.models.list() is the registry listing)
 
-_WEIGHTS = Path(__file__).parent / "weights"
-PRETRAINED = {  # name -> checkpoint: float teachers and students distilled from them
-    "resnet20_cifar10": _WEIGHTS / "resnet20_cifar10.pt",
-    "resnet20_cifar100": _WEIGHTS / "resnet20_cifar100.pt",
-    "resnet20_cifar10_ternary": _WEIGHTS / "resnet20_cifar10_ternary.pt",
-    "resnet20_cifar10_ternary_a8": _WEIGHTS / "resnet20_cifar10_ternary_a8.pt",
-    "resnet20_cifar10_w4": _WEIGHTS / "resnet20_cifar10_w4.pt",
-    "resnet20_cifar100_ternary": _WEIGHTS / "resnet20_cifar100_ternary.pt",
-    "resnet20_cifar100_ternary_a8": _WEIGHTS / "resnet20_cifar100_ternary_a8.pt",
-}
-DEFAULT_PRETRAINED = {"resnet20": "resnet20_cifar10"}  # architecture -> its shipped weights
-
-
-def list_pretrained() -> list[str]:
-    """Names of the checkpoints shipped with lowbit."""
-    return sorted(PRETRAINED)
-
-
-def pretrained(name: str) -> Path:
-    """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` / ``resnet20_cifar100``
-    (float teachers), ``resnet20_cifar10_ternary`` / ``resnet20_cifar100_ternary`` (ternary
-    students distilled from them, 4-bit activations; ``..._a8``: 8-bit activations),
-    ``resnet20_cifar10_w4`` (4-bit weights and activations); an architecture with shipped
-    weights (``resnet20``) gives its CIFAR-10 float checkpoint."""
-    key = DEFAULT_PRETRAINED.get(name, name)
-    if key not in PRETRAINED:
-        raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")
-    return PRETRAINED[key]
-
-
 def pretrained_info(name: str) -> dict[str, Any]:
     """What shipped checkpoint ``name`` holds, read from the checkpoint itself: architecture,
     dataset, weight and activation bits (``None`` for a float model) and its test accuracy."""
-    from .._checkpoint import load
+    from .._ckptfile import load
 
     ckpt = load(pretrained(name))
     quant = ckpt["quant"] or {}
@@ -65,12 +35,6 @@ def pretrained_info(name: str) -> dict[str, Any]:
 
 
 _shipped = pretrained  # ``create``'s argument of that name hides the function
-
-
-def locate(path: str | Path) -> Path:
-    """A checkpoint path as given, or the shipped checkpoint of that name when no such file."""
-    p = Path(path)
-    return PRETRAINED[str(path)] if not p.exists() and str(path) in PRETRAINED else p
 
 
 def create(name: str, *, pretrained: bool = False, seed: int | None = None,
@@ -87,7 +51,7 @@ def create(name: str, *, pretrained: bool = False, seed: int | None = None,
     if kwargs:
         raise UsageError(f"a pretrained model is built as its checkpoint describes; drop "
                          f"{', '.join(sorted(kwargs))}")
-    from .._checkpoint import load_model
+    from .._checkpoint import load_model  # builds models: imports this package's registry
 
     return load_model(_shipped(name))[0]
 

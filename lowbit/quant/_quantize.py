@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import operator
 import traceback
 import warnings
@@ -43,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _ops
-from .._checkpoint import arch_of
+from .._ckptfile import arch_of
 from ..errors import QuantizeError
 from . import _brevitas
 from ._spec import QuantSpec
@@ -105,15 +106,27 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping the registry's leaf modules (``lowbit._ops.is_leaf``) as one
-    call each."""
+    call each, and its named functions (``_ops.named_functions``) as a call of their module."""
+
+    def __init__(self, functions: tuple[object, ...] = ()) -> None:
+        super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _ops.is_leaf(m) or super().is_leaf_module(m, qualname)
 
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):  # noqa: ANN001, ANN201
+        module = _ops.module_form(target, args, kwargs) if kind == "call_function" else None
+        if module is None:
+            return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        name = next(f"{target.__name__}_{i}" for i in itertools.count()
+                    if not hasattr(self.root, f"{target.__name__}_{i}"))
+        self.root.add_module(name, module)
+        return super().create_proxy("call_module", name, args[:1], {}, *rest, **more)
+
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     """torch.fx trace of a deep copy of ``model``, or a QuantizeError with the offending line."""
-    tracer = _Tracer()
+    tracer = _Tracer(_ops.named_functions(model))
     tracer.record_stack_traces = True
     try:
         graph = tracer.trace(copy.deepcopy(model))
