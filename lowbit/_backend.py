@@ -85,7 +85,7 @@ ONNX_OPS: dict[str, OnnxOp] = {
     "Add": OnnxOp("QLinearAdd"), "Mul": OnnxOp("QLinearMul"),
     "Sigmoid": OnnxOp("QLinearSigmoid"), "LeakyRelu": OnnxOp("QLinearLeakyRelu"),
     **dict.fromkeys(("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
-                     "Split", "Slice", "Resize", "Identity"), _KEEPS),
+                     "Split", "Slice", "Gather", "Expand", "Resize", "Identity"), _KEEPS),
 }
 DEFAULT_OPSET, MIN_OPSET = 25, 13  # 13: per-axis DequantizeLinear
 STORAGE_FLOORS = (("int2", 25), ("int4", 21), ("int8", MIN_OPSET))  # lowest opset per type
@@ -96,14 +96,17 @@ MIN_ONNXRUNTIME = ((25, "1.24.1"), (21, "1.23"), (MIN_OPSET, "1.20"))
 
 # ONNX ops whose schema changes between opset 18 (the trace's) and 25 only add element types
 # or attributes whose defaults keep the opset-18 meaning (Resize 19: antialias, aspect
-# policy), so a graph traced at opset 18 means the same at any later opset.
+# policy), or that have not changed since, so a graph traced at opset 18 means the same at
+# any later opset.
 SAME_SINCE_18 = frozenset({
     "Conv", "ConvTranspose", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Flatten",
     "Reshape", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat", "QuantizeLinear",
     "DequantizeLinear", "Cast", "Identity", "Constant", "Transpose", "Squeeze", "Unsqueeze",
     "Shape", "Gather", "Pad", "Softmax", "MatMul", "BatchNormalization", "Sigmoid",
     "ReduceMean", "Slice", "HardSwish", "HardSigmoid", "LeakyRelu", "Erf",
-    "InstanceNormalization", "Resize"})
+    "InstanceNormalization", "Resize",
+    # element types added since 18 (Equal 19: string; ConstantOfShape 20-25: float8 ... int4)
+    "ConstantOfShape", "Equal"})
 
 
 def min_onnxruntime(opset: int) -> str:
@@ -228,7 +231,8 @@ def weight_storage(codes: np.ndarray, x_max: int | None, storage: str, kind: str
                    axis: int = 0) -> str:
     """``storage`` (the ladder's choice), or uint8 where int8 weights fed by stored inputs up
     to ``x_max`` (None: float input, no integer kernel) could overflow a u8s8 kernel. A
-    ``kind`` "linear" layer stays int8: it runs as a float Gemm (:func:`integer_kernel`)."""
+    ``kind`` "linear" layer stays int8: it runs as a float Gemm (:func:`integer_kernel`);
+    "matmul" (a Linear over more than two dims) runs as an integer MatMul, as a conv does."""
     if x_max is None or storage != "int8" or kind == "linear" or \
             kernel_bound(np.asarray(codes, np.int8), x_max, axis).exact:
         return storage

@@ -104,8 +104,9 @@ _VIEWS = {name: Op(PASS, onnx, VIEW) for name, onnx in (
     ("flatten", "Flatten"), ("reshape", "Reshape"), ("view", "Reshape"),
     ("contiguous", "Identity"), ("squeeze", "Squeeze"), ("unsqueeze", "Unsqueeze"),
     ("permute", "Transpose"), ("transpose", "Transpose"), ("chunk", "Split"),
-    ("split", "Split"))}
+    ("split", "Split"), ("unbind", "Split"), ("expand", "Expand"))}
 _SHAPE = Op(SHAPE, "Shape", None)
+_SELECT = Op(PASS, "Slice", VIEW)
 _MEAN = Op(FLOAT, "ReduceMean", POOL)  # no why: averaging needs no row, as pooling
 
 FUNCTIONS: dict[object, Op] = {
@@ -115,7 +116,7 @@ FUNCTIONS: dict[object, Op] = {
     torch.flatten: _VIEWS["flatten"], torch.reshape: _VIEWS["reshape"],
     torch.squeeze: _VIEWS["squeeze"], torch.unsqueeze: _VIEWS["unsqueeze"],
     torch.permute: _VIEWS["permute"], torch.transpose: _VIEWS["transpose"],
-    torch.chunk: _VIEWS["chunk"], torch.split: _VIEWS["split"],
+    torch.chunk: _VIEWS["chunk"], torch.split: _VIEWS["split"], torch.unbind: _VIEWS["unbind"],
     F.layer_norm: Op(FLOAT, "LayerNormalization", UNARY, why=_NO_INT_NORM),
     F.group_norm: Op(FLOAT, "GroupNormalization", UNARY, why=_NO_INT_NORM),
     F.softmax: _SOFTMAX, torch.softmax: _SOFTMAX,
@@ -206,14 +207,26 @@ def lookup(node: fx.Node, modules: dict[str, nn.Module]) -> Op | None:
         return found or NAMED_MODULES.get(_qualname(m))
     if node.op == "call_function":
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
-                role(node.args[0], modules) == PASS:
-            return Op(PASS, "Split", VIEW)  # one part of a split: codes
+                role(node.args[0], modules) not in (SHAPE, None):
+            return _SELECT  # a part of a split, or a slice of tokens (x[:, 0]): codes
         if node.target is F.interpolate:
             return _interpolate(node)
+        if node.target in _ARITHMETIC and _on_sizes(node, modules):
+            return _SHAPE  # arithmetic on sizes (a head dim's d ** -0.5)
         return FUNCTIONS.get(node.target)
     if node.op == "call_method":
         return METHODS.get(node.target)
     return None
+
+
+_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+               operator.pow)
+
+
+def _on_sizes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether every fx node ``node`` reads computes sizes (a :data:`SHAPE` op)."""
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    return bool(args) and all(role(a, modules) == SHAPE for a in args)
 
 
 def role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:

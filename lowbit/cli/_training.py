@@ -341,8 +341,8 @@ def _kd_options(p: argparse.ArgumentParser) -> None:
                    help="weight of the attention-map loss (MSE of each softmax in the blocks)")
     p.add_argument("--hidden-layers", type=lambda text: tuple(text.split(",")), default=(),
                    metavar="PATH,...", help="module paths of the blocks whose outputs are "
-                   "matched (default: the children of the teacher's longest nn.Sequential "
-                   "or nn.ModuleList)")
+                   "matched (default: the teacher's blocks, the children of its largest "
+                   "nn.Sequential or nn.ModuleList of one class)")
 
 
 # ------------------------------------------------------------------ eval, models, demo

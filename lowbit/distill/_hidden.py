@@ -2,13 +2,13 @@
 Bai et al. 2021): besides the logits, the student matches the teacher's
 
 - hidden states: the output of each of the model's blocks (``KDConfig.hidden_layers``;
-  default: the children of its longest ``nn.Sequential``/``nn.ModuleList``), by module path;
+  default: :func:`default_layers`), by module path;
 - attention maps: the output of each softmax inside those blocks, in forward order;
 
 each by mean squared error, summed over layers. The student keeps the float model's module
 paths (``lowbit.quantize``), so a teacher of the same architecture pairs up by name. Both
-models are read through torch.fx graphs that share their modules and return the tapped
-values besides the logits.
+are read as torch.fx graphs that return the tapped values besides the logits: the student's
+own graph, sharing its modules, and the teacher traced as ``quantize`` traces it (a copy).
 """
 
 from __future__ import annotations
@@ -25,26 +25,28 @@ from ..errors import UsageError
 
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
-    """Module paths of the children of ``model``'s longest ``nn.Sequential``/``nn.ModuleList``
-    (a transformer's blocks; the first such list on a tie)."""
-    lists = [(len(m), name) for name, m in model.named_modules()
-             if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) > 1]
+    """Module paths of the children of ``model``'s blocks: the ``nn.Sequential``/
+    ``nn.ModuleList`` of two or more children of one class holding the most parameters."""
+    lists = [(sum(p.numel() for p in m.parameters()), name, len(m))
+             for name, m in model.named_modules()
+             if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) > 1
+             and len({type(c) for c in m}) == 1]
     if not lists:
         raise UsageError(f"{type(model).__name__} has no nn.Sequential or nn.ModuleList of "
                          f"blocks; name the layers whose outputs to match (hidden_layers)")
-    size = max(n for n, _ in lists)
-    prefix = next(name for n, name in lists if n == size)
+    _, prefix, size = max(lists, key=lambda item: item[0])
     return tuple(f"{prefix}.{i}" if prefix else str(i) for i in range(size))
 
 
 def _graph(model: nn.Module) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
+    """``model`` as a graph whose nodes know their module paths: a lowbit student as it is,
+    anything else as ``quantize`` traces it (attention split into layers, as in the student)."""
+    if getattr(model, "lowbit_quant", None) is not None or \
+            getattr(model, "lowbit_taps", None) is not None:
         return model
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001  (any untraceable forward: named)
-        raise UsageError(f"hidden-state and attention losses read {type(model).__name__} as a "
-                         f"torch.fx graph, which fails ({str(exc).splitlines()[0]})") from None
+    from ..quant import trace
+
+    return trace(model)
 
 
 def _in(node: fx.Node, path: str) -> bool:
@@ -52,9 +54,9 @@ def _in(node: fx.Node, path: str) -> bool:
 
 
 def tapped(model: nn.Module, layers: Sequence[str]) -> fx.GraphModule:
-    """A module sharing ``model``'s parameters whose forward returns ``(logits, hidden
-    states, attention maps)``: the last value computed inside each of ``layers`` and every
-    softmax inside them."""
+    """A module whose forward returns ``(logits, hidden states, attention maps)``: the last
+    value computed inside each of ``layers`` and every softmax inside them (sharing the
+    parameters of a lowbit student; of a copy of any other model)."""
     gm = _graph(model)
     nodes = list(gm.graph.nodes)
     modules = dict(gm.named_modules())
@@ -71,7 +73,9 @@ def tapped(model: nn.Module, layers: Sequence[str]) -> fx.GraphModule:
     values: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, values)
     graph.output((out, [values[n] for n in hidden], [values[n] for n in attention]))
-    return fx.GraphModule(gm, graph, f"{type(model).__name__}Taps")
+    taps = fx.GraphModule(gm, graph, f"{type(model).__name__}Taps")
+    taps.lowbit_taps = tuple(layers)
+    return taps
 
 
 def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]

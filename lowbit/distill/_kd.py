@@ -132,6 +132,9 @@ class KDConfig:
         if self.teacher_precision is not None and self.scheme == "A":
             raise UsageError("teacher_precision applies to a frozen teacher (schemes B, C); "
                              "scheme A trains the teacher at the training precision")
+        if self.taps and self.scheme == "A":
+            raise UsageError("hidden-state and attention losses learn from a frozen teacher "
+                             "(schemes B, C); scheme A trains the teacher")
         if self.teacher_grad and self.scheme != "A":
             raise UsageError(f"teacher_grad needs scheme 'A' (a jointly trained teacher); "
                              f"scheme {self.scheme!r} freezes the teacher")
@@ -178,13 +181,16 @@ def apprentice_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, alpha:
     return alpha * F.cross_entropy(t, y) + beta * F.cross_entropy(s, y) + gamma * T * T * cross
 
 
-def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = True
-                   ) -> nn.Module:
+def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = True,
+                   layers: tuple[str, ...] = ()) -> nn.Module:
     """An inference copy of a frozen teacher: BatchNorm folded into the convolutions (when fx
     can trace it), weights in ``precision`` ("bf16": cast once instead of autocast's cast at
     every call), channels-last unless told it cannot run so (``to_channels_last``). Its
-    logits differ from the teacher's by rounding alone."""
+    logits differ from the teacher's by rounding alone. ``layers``: it returns their hidden
+    states and attention maps too (``_hidden.tapped``)."""
     frozen = copy.deepcopy(teacher).eval()
+    if layers:
+        frozen = tapped(frozen, layers).eval()
     try:
         traced = fx.symbolic_trace(frozen)
     except Exception:  # noqa: BLE001  (the teacher's own forward defeats fx in many ways:
@@ -245,14 +251,13 @@ def _objective(kd: KDConfig, teacher: nn.Module, taps: tuple[nn.Module, nn.Modul
     return objective
 
 
-def _taps(kd: KDConfig, student: nn.Module, teacher: nn.Module, inference: nn.Module,
+def _taps(kd: KDConfig, student: nn.Module, inference: nn.Module, layers: tuple[str, ...],
           x: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
-    """The student and the teacher's ``inference`` copy read through ``_hidden.tapped`` at
-    ``kd.hidden_layers`` (default: ``teacher``'s blocks), checked to pair up on ``x``."""
+    """The student read through ``_hidden.tapped`` at ``layers`` and the tapped frozen
+    teacher ``inference``, checked to pair up on ``x``; None without hidden losses."""
     if not kd.taps:
         return None
-    layers = kd.hidden_layers or default_layers(teacher)
-    pair = tapped(student, layers), tapped(inference, layers)
+    pair = tapped(student, layers), inference
     pair[0].lowbit_student = student
     check_pairs(*pair, x)
     return pair
@@ -367,9 +372,10 @@ def distill(student: nn.Module, teacher: nn.Module | str | Path, train_data: Dat
     extra = {"teacher": teacher} if kd.scheme == "A" else {}  # fit sets its layout
     example = next(iter(train_data.loader(2)))[0]
     layout = kd.scheme == "A" or to_channels_last(teacher, example)
+    layers = (kd.hidden_layers or default_layers(teacher)) if kd.taps else ()
     inference = teacher if kd.scheme == "A" else frozen_teacher(
-        teacher, kd.teacher_precision or cfg.precision, layout)
-    taps = _taps(kd, student, teacher, inference, example.to(
+        teacher, kd.teacher_precision or cfg.precision, layout, layers)
+    taps = _taps(kd, student, inference, layers, example.to(
         memory_format=torch.channels_last) if layout and example.ndim == 4 else example)
     run = Run(student, _objective(kd, inference, taps), extra=extra,
               epoch_log=lambda epoch: {"soft_weight": kd.soft_weight(epoch)},

@@ -82,26 +82,27 @@ def _pack(student: nn.Module, layers, acts, opset: int, weight_form: str,
     from ..quant import weight_storages
 
     traced = trace(shadow(student, layers, acts), example, min(opset, TRACE_OPSET))
-    storage = weight_storages(student, opset, ternary_storage)
     params = {t.name for t in traced.graph.initializer}
-    codes = {}
-    for info in layers:
-        wname = info.name + ".weight"
-        if wname not in params:
-            raise ExportError(f"{info.name}: weight not found in the traced graph")
-        codes[wname] = (info.int_weight.detach().numpy(), storage[info.name],
-                        info.scale.detach().numpy())
+    missing = [info.name for info in layers if info.name + ".weight" not in params]
+    if missing:
+        raise ExportError(f"{missing[0]}: weight not found in the traced graph")
     scales = {a.name: a.scale for a in acts}
     bias_inputs = {info.name + ".weight": np.float32(scales[info.bias_input])
                    for info in layers if info.bias_input is not None}
     fold, lower, transposes = FoldBatchNorm(), QuantizeActivations(), \
-        FoldWeightTransposes(frozenset(codes))
+        FoldWeightTransposes(frozenset(info.name + ".weight" for info in layers))
     model = ModelWrapper(traced)
     for rewrite in (RemoveStaticGraphInputs(), fold, transposes):
         model = model.transform(rewrite)
-    for name in transposes.transposed:  # the MatMul reads W.T: codes [in, out] too
-        q, kind, scale = codes[name]
-        codes[name] = (np.ascontiguousarray(q.T), kind, scale)
+    # a Linear over more than two dims runs as an integer MatMul: the overflow rule applies
+    storage = weight_storages(student, opset, ternary_storage, integer_linear={
+        name.removesuffix(".weight") for name in transposes.transposed})
+    codes = {}
+    for info in layers:
+        q = info.int_weight.detach().numpy()
+        wname = info.name + ".weight"  # the MatMul reads W.T: codes [in, out] too
+        codes[wname] = (np.ascontiguousarray(q.T) if wname in transposes.transposed else q,
+                        storage[info.name], info.scale.detach().numpy())
     for rewrite in (PackWeights(codes, fold.factors, cast=weight_form == "cast"),
                     QuantizeBias(bias_inputs), lower, SetOpset(opset, min(opset, TRACE_OPSET))):
         model = model.transform(rewrite)

@@ -129,8 +129,10 @@ class NBitsLayer:
 
 
 class LinearToMatMulNBits(Transformation):
-    """Replace each Gemm(x, DequantizeLinear(codes, scale, axis=0), bias) with transB = 1 whose
-    codes are the packed weight of a layer in ``layers`` by MatMulNBits(x, B, scales, bias);
+    """Replace each Gemm(x, DequantizeLinear(codes, scale, axis=0), bias) with transB = 1, or
+    MatMul(x, DequantizeLinear(codes^T, scale, axis=1)) (a Linear over [..., K]: its bias Add
+    stays), whose codes are the packed weight of a layer in ``layers`` by MatMulNBits(x, B,
+    scales, bias);
     the weight's now unused nodes and initializers go. ``storage``: how each layer's codes are
     stored (read back from the file itself); the B initializer is named by its layer."""
 
@@ -144,23 +146,21 @@ class LinearToMatMulNBits(Transformation):
         inits = {t.name: t for t in g.initializer}
         producers = {o: n for n in g.node for o in n.output}
         for idx, node in enumerate(g.node):
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            dq = producers.get(node.input[1]) if node.op_type == "Gemm" else None
-            if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) > 2 or \
-                    attrs.get("transB") != 1 or attrs.get("transA", 0) or \
-                    attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            transposed = _weight_layout(node, producers)
+            if transposed is None:
                 continue
             name = _layer_name(node, producers, inits, self.layers)
             if name not in self.layers:
                 continue
             layer = self.layers[name]
             n, k = layer.shape
-            codes = _stored_codes(inits[name], self.storage[name], layer.shape)
-            scale = model.get_initializer(dq.input[1])
+            codes = _stored_codes(inits[name], self.storage[name], (k, n) if transposed
+                                  else (n, k))
+            scale = model.get_initializer(producers[node.input[1]].input[1])
             if scale is None or scale.shape != (n,):
                 raise ExportError(f"{name}: expected a per-channel weight scale [{n}], found "
                                   f"{None if scale is None else scale.shape}")
-            b = pack_nbits(codes, layer.bits, self.config.block_size)
+            b = pack_nbits(codes.T if transposed else codes, layer.bits, self.config.block_size)
             g.initializer.remove(inits[name])
             model.set_initializer(name, b)
             model.set_initializer(name + "_s", np.repeat(scale.astype(np.float32)[:, None],
@@ -174,6 +174,25 @@ class LinearToMatMulNBits(Transformation):
             _drop_dead(g)
             return model, True
         return model, False
+
+
+def _weight_layout(node: onnx.NodeProto, producers: dict) -> bool | None:
+    """How a conv/linear node reads a per-channel dequantized weight: False for Gemm(x, W)
+    with transB = 1 (W [N, K]), True for MatMul(x, W) (W [K, N]: a Linear over more than two
+    dims), None for anything MatMulNBits cannot take."""
+    if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2:
+        return None
+    dq = producers.get(node.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) > 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul":
+        dq_axis = {a.name: helper.get_attribute_value(a) for a in dq.attribute}.get("axis", 1)
+        return True if dq_axis == 1 else None
+    if attrs.get("transB") != 1 or attrs.get("transA", 0) or \
+            attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    return False
 
 
 def _drop_dead(g: onnx.GraphProto) -> None:

@@ -1,5 +1,6 @@
 """Quantization-aware students (Brevitas behind one adapter): ``quantize(model, spec)``
-returns a torch.fx GraphModule whose quantizers are nodes; ``describe(student)`` tables per
+returns a torch.fx GraphModule whose quantizers are nodes (``trace(model)``: the float graph
+it starts from); ``describe(student)`` tables per
 layer the weight bits, input bits and the onnxruntime kernel that will run it.
 
 ``quant_layers`` / ``act_quants`` read a student back as integer codes and scales (the
@@ -31,11 +32,11 @@ from ._inspect import (
     weight_storages,
 )
 from ._kernels import kernel_status
-from ._quantize import quantize
+from ._quantize import quantize, trace
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
 __all__ = ["ACT_BITS", "CALIBRATORS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS",
            "ActQuantInfo", "Description", "IntegerBias", "LayerDescription", "Observer",
            "PTQConfig", "QuantLayerInfo", "QuantSpec", "act_quants", "bake_integer_bias",
            "calibrate", "calibrate_data", "calibration_batches", "describe", "kernel_status",
-           "output_feed", "quant_layers", "quantize", "weight_storages"]
+           "output_feed", "quant_layers", "quantize", "trace", "weight_storages"]

@@ -26,6 +26,7 @@ to 1e-5 relative:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -91,10 +92,11 @@ def act_quants(model: nn.Module) -> list[ActQuantInfo]:
 
 
 def weight_storages(model: nn.Module, opset: int = 25, ternary_storage: str = "trits",
-                    ) -> dict[str, str]:
+                    integer_linear: Collection[str] = ()) -> dict[str, str]:
     """How ``lowbit.export`` stores each layer's codes at ``opset``: the ladder, and uint8 +
     128 where an integer kernel fed by the layer's input codes could overflow
-    (``lowbit._backend``)."""
+    (``lowbit._backend``). ``integer_linear``: Linear layers that run as integer kernels
+    (applied over more than two dims: MatMul), not as float Gemm."""
     acts = {a.name: a for a in act_quants(model)}
     storage = {}
     for info in quant_layers(model):
@@ -102,7 +104,8 @@ def weight_storages(model: nn.Module, opset: int = 25, ternary_storage: str = "t
         x_max = None if act is None else activation_range(act.bits, act.signed)[1]
         storage[info.name] = weight_storage(
             info.int_weight.numpy(), x_max,
-            storage_for(info.weight_bits, opset, ternary_storage), info.kind)
+            storage_for(info.weight_bits, opset, ternary_storage),
+            "matmul" if info.name in integer_linear else info.kind)
     return storage
 
 

@@ -47,6 +47,7 @@ from .. import _ops
 from .._ckptfile import arch_of
 from ..errors import QuantizeError
 from . import _brevitas
+from ._attention import sdpa_module, split_multihead
 from ._spec import QuantSpec
 
 _INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
@@ -79,7 +80,7 @@ def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: b
     if getattr(model, "lowbit_quant", None) is not None:
         raise QuantizeError("model is already a quantized student (it carries lowbit_quant); "
                             "quantize its float model instead")
-    gm = _trace(model)
+    gm = trace(model)
     _canonicalise(gm)
     _check_supported(gm)
     order = _weighted_order(gm)
@@ -115,21 +116,38 @@ class _Tracer(fx.Tracer):
         return _ops.is_leaf(m) or super().is_leaf_module(m, qualname)
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **more):  # noqa: ANN001, ANN201
+        if kind == "call_function" and target is F.scaled_dot_product_attention:
+            module = sdpa_module(args, kwargs)  # traced through: its matmuls and softmax
+            name = self._free_name("scaled_dot_product_attention")
+            self.root.add_module(name, module)
+            if self.submodule_paths is not None:  # the tracer's cache of module paths
+                self.submodule_paths.update((m, f"{name}.{sub}".rstrip("."))
+                                            for sub, m in module.named_modules())
+            return self.call_module(module, module.forward, args[:3], {})
         module = _ops.module_form(target, args, kwargs) if kind == "call_function" else None
         if module is None:
             return super().create_proxy(kind, target, args, kwargs, *rest, **more)
-        name = next(f"{target.__name__}_{i}" for i in itertools.count()
-                    if not hasattr(self.root, f"{target.__name__}_{i}"))
+        name = self._free_name(target.__name__)
         self.root.add_module(name, module)
         return super().create_proxy("call_module", name, args[:1], {}, *rest, **more)
 
+    def _free_name(self, base: str) -> str:
+        return next(f"{base}_{i}" for i in itertools.count()
+                    if not hasattr(self.root, f"{base}_{i}"))
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    """torch.fx trace of a deep copy of ``model``, or a QuantizeError with the offending line."""
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The float model as ``quantize`` reads it: a torch.fx trace of a deep copy of ``model``
+    with its attention written out as layers (``_attention``; the same function), or a
+    QuantizeError with the offending line."""
+    copied = copy.deepcopy(model)
+    split_multihead(copied)
     tracer = _Tracer(_ops.named_functions(model))
     tracer.record_stack_traces = True
     try:
-        graph = tracer.trace(copy.deepcopy(model))
+        graph = tracer.trace(copied)
+    except QuantizeError:
+        raise
     except Exception as exc:  # noqa: BLE001  (any untraceable forward: refused, named)
         frames = [f for f in traceback.extract_tb(exc.__traceback__)
                   if "/torch/" not in f.filename and "/lowbit/quant/" not in f.filename]
@@ -222,7 +240,8 @@ def _where(node: fx.Node) -> str:
     """The user's source line of ``node`` (from the trace's recorded stack), if known."""
     lines = (node.stack_trace or "").strip().splitlines()
     frames = [(lines[i].strip(), lines[i + 1].strip()) for i in range(len(lines) - 1)
-              if lines[i].lstrip().startswith("File ") and "/torch/" not in lines[i]]
+              if lines[i].lstrip().startswith("File ") and "/torch/" not in lines[i]
+              and "/lowbit/quant/" not in lines[i]]
     return f" ({frames[-1][0]}: {frames[-1][1]})" if frames else ""
 
 
