@@ -15,6 +15,9 @@ from lowbit import _intmath
 from lowbit._backend import cpu_features
 from lowbit._io import atomic_write, write_json
 
+# onnxruntime's own advice for its int8 models on x86 without VNNI (int16 pair saturation)
+REDUCE_RANGE = cpu_features()["u8s8"] == "int16 pairs"
+
 
 def float_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     """The float network as plain ONNX (the baseline onnxruntime runs in fp32), dynamic batch."""
@@ -75,3 +78,49 @@ def save_results(stem: Path, report: dict[str, Any], markdown: str) -> None:
     """``stem``.json (every number) and ``stem``.md (the table), each written atomically."""
     write_report(stem.with_suffix(".json"), report)
     atomic_write(stem.with_suffix(".md"), lambda path: path.write_text(markdown))
+
+
+def ort_int8(fp32: bytes, tmp: Path, feeds: list[dict] | None) -> bytes:
+    """onnxruntime's own int8 model of ``fp32``: ``quantize_dynamic`` (``feeds`` None) or
+    ``quantize_static`` calibrated on ``feeds`` (QDQ, per-channel, uint8 activations)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    src, dst = tmp / "fp32.onnx", tmp / "int8.onnx"
+    src.write_bytes(fp32)
+    if feeds is None:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         reduce_range=REDUCE_RANGE)
+        return dst.read_bytes()
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(feeds)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE)
+    return dst.read_bytes()
+
+
+def interleaved(calls: dict, rounds: int, min_time: float) -> dict[str, float]:
+    """Median ms per call of each ``calls[name]()`` over ``rounds`` interleaved rounds."""
+    import numpy as np
+
+    from lowbit.runtime._bench import time_calls
+
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        time_calls(fn, warmup=2, repeat=1, min_time=0)
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name] += time_calls(fn, warmup=0, repeat=2, min_time=min_time)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import float_onnx, write_report
+from common import float_onnx, interleaved, ort_int8, write_report
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit._backend import (
@@ -45,15 +45,12 @@ from lowbit._backend import (
     LUT_GEMM,
     NBITS_DOMAIN,
     NBITS_OP,
-    cpu_features,
 )
 from lowbit._io import atomic_write
 from lowbit.export import NBits, pack_nbits
 from lowbit.runtime import Session, session_options
-from lowbit.runtime._bench import time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REDUCE_RANGE = cpu_features()["u8s8"] == "int16 pairs"
 BLOCK = NBits().block_size
 
 
@@ -90,37 +87,6 @@ def _qdq(codes: np.ndarray, scale: np.ndarray) -> bytes:
                           numpy_helper.from_array(scale.astype(np.float32), "S")], k, n)
 
 
-def _ort_int8(fp32: bytes, tmp: Path, feeds: list[dict] | None) -> bytes:
-    """onnxruntime's own int8 model of ``fp32``: ``quantize_dynamic`` (``feeds`` None) or
-    ``quantize_static`` calibrated on ``feeds`` (QDQ, per-channel, uint8 activations)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
-    src, dst = tmp / "fp32.onnx", tmp / "int8.onnx"
-    src.write_bytes(fp32)
-    if feeds is None:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         reduce_range=REDUCE_RANGE)
-        return dst.read_bytes()
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(feeds)
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE)
-    return dst.read_bytes()
-
-
 def layer_models(k: int, n: int, tmp: Path) -> dict[str, tuple[bytes, dict, np.ndarray]]:
     """{name: (model bytes, session config, the float weight [K, N] it stands for)}."""
     rng = np.random.default_rng(0)
@@ -128,8 +94,8 @@ def layer_models(k: int, n: int, tmp: Path) -> dict[str, tuple[bytes, dict, np.n
     fp32 = _graph([helper.make_node("MatMul", ["A", "W"], ["Y"])],
                   [numpy_helper.from_array(w, "W")], k, n)
     calib = [{"A": rng.standard_normal((16, k)).astype(np.float32)} for _ in range(4)]
-    models = {"fp32": (fp32, {}, w), "ort_dynamic": (_ort_int8(fp32, tmp, None), {}, w),
-              "ort_static": (_ort_int8(fp32, tmp, calib), {}, w)}
+    models = {"fp32": (fp32, {}, w), "ort_dynamic": (ort_int8(fp32, tmp, None), {}, w),
+              "ort_static": (ort_int8(fp32, tmp, calib), {}, w)}
     for bits in (4, 2):  # per-channel codes: TWN (2-bit) or max-scaled (4-bit)
         if bits == 2:
             delta = 0.7 * np.abs(w).mean(0)
@@ -148,17 +114,6 @@ def layer_models(k: int, n: int, tmp: Path) -> dict[str, tuple[bytes, dict, np.n
     return models
 
 
-def _interleaved(calls: dict, rounds: int, min_time: float) -> dict[str, float]:
-    """Median ms per call of each ``calls[name]()`` over ``rounds`` interleaved rounds."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():
-        time_calls(fn, warmup=2, repeat=1, min_time=0)
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            times[name] += time_calls(fn, warmup=0, repeat=2, min_time=min_time)
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
-
-
 def kernels(sizes: list[int], batches: list[int], threads: int, rounds: int,
             min_time: float) -> list[dict]:
     """Part 1: rows of (K = N, batch, model, latency ms, relative error)."""
@@ -175,7 +130,7 @@ def kernels(sizes: list[int], batches: list[int], threads: int, rounds: int,
             a = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
             calls = {name: (lambda s=s, a=a: s.run(None, {"A": a}))
                      for name, s in sessions.items()}
-            ms = _interleaved(calls, rounds, min_time)
+            ms = interleaved(calls, rounds, min_time)
             for name, s in sessions.items():
                 exact = a.astype(np.float64) @ models[name][2].astype(np.float64)
                 err = np.abs(s.run(None, {"A": a})[0] - exact).max() / np.abs(exact).max()
@@ -259,13 +214,13 @@ def mlp(width: int, threads: int, epochs: int, rounds: int, min_time: float,
     calib = [{"input": xtr[i:i + 64]} for i in range(0, 512, 64)]
     for name, feeds in (("ort_dynamic", None), ("ort_static", calib)):
         files[name] = tmp / f"{name}.onnx"
-        files[name].write_bytes(_ort_int8(fp32, tmp, feeds))
+        files[name].write_bytes(ort_int8(fp32, tmp, feeds))
     sessions = {name: Session(p, threads=threads) for name, p in files.items()}
     out: dict = {"width": width, "train_seconds": {"teacher": t_teacher, "student": t_student},
                  "gates": gates, "models": {}}
     for b in (1, 8):
         a = xte[:b].copy()
-        ms = _interleaved({n: (lambda s=s, a=a: s._call(a)) for n, s in sessions.items()},
+        ms = interleaved({n: (lambda s=s, a=a: s._call(a)) for n, s in sessions.items()},
                           rounds, min_time)
         for n, v in ms.items():
             out["models"].setdefault(n, {"latency_ms": {}})["latency_ms"][b] = v

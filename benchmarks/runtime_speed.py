@@ -28,11 +28,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import brevitas_qcdq, brevitas_student, save_results
+from common import REDUCE_RANGE, brevitas_qcdq, brevitas_student, ort_int8, save_results
 
 from lowbit import _datafiles
 from lowbit._backend import cpu_features
@@ -40,7 +41,6 @@ from lowbit.runtime import Session, resident_bytes
 from lowbit.runtime._bench import time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REDUCE_RANGE = cpu_features()["u8s8"] == "int16 pairs"
 
 
 # -- building the files (full install: torch, brevitas, onnx) --------------------------------
@@ -71,12 +71,6 @@ def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[d
     """Write the six ONNX files into ``out``; returns {name: path} and {name: reference top-1
     predictions of the PyTorch model each file came from, on ``images``}."""
     import torch
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
     from lowbit import _onnx_meta, quant
     from lowbit.export import export
@@ -99,21 +93,10 @@ def build(out: Path, images: np.ndarray, mean, std, calib: int = 256) -> tuple[d
                                     _onnx_meta.OUTPUT_NAME: {0: "N"}})
     refs["float"] = predictions(teacher)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{_onnx_meta.INPUT_NAME: b.numpy()} for b in cal])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     paths["ort_int8"] = out / "ort_int8.onnx"
-    quantize_static(str(paths["float"]), str(paths["ort_int8"]), Reader(),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    # U8S8: with int8 activations (S8S8) onnxruntime 1.31 runs float Convs on x86
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    # onnxruntime's advice for x86 without VNNI, whose U8S8 kernels saturate
-                    # pairs of products in int16: 7-bit weights
-                    reduce_range=REDUCE_RANGE)
+    with tempfile.TemporaryDirectory() as tmp:  # U8S8 per-channel QDQ (common.ort_int8)
+        paths["ort_int8"].write_bytes(ort_int8(paths["float"].read_bytes(), Path(tmp), [
+            {_onnx_meta.INPUT_NAME: b.numpy()} for b in cal]))
     refs["ort_int8"] = refs["float"]  # a different model: agreement with the float teacher
 
     for bits in (2, 4):

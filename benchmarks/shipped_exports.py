@@ -3,7 +3,7 @@
 For each shipped student (``lowbit.models.list_pretrained``), ``lowbit.export`` with the gate
 run on all 10,000 test images of its dataset: top-1 agreement with the PyTorch student in
 onnxruntime's float kernels and in the integer kernels it fuses (what this CPU's family
-computes), the arithmetic contract per integer layer (``lowbit.export.check_kernels``: exact
+computes), the arithmetic contract per integer layer (``lowbit.export``'s ``check_kernels``: exact
 on every CPU family), the file's size and its test accuracy in the torch-free runtime next to
 the student's. Writes ``benchmarks/results/shipped_exports.{json,md}`` with the CPU flags.
 Reproduce: ``python benchmarks/shipped_exports.py --cifar10 ../shared/data/cifar-10-batches-py

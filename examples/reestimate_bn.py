@@ -4,7 +4,7 @@ While the learning rate is high, QAT weights near a quantization threshold flip 
 step and BatchNorm's running averages lag behind them (Nagel et al. 2022), so a checkpoint
 from the middle of a run evaluates, and exports, worse than its weights allow. This script
 re-estimates the statistics over augmented training batches with the checkpoint's weights
-(``lowbit.distill.reestimate_bn``, what ``lowbit distill --bn-batches N`` does after the last
+(``lowbit.distill``'s ``reestimate_bn``, what ``lowbit distill --bn-batches N`` does after the last
 epoch), prints the test accuracy before and after, and with ``-o`` writes the student as a
 finished checkpoint that ``lowbit eval`` and ``lowbit-export`` take.
 

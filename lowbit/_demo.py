@@ -59,7 +59,7 @@ def run_demo(out_dir: str | Path = "reports/demo", data_spec: str = "digits", *,
 
     ``epochs``/``limit``/``test_limit`` override the budget (:data:`BUDGETS`); ``threads``
     sets onnxruntime's intra-op threads (default: one per physical core). Raises
-    ``lowbit.export.ExportError`` if the exported file fails the onnxruntime agreement gate;
+    ``ExportError`` (``lowbit.export``) if the exported file fails the onnxruntime agreement gate;
     the summary written so far stays in ``out_dir``.
     """
     t0 = time.perf_counter()

@@ -110,7 +110,7 @@ def _nbits_options(p: argparse.ArgumentParser) -> None:
                    help="qdq: Linear layers as DequantizeLinear -> Gemm (portable, exact); "
                    "nbits: wide ones as onnxruntime's MatMulNBits, 2/4/8-bit blocks read "
                    "directly (much faster at batch 1; verified to a stated bound, see "
-                   "lowbit.export.NBits)")
+                   "NBits in lowbit.export)")
     p.add_argument("--nbits-block", type=b.positive, default=None, metavar="N",
                    help="nbits: weights per block along the input (a power of two >= 16)")
     p.add_argument("--nbits-accuracy", type=int, choices=[1, 4], default=None,

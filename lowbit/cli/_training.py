@@ -290,7 +290,7 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
         "held out of the training data; the test split is measured once, at the end. Writes a "
         "checkpoint (with the KD config, history and teacher identity) and a .json record "
         "every epoch; --resume continues an interrupted run exactly. Defaults are those of "
-        "lowbit.distill in Python (lowbit.distill.DISTILL_CONFIG, KDConfig, QuantSpec).")
+        "lowbit.distill in Python (DISTILL_CONFIG and KDConfig in lowbit.distill, QuantSpec).")
     p.add_argument("--teacher", required=True,
                    help="teacher checkpoint (lowbit train) or a shipped one by name "
                    "(lowbit models); scheme A also takes a model name to train a fresh "
@@ -338,7 +338,8 @@ def _kd_options(p: argparse.ArgumentParser) -> None:
                    help="weight of the hidden-state loss (TernaryBERT: MSE of each block's "
                    "output, summed over blocks; 0: off)")
     p.add_argument("--attention", type=b.non_negative_float, default=None,
-                   help="weight of the attention-map loss (MSE of each softmax in the blocks)")
+                   help="weight of the attention loss (MSE of the scores each softmax in the "
+                   "blocks reads)")
     p.add_argument("--hidden-layers", type=lambda text: tuple(text.split(",")), default=(),
                    metavar="PATH,...", help="module paths of the blocks whose outputs are "
                    "matched (default: the teacher's blocks, the children of its largest "

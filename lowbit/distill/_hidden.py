@@ -3,7 +3,9 @@ Bai et al. 2021): besides the logits, the student matches the teacher's
 
 - hidden states: the output of each of the model's blocks (``KDConfig.hidden_layers``;
   default: :func:`default_layers`), by module path;
-- attention maps: the output of each softmax inside those blocks, in forward order;
+- attention scores: the input of each softmax inside those blocks (``q k^T / sqrt(d)``, as
+  TinyBERT and TernaryBERT match them: the probabilities' squared errors are ~1/tokens^2
+  smaller and vanish next to the other terms), in forward order;
 
 each by mean squared error, summed over layers. The student keeps the float model's module
 paths (``lowbit.quantize``), so a teacher of the same architecture pairs up by name. Both
@@ -54,8 +56,9 @@ def _in(node: fx.Node, path: str) -> bool:
 
 
 def tapped(model: nn.Module, layers: Sequence[str]) -> fx.GraphModule:
-    """A module whose forward returns ``(logits, hidden states, attention maps)``: the last
-    value computed inside each of ``layers`` and every softmax inside them (sharing the
+    """A module whose forward returns ``(logits, hidden states, attention scores)``: the last
+    value computed inside each of ``layers`` and the input of every softmax inside them
+    (sharing the
     parameters of a lowbit student; of a copy of any other model)."""
     gm = _graph(model)
     nodes = list(gm.graph.nodes)
@@ -72,7 +75,7 @@ def tapped(model: nn.Module, layers: Sequence[str]) -> fx.GraphModule:
     graph = fx.Graph()
     values: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, values)
-    graph.output((out, [values[n] for n in hidden], [values[n] for n in attention]))
+    graph.output((out, [values[n] for n in hidden], [values[n.args[0]] for n in attention]))
     taps = fx.GraphModule(gm, graph, f"{type(model).__name__}Taps")
     taps.lowbit_taps = tuple(layers)
     return taps
@@ -86,7 +89,7 @@ def hidden_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]
 
 
 def check_pairs(student: fx.GraphModule, teacher: fx.GraphModule, x: torch.Tensor) -> None:
-    """Refuse tapped models whose hidden states or attention maps do not pair up in number
+    """Refuse tapped models whose hidden states or attention scores do not pair up in number
     and shape, before any training."""
     outs = {}
     for role, model in (("student", student), ("teacher", teacher)):
@@ -98,7 +101,7 @@ def check_pairs(student: fx.GraphModule, teacher: fx.GraphModule, x: torch.Tenso
         finally:
             model.train(was_training)
         outs[role] = ([tuple(h.shape) for h in hidden], [tuple(a.shape) for a in attention])
-    for i, what in enumerate(("hidden states", "attention maps")):
+    for i, what in enumerate(("hidden states", "attention scores")):
         s, t = outs["student"][i], outs["teacher"][i]
         if s != t:
             raise UsageError(f"the student's {what} {s} do not pair with the teacher's {t}; "

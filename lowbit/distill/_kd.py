@@ -90,7 +90,7 @@ class KDConfig:
     ("fp32" or "bf16"; default: the training precision) sets the frozen teacher's forward
     alone: "bf16" is much faster on CPUs with AMX, and its soft targets change only by
     bf16 rounding of the logits. ``hidden`` and ``attention`` weigh TernaryBERT's
-    hidden-state and attention-map losses (``_hidden``; 0: off) over ``hidden_layers``
+    hidden-state and attention-score losses (``_hidden``; 0: off) over ``hidden_layers``
     (module paths; empty: the teacher's blocks).
     """
 
@@ -141,7 +141,7 @@ class KDConfig:
 
     @property
     def taps(self) -> bool:
-        """Whether hidden states or attention maps are matched besides the logits."""
+        """Whether hidden states or attention scores are matched besides the logits."""
         return self.hidden > 0 or self.attention > 0
 
     def soft_weight(self, epoch: int) -> float:
@@ -187,7 +187,7 @@ def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = Tru
     can trace it), weights in ``precision`` ("bf16": cast once instead of autocast's cast at
     every call), channels-last unless told it cannot run so (``to_channels_last``). Its
     logits differ from the teacher's by rounding alone. ``layers``: it returns their hidden
-    states and attention maps too (``_hidden.tapped``)."""
+    states and attention scores too (``_hidden.tapped``)."""
     frozen = copy.deepcopy(teacher).eval()
     if layers:
         frozen = tapped(frozen, layers).eval()
