@@ -19,10 +19,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from .. import _integrity
+from .._backend import NBITS_DOMAIN, NBITS_OP, ONNX_FOOTPRINT, ONNX_NORMS
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE
 from ..errors import FootprintError
 from ._graph import (
@@ -33,9 +36,8 @@ from ._graph import (
     FP32,
     INPUT,
     LINEAR,
-    POOL,
+    MATMUL,
     UNARY,
-    VIEW,
     Graph,
     Op,
     Param,
@@ -51,21 +53,7 @@ _BITS = {TensorProto.FLOAT: 32, TensorProto.DOUBLE: 64, TensorProto.FLOAT16: 16,
          TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8,
          TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.FLOAT4E2M1: 4}
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-
-_UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
-          "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu", "Erf", "Identity", "Dropout",
-          "Cast", "QuantizeLinear", "DequantizeLinear", "Neg", "Abs", "Sqrt", "Exp", "Round",
-          "Floor", "Ceil", "LayerNormalization", "InstanceNormalization",
-          "GroupNormalization"}
-_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice"}
-_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
-         "ReduceMax", "Resize"}
-_BINARY = {"Add", "Sub", "Mul", "Div", "Sum"}  # Sum: lowbit writes residual adds as Sum
-_META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
-_CONST_ONLY = {"Gather"}  # accepted where it computes constants (trits decoding), and
-# where it looks activations up in a constant table (a raw-pixel input's lookup)
-SUPPORTED = sorted({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Concat",
-                    "Constant", *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
+SUPPORTED = sorted(ONNX_FOOTPRINT)
 
 
 def load(model: str | Path | onnx.ModelProto,
@@ -77,7 +65,8 @@ def load(model: str | Path | onnx.ModelProto,
     if not proto.graph.node:
         raise FootprintError(f"{source}: the ONNX graph has no nodes (not an ONNX model?)")
     unknown = sorted({f"{n.op_type} (node {n.name or '?'})" for n in proto.graph.node
-                      if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")})
+                      if n.op_type not in ONNX_FOOTPRINT or n.domain not in (
+                          "", "ai.onnx", NBITS_DOMAIN if n.op_type == NBITS_OP else "")})
     if unknown:
         raise FootprintError(f"{source}: cannot account for {len(unknown)} op(s): "
                              f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}; "
@@ -128,10 +117,51 @@ def _unit_batch(proto: onnx.ModelProto, source: str,
         if dims:
             dims[0].dim_value = 1
     try:
-        return onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+        while _fold_shapes(m.graph):  # sizes computed at run time, known at batch 1
+            del m.graph.value_info[:]
+            m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
     except Exception as exc:  # InferenceError, ValidationError
         raise FootprintError(f"{source}: ONNX shape inference failed: "
                              f"{str(exc).splitlines()[0][:200]}") from None
+    return m
+
+
+_SMALL = 64  # constants up to this many elements can take part in shape arithmetic
+
+
+def _fold_shapes(g: onnx.GraphProto) -> bool:
+    """Constant-fold the shape arithmetic of ``g`` in place (onnx's reference evaluator):
+    each Shape of a tensor whose shape is inferred, and every node computed from such shapes
+    and small constants (Gather, Div, Concat, Cast, ...), becomes an initializer, so Reshape
+    and Resize read constant sizes. Whether anything was folded."""
+    types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
+    known = {i.name: numpy_helper.to_array(i) for i in g.initializer
+             if math.prod(i.dims) <= _SMALL}
+    folded: set[str] = set()
+    for n in g.node:
+        ins = [t for t in n.input if t]
+        dims = _dims(types.get(n.input[0])) if n.op_type == "Shape" else None
+        if n.op_type == "Constant" or (ins and all(t in known for t in ins)
+                                       and any(t in folded for t in ins)):
+            values = ReferenceEvaluator(n).run(None, {t: known[t] for t in ins})
+            if n.op_type != "Constant":
+                folded.update(n.output)
+            known.update((t, v) for t, v in zip(n.output, values, strict=True)
+                         if n.op_type != "Constant" or v.size <= _SMALL)
+        elif dims and min(dims) > 0:
+            known[n.output[0]] = np.array(dims[_attr(n, "start", 0):_attr(n, "end", len(dims))],
+                                          np.int64)
+            folded.add(n.output[0])
+    if not folded:
+        return False
+    keep = [n for n in g.node if not set(n.output) <= folded]
+    read = {t for n in keep for t in n.input} | {v.name for v in g.output}
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(numpy_helper.from_array(np.asarray(known[t]), t)
+                         for t in sorted(folded & read))
+    return True
 
 
 def _module_path(name: str) -> str:
@@ -162,8 +192,9 @@ def _constants(g: onnx.GraphProto, types: dict) -> tuple[dict, set[str], dict]:
             value = next((a.t for a in n.attribute if a.name == "value"), None)
             dims = tuple(value.dims) if value is not None else ()
             consts[n.output[0]] = (dims, value.data_type if value is not None else 1)
-        elif n.op_type in _META or (ins and all(t in consts or t in meta for t in ins)
-                                    and any(t in meta for t in ins)):
+        elif ONNX_FOOTPRINT.get(n.op_type, "") is None or (
+                ins and all(t in consts or t in meta for t in ins)
+                and any(t in meta for t in ins)):
             meta.update(n.output)
         elif ins and all(t in consts for t in ins):
             for t in n.output:  # constant subgraph (DequantizeLinear of weights, Cast, ...)
@@ -230,6 +261,8 @@ class _Builder:
     def layer(self, n: onnx.NodeProto, kind: str, out_shape: tuple[int, ...]
               ) -> tuple[list[Param], int]:
         """(parameters, MACs) of a conv/linear node."""
+        if n.op_type == NBITS_OP:
+            return self.nbits(n, out_shape)
         ps = self.params(n.input[1], "weight") + (self.params(n.input[2], "bias")
                                                    if len(n.input) > 2 and n.input[2] else [])
         w = _dims(self.types.get(n.input[1])) or self.consts[n.input[1]][0]
@@ -241,6 +274,30 @@ class _Builder:
             fan_in = w[0] // _attr(n, "group", 1) * math.prod(w[2:]) // math.prod(strides)
         return ps, math.prod(out_shape) * (fan_in if kind == CONV else in_features)
 
+    def nbits(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> tuple[list[Param], int]:
+        """(parameters, MACs) of a com.microsoft MatMulNBits node: codes of ``bits`` bits
+        (padded to whole blocks along K, as stored), block scales, zero points if given, bias
+        (input 5); each output element sums K products."""
+        bits, k = _attr(n, "bits", 4), _attr(n, "K", 0)
+        ps = self.params(n.input[1], "weight")
+        if ps and ps[0].bits == 8 and bits < 8:  # uint8 bytes holding 8 / bits codes each
+            ps[0] = Param("weight", ps[0].elements * 8 // bits, bits)
+        for i, role in ((2, "scale"), (3, "zero_point"), (5, "bias")):
+            if len(n.input) > i and n.input[i]:
+                ps += [Param(role, p.elements, p.bits) for p in self.params(n.input[i], role)]
+        return ps, math.prod(out_shape) * k
+
+    def operands(self, n: onnx.NodeProto, kind: str) -> list[Param]:
+        """Stored tensors an element-wise op or a normalisation reads (a shift added, a scale
+        multiplied, a position embedding; a normalisation's scale and shift); scalars are
+        hyperparameters, not counted."""
+        if n.op_type in ONNX_NORMS:
+            roles = zip(n.input[1:3], ("scale", "bias"), strict=False)
+        else:
+            roles = [(t, "bias" if kind == AFFINE else "scale") for t in n.input]
+        return [p for t, role in roles if t in self.consts and t not in self.act_consts
+                and math.prod(self.consts[t][0]) > 1 for p in self.params(t, role)]
+
     def op(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> Op:
         """The footprint ``Op`` of a node that computes on activations."""
         out = n.output[0]
@@ -248,9 +305,11 @@ class _Builder:
         kind, ps, macs, bits = _classify(n, acts, self.consts)
         if kind in (CONV, LINEAR):
             ps, macs = self.layer(n, kind, out_shape)
-        elif kind == AFFINE and n.op_type != "BatchNormalization":
-            ps = self.params(next(t for t in n.input if t in self.consts), "bias")
-        if n.op_type in ("QuantizeLinear", "Gather"):
+        elif kind == MATMUL:  # [..., N, K] @ [..., K, M]: K products per output element
+            macs = math.prod(out_shape) * _dims(self.types.get(acts[0]))[-1]
+        elif kind in (AFFINE, UNARY) and n.op_type != "BatchNormalization" and not ps:
+            ps = self.operands(n, kind)
+        if n.op_type == "QuantizeLinear" or (n.op_type == "Gather" and kind == UNARY):
             bits = _BITS.get(_elem(self.types.get(out)), FP32)
         elif n.op_type == "Clip" and _elem(self.types.get(out)) not in _FLOATS:
             bits = _clip_bits(n, self.g)
@@ -266,19 +325,23 @@ class _Builder:
         ops = [Op(name, INPUT, [], name, self.shape(name) or (),
                   bits=_BITS.get(_elem(self.types[name]), FP32)) for name in inputs]
         missing: list[str] = []
+        gelu = _erf_gelu(g, consts)
         for n in g.node:
-            if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in self.meta:
+            if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in self.meta \
+                    or gelu.get(n.output[0], "") is None:
                 continue
-            if n.op_type in _CONST_ONLY and not (n.op_type == "Gather"
-                                                 and n.input[0] in self.consts):
-                raise FootprintError(f"{self.source}: {n.op_type} on activations "
-                                     f"({n.output[0]}) is not accounted; only constant "
-                                     f"{n.op_type} (weight decoding) is")
+            if n.op_type == "Gather" and n.input[0] not in consts and n.input[1] not in consts:
+                raise FootprintError(f"{self.source}: Gather of activations by activations "
+                                     f"({n.output[0]}) is not accounted; only a constant "
+                                     f"table or constant indices are")
             out_shape = self.shape(n.output[0])
             if out_shape is None:
                 missing.append(f"{n.output[0]} ({n.op_type})")
-                continue
-            ops.append(self.op(n, out_shape))
+            elif n.output[0] in gelu:  # the whole chain: one element-wise op on its input
+                ops.append(Op(_module_path(n.name) or n.output[0], UNARY, [gelu[n.output[0]]],
+                              n.output[0], out_shape))
+            else:
+                ops.append(self.op(n, out_shape))
         if missing:
             raise FootprintError(f"{self.source}: no shape information for {len(missing)} "
                                  f"tensor(s): {', '.join(missing[:8])}"
@@ -293,36 +356,57 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
 
 def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
     """(kind, params, macs, bits) of a node that computes on activations."""
-    op = n.op_type
-    if op in ("Conv", "ConvTranspose"):
-        if n.input[1] not in consts:
-            raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
-                                 f"supported (input {n.input[1]!r} is not a constant)")
-        return CONV, [], 0, None
-    if op in ("Gemm", "MatMul"):
-        if len(acts) != 1 or n.input[1] in acts:
-            raise FootprintError(f"{op} node {n.name!r}: only products with a constant weight "
-                                 f"(linear layers) are supported")
-        return LINEAR, [], 0, None
-    if op == "Gather":  # a lookup table (raw pixels -> input codes)
+    op, kind = n.op_type, ONNX_FOOTPRINT[n.op_type]
+    if kind == CONV and n.input[1] not in consts:
+        raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
+                             f"supported (input {n.input[1]!r} is not a constant)")
+    if kind in (LINEAR, MATMUL) and n.input[1] in consts:
+        return LINEAR, [], 0, None  # a linear layer: a product with a constant weight
+    if kind in (LINEAR, MATMUL):
+        if op != "MatMul":
+            raise FootprintError(f"{op} node {n.name!r}: weights computed at run time are "
+                                 f"not supported (input {n.input[1]!r} is not a constant)")
+        return MATMUL, [], 0, None
+    if op == "Gather" and n.input[0] in consts:  # a lookup table (raw pixels -> input codes)
         dims, elem = consts[n.input[0]]
         return UNARY, [Param("table", math.prod(dims), _BITS.get(elem, FP32))], 0, None
     if op == "BatchNormalization":
         channels = math.prod(consts[n.input[1]][0])
         return AFFINE, [Param("scale", channels, FP32), Param("bias", channels, FP32)], 0, None
-    if op in _BINARY and len(acts) == 1:
+    if kind == ADD and len(acts) == 1:
         const = next(t for t in n.input if t and t not in acts)
         per_channel = math.prod(consts[const][0]) > 1 if const in consts else False
         return (AFFINE if op in ("Add", "Sub") and per_channel else UNARY), [], 0, None
-    if op in _BINARY:
-        return ADD, [], 0, None
-    if op == "Concat":
-        return CONCAT, [], 0, None
-    if op in _POOL:
-        return POOL, [], 0, None
-    if op in _VIEW:
-        return VIEW, [], 0, None
-    return UNARY, [], 0, None
+    return kind, [], 0, None
+
+
+def _erf_gelu(g: onnx.GraphProto, consts: dict) -> dict[str, str | None]:
+    """GELU as torch exports it, ``x * (erf(x / sqrt(2)) + 1) * 0.5`` (Div, Erf, Add, Mul,
+    Mul by a constant): the chain's output -> x, its other nodes' outputs -> None."""
+    producer = {t: n for n in g.node for t in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+
+    def sole(t: str, op: str) -> onnx.NodeProto | None:
+        found = readers.get(t, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    chains: dict[str, str | None] = {}
+    for erf in (n for n in g.node if n.op_type == "Erf"):
+        div = producer.get(erf.input[0])
+        add = sole(erf.output[0], "Add")
+        mul = add and sole(add.output[0], "Mul")
+        if div is None or div.op_type != "Div" or div.input[1] not in consts or mul is None \
+                or set(mul.input) != {div.input[0], add.output[0]}:
+            continue
+        half = sole(mul.output[0], "Mul")
+        last = half if half is not None and set(half.input) & set(consts) else mul
+        chains.update(dict.fromkeys((div.output[0], erf.output[0], add.output[0],
+                                     mul.output[0])))
+        chains[last.output[0]] = div.input[0]
+    return chains
 
 
 def _clip_bits(n: onnx.NodeProto, g: onnx.GraphProto) -> int | None:
