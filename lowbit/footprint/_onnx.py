@@ -133,20 +133,21 @@ _SMALL = 64  # constants up to this many elements can take part in shape arithme
 def _fold_shapes(g: onnx.GraphProto) -> bool:
     """Constant-fold the shape arithmetic of ``g`` in place (onnx's reference evaluator):
     each Shape of a tensor whose shape is inferred, and every node computed from such shapes
-    and small constants (Gather, Div, Concat, Cast, ...), becomes an initializer, so Reshape
-    and Resize read constant sizes. Whether anything was folded."""
+    and from small int64 initializers and Constant nodes (Gather, Div, Concat, Cast, ...)
+    becomes an initializer, so Reshape and Resize read constant sizes and scales (weight
+    decoding, from other initializers, stays). Whether anything was folded."""
     types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
     known = {i.name: numpy_helper.to_array(i) for i in g.initializer
              if math.prod(i.dims) <= _SMALL}
     folded: set[str] = set()
+    literals: set[str] = set()  # Constant nodes' outputs (Resize scales, axes)
     for n in g.node:
         ins = [t for t in n.input if t]
         dims = _dims(types.get(n.input[0])) if n.op_type == "Shape" else None
-        if n.op_type == "Constant" or (ins and all(t in known for t in ins)
-                                       and any(t in folded for t in ins)):
+        if n.op_type == "Constant" or (ins and all(t in known for t in ins) and all(
+                t in folded or t in literals or known[t].dtype == np.int64 for t in ins)):
             values = ReferenceEvaluator(n).run(None, {t: known[t] for t in ins})
-            if n.op_type != "Constant":
-                folded.update(n.output)
+            (literals if n.op_type == "Constant" else folded).update(n.output)
             known.update((t, v) for t, v in zip(n.output, values, strict=True)
                          if n.op_type != "Constant" or v.size <= _SMALL)
         elif dims and min(dims) > 0:
@@ -211,8 +212,8 @@ class _Builder:
         self.source = source
         self.types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
         self.consts, self.meta, self.producer = _constants(g, self.types)
-        self.inits = {i.name for i in g.initializer} | {n.output[0] for n in g.node
-                                                        if n.op_type == "Constant"}
+        self.literals = {n.output[0] for n in g.node if n.op_type == "Constant"}
+        self.inits = {i.name for i in g.initializer} | self.literals
         # scales / zero points / clip bounds of activation quantizers (a layer's int32 bias
         # scale reuses its input quantizer's scale): not weights
         self.act_consts = {t for n in g.node
@@ -289,14 +290,16 @@ class _Builder:
 
     def operands(self, n: onnx.NodeProto, kind: str) -> list[Param]:
         """Stored tensors an element-wise op or a normalisation reads (a shift added, a scale
-        multiplied, a position embedding; a normalisation's scale and shift); scalars are
-        hyperparameters, not counted."""
+        multiplied, a position embedding; a normalisation's scale and shift). Scalars are
+        hyperparameters and Constant nodes literals the exporter wrote (the unit scale of
+        the InstanceNormalization that GroupNorm exports as): neither is counted."""
         if n.op_type in ONNX_NORMS:
             roles = zip(n.input[1:3], ("scale", "bias"), strict=False)
         else:
             roles = [(t, "bias" if kind == AFFINE else "scale") for t in n.input]
         return [p for t, role in roles if t in self.consts and t not in self.act_consts
-                and math.prod(self.consts[t][0]) > 1 for p in self.params(t, role)]
+                and math.prod(self.consts[t][0]) > 1
+                and not set(self.sources(t)) <= self.literals for p in self.params(t, role)]
 
     def op(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> Op:
         """The footprint ``Op`` of a node that computes on activations."""
