@@ -61,10 +61,15 @@ def test_new_layer_types_quantize_distill_export_run(arch, tmp_path):
     assert result.kernels == {"integer": sum(r.integer for r in weighted),
                               "float": sum(not r.integer for r in weighted)}
     # the footprint reads the student (through the registry), and the file alike (Resize
-    # sizes and size()-computed views, computed at run time, are folded at batch 1)
+    # sizes and size()-computed views, computed at run time, are folded at batch 1; SiLU's
+    # Sigmoid + Mul is one op). The exporter schedules U-Net's and ShuffleNet's branches in
+    # another order, so their peaks differ.
     a, b = footprint(student, (1,), input_shape=shape), footprint(path, (1,))
     assert a.weight_bytes > 0
-    assert (a.weight_bytes, a.macs) == (b.weight_bytes, b.macs)
+    assert (a.weight_bytes, a.macs, a.activation_bytes(8)) == \
+        (b.weight_bytes, b.macs, b.activation_bytes(8))
+    if arch not in ("unet", "shufflenet_v2"):
+        assert a.peak(8)[0] == b.peak(8)[0]
     logits = Session(path).run(data.images[:16].numpy())
     with torch.no_grad():
         ref = student(x[:16]).numpy()

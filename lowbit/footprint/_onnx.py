@@ -328,10 +328,10 @@ class _Builder:
         ops = [Op(name, INPUT, [], name, self.shape(name) or (),
                   bits=_BITS.get(_elem(self.types[name]), FP32)) for name in inputs]
         missing: list[str] = []
-        gelu = _erf_gelu(g, consts)
+        gated = _self_gated(g, consts)
         for n in g.node:
             if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in self.meta \
-                    or gelu.get(n.output[0], "") is None:
+                    or gated.get(n.output[0], "") is None:
                 continue
             if n.op_type == "Gather" and n.input[0] not in consts and n.input[1] not in consts:
                 raise FootprintError(f"{self.source}: Gather of activations by activations "
@@ -340,8 +340,8 @@ class _Builder:
             out_shape = self.shape(n.output[0])
             if out_shape is None:
                 missing.append(f"{n.output[0]} ({n.op_type})")
-            elif n.output[0] in gelu:  # the whole chain: one element-wise op on its input
-                ops.append(Op(_module_path(n.name) or n.output[0], UNARY, [gelu[n.output[0]]],
+            elif n.output[0] in gated:  # the whole chain: one element-wise op on its input
+                ops.append(Op(_module_path(n.name) or n.output[0], UNARY, [gated[n.output[0]]],
                               n.output[0], out_shape))
             else:
                 ops.append(self.op(n, out_shape))
@@ -383,33 +383,41 @@ def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
     return kind, [], 0, None
 
 
-def _erf_gelu(g: onnx.GraphProto, consts: dict) -> dict[str, str | None]:
-    """GELU as torch exports it, ``x * (erf(x / sqrt(2)) + 1) * 0.5`` (Div, Erf, Add, Mul,
-    Mul by a constant): the chain's output -> x, its other nodes' outputs -> None."""
+def _self_gated(g: onnx.GraphProto, consts: dict) -> dict[str, str | None]:
+    """Element-wise functions of one activation that ONNX spells as ``x * f(x)`` (or
+    ``x + f(x)``), ``f`` a chain of element-wise ops each read once: GELU as torch exports it,
+    ``x * (erf(x / sqrt(2)) + 1)`` (times 0.5 after), SiLU as ``x * sigmoid(x)``. In PyTorch
+    each is one op that runs in place; here: the product's output -> x, the chain's -> None."""
     producer = {t: n for n in g.node for t in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
+    readers: dict[str, int] = {}
     for n in g.node:
         for t in n.input:
-            readers.setdefault(t, []).append(n)
+            readers[t] = readers.get(t, 0) + 1
 
-    def sole(t: str, op: str) -> onnx.NodeProto | None:
-        found = readers.get(t, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op else None
+    def chain(x: str, y: str) -> list[str] | None:  # y = f(x): the tensors of f, or None
+        found = []
+        while y != x:
+            n = producer.get(y)
+            ins = [t for t in n.input if t and t not in consts] if n is not None else []
+            if len(ins) != 1 or readers.get(y) != 1 or \
+                    ONNX_FOOTPRINT.get(n.op_type) not in (UNARY, ADD):
+                return None
+            found.append(y)
+            y = ins[0]
+        return found
 
-    chains: dict[str, str | None] = {}
-    for erf in (n for n in g.node if n.op_type == "Erf"):
-        div = producer.get(erf.input[0])
-        add = sole(erf.output[0], "Add")
-        mul = add and sole(add.output[0], "Mul")
-        if div is None or div.op_type != "Div" or div.input[1] not in consts or mul is None \
-                or set(mul.input) != {div.input[0], add.output[0]}:
+    gated: dict[str, str | None] = {}
+    for n in g.node:
+        acts = [t for t in n.input if t and t not in consts]
+        if ONNX_FOOTPRINT.get(n.op_type) != ADD or len(acts) != 2:
             continue
-        half = sole(mul.output[0], "Mul")
-        last = half if half is not None and set(half.input) & set(consts) else mul
-        chains.update(dict.fromkeys((div.output[0], erf.output[0], add.output[0],
-                                     mul.output[0])))
-        chains[last.output[0]] = div.input[0]
-    return chains
+        for x, y in (acts, acts[::-1]):
+            inner = chain(x, y)
+            if inner:
+                gated.update(dict.fromkeys(inner))
+                gated[n.output[0]] = x
+                break
+    return gated
 
 
 def _clip_bits(n: onnx.NodeProto, g: onnx.GraphProto) -> int | None:

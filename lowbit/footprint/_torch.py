@@ -136,10 +136,13 @@ def _attr(model: nn.Module, target: str) -> torch.Tensor | None:
 
 def _constant_params(kind: str, tensors: list[torch.Tensor]) -> list[Param]:
     """The stored tensors an op reads directly (a position embedding added to the tokens, a
-    layer scale), each counted at its first use: an added one is a shift ("bias"), others
-    scales; scalars are hyperparameters, not counted (as constants in an ONNX file)."""
-    role = "bias" if kind == AFFINE else "scale"
-    return [Param(role, t.numel(), FP32) for t in tensors if t.numel() > 1]
+    layer scale, ``F.layer_norm``'s weight and bias), each counted at its first use: an added
+    one is a shift ("bias"), else scale then shift; scalars are hyperparameters, not counted
+    (as constants in an ONNX file)."""
+    tensors = [t for t in tensors if t.numel() > 1]
+    if kind == AFFINE:
+        return [Param("bias", t.numel(), FP32) for t in tensors]
+    return _affine(tensors)
 
 
 def _quant_bits(model: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
