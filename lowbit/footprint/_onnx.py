@@ -118,8 +118,8 @@ def _unit_batch(proto: onnx.ModelProto, source: str,
             dims[0].dim_value = 1
     try:
         m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
-        while _fold_shapes(m.graph):  # sizes computed at run time, known at batch 1
-            del m.graph.value_info[:]
+        # sizes computed at run time, known at batch 1; outputs of contrib ops
+        while _fold_shapes(m.graph) or _nbits_shapes(m.graph):
             m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
     except Exception as exc:  # InferenceError, ValidationError
         raise FootprintError(f"{source}: ONNX shape inference failed: "
@@ -128,6 +128,20 @@ def _unit_batch(proto: onnx.ModelProto, source: str,
 
 
 _SMALL = 64  # constants up to this many elements can take part in shape arithmetic
+
+
+def _nbits_shapes(g: onnx.GraphProto) -> bool:
+    """Shapes of MatMulNBits outputs, which ONNX shape inference does not know: A's with the
+    last dim N. Whether any was added."""
+    types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
+    added = False
+    for n in g.node:
+        dims = _dims(types.get(n.input[0]))
+        if n.op_type == NBITS_OP and dims and _dims(types.get(n.output[0])) is None:
+            g.value_info.append(onnx.helper.make_tensor_value_info(
+                n.output[0], _elem(types[n.input[0]]), [*dims[:-1], _attr(n, "N", 0)]))
+            added = True
+    return added
 
 
 def _fold_shapes(g: onnx.GraphProto) -> bool:
@@ -276,16 +290,18 @@ class _Builder:
         return ps, math.prod(out_shape) * (fan_in if kind == CONV else in_features)
 
     def nbits(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> tuple[list[Param], int]:
-        """(parameters, MACs) of a com.microsoft MatMulNBits node: codes of ``bits`` bits
-        (padded to whole blocks along K, as stored), block scales, zero points if given, bias
-        (input 5); each output element sums K products."""
-        bits, k = _attr(n, "bits", 4), _attr(n, "K", 0)
+        """(parameters, MACs) of a com.microsoft MatMulNBits node: N x K codes of ``bits``
+        bits and the padding of the last block along K (stored, not parameters), block
+        scales, zero points if given, bias (input 5); each output element sums K products."""
+        bits, k, n_out = _attr(n, "bits", 4), _attr(n, "K", 0), _attr(n, "N", 0)
         ps = self.params(n.input[1], "weight")
-        if ps and ps[0].bits == 8 and bits < 8:  # uint8 bytes holding 8 / bits codes each
-            ps[0] = Param("weight", ps[0].elements * 8 // bits, bits)
+        if ps and ps[0].bits == 8:  # uint8 bytes holding 8 / bits codes each
+            stored = ps[0].elements * 8 // bits
+            ps[0:1] = [Param("weight", n_out * k, bits)] + (
+                [Param("padding", stored - n_out * k, bits)] if stored > n_out * k else [])
         for i, role in ((2, "scale"), (3, "zero_point"), (5, "bias")):
             if len(n.input) > i and n.input[i]:
-                ps += [Param(role, p.elements, p.bits) for p in self.params(n.input[i], role)]
+                ps += self.params(n.input[i], role)
         return ps, math.prod(out_shape) * k
 
     def operands(self, n: onnx.NodeProto, kind: str) -> list[Param]:
