@@ -135,9 +135,9 @@ def _nbits_shapes(g: onnx.GraphProto) -> bool:
     last dim N. Whether any was added."""
     types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
     added = False
-    for n in g.node:
+    for n in (n for n in g.node if n.op_type == NBITS_OP):
         dims = _dims(types.get(n.input[0]))
-        if n.op_type == NBITS_OP and dims and _dims(types.get(n.output[0])) is None:
+        if dims and _dims(types.get(n.output[0])) is None:
             g.value_info.append(onnx.helper.make_tensor_value_info(
                 n.output[0], _elem(types[n.input[0]]), [*dims[:-1], _attr(n, "N", 0)]))
             added = True
