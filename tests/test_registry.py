@@ -110,6 +110,23 @@ def test_registry_ops_are_described_by_the_backend():
             assert _backend.ONNX_OPS[op.onnx].keeps_codes
 
 
+def test_registry_and_backend_agree_on_footprint_kinds():
+    """The ONNX front end of ``footprint`` reads what an ONNX op is from the backend table;
+    for the registry's ops it says what the registry says (an identity in eval may alias or
+    run in place: both allocate nothing)."""
+    from lowbit.footprint._graph import ADD, AFFINE, CONCAT, CONV, LINEAR, MATMUL, POOL, UNARY, VIEW
+
+    kinds = {CONV, LINEAR, MATMUL, AFFINE, UNARY, VIEW, ADD, CONCAT, POOL, None}
+    assert set(_backend.ONNX_FOOTPRINT.values()) <= kinds
+    for op in [*_ops.MODULES.values(), *_ops.FUNCTIONS.values(), *_ops.METHODS.values()]:
+        assert op.footprint in kinds
+        if "+" in op.onnx:  # SiLU: Sigmoid + Mul, one element-wise op (footprint._onnx)
+            continue
+        kind = _backend.ONNX_FOOTPRINT[op.onnx]
+        assert kind == op.footprint or (op.role == _ops.PASS and
+                                         {kind, op.footprint} == {VIEW, UNARY})
+
+
 @pytest.mark.parametrize("opset,ort", [(25, "1.24.1"), (24, "1.23"), (21, "1.23"),
                                        (20, "1.20"), (13, "1.20")])
 def test_opset_floors(opset, ort):
