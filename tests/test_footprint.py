@@ -108,6 +108,37 @@ def test_inplace_and_views_allocate_nothing_but_fanout_does():
     assert r.peak(1)[0] == 3 * 8 * 4
 
 
+def test_parameters_of_ops_run_in_place_are_counted(tmp_path):
+    """A GroupNorm (not foldable) runs in place on its conv's output and keeps its affine
+    parameters; a stored tensor added to the activations (a position embedding) and a
+    per-channel layer scale are parameters too, in PyTorch and in the exported file."""
+
+    class Norms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 1)
+            self.norm = nn.GroupNorm(2, 4)
+            self.pos = nn.Parameter(torch.randn(4, 3, 3))
+            self.gamma = nn.Parameter(torch.rand(4, 1, 1))
+
+        def forward(self, x):
+            y = torch.relu(self.norm(self.conv(x)) + self.pos)
+            return self.gamma * y + x.mean(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Norms()
+    for p in model.norm.parameters():
+        p.data.uniform_(0.5, 1.5)
+    a = footprint(model, (1, 8), input_shape=(2, 3, 3))
+    conv = a.layers[1]
+    assert conv.fused == ("conv", "norm", "add", "relu", "mul")
+    # 4x2 weights + 4 bias; GroupNorm 4 + 4; position 36; layer scale 4 (a scale: stored,
+    # not a weight or bias element)
+    assert conv.params == 8 + 4 + 4 + 36 and conv.weight_bytes == 4 * (12 + 8 + 36 + 4)
+    b = footprint(_to_onnx(model, (2, 3, 3), tmp_path / "n.onnx"), (1, 8))
+    _same(a, b)
+
+
 def test_crossover_batch():
     r = footprint(Tiny(), (1,), input_shape=(2, 6, 6))
     one_bit = r.with_bits(32, 1)

@@ -1,6 +1,9 @@
 """ONNX front end: an .onnx file -> layer graph, with onnx + numpy only (no torch).
 
-Shapes come from ONNX shape inference with the batch dimension set to 1. Weight bit widths are
+Shapes come from ONNX shape inference with the batch dimension set to 1; shape arithmetic the
+exporter left to run time (``x.size()``-computed views, Resize sizes) is constant-folded at
+batch 1 with onnx's reference evaluator and inferred again. What each op is comes from
+``lowbit._backend.ONNX_FOOTPRINT``. Weight bit widths are
 the element types of the initializers as stored (INT2 = 2 bits, packed four per byte; INT4 = 4;
 INT8 = 8; FLOAT = 32), so the weight bytes reported are the bytes the file holds. A layer's
 weight initializers are everything constant that feeds its weight and bias inputs (through
@@ -9,6 +12,13 @@ other integers zero points. An initializer shared by several layers is counted o
 that feed activation quantizers (their scale and zero point) are not weights, nor are int64
 shape constants. Trit-packed ternary weights (lowbit's default) count 1.6 bits per code, and
 their shared decoding table once, at the first layer that uses it.
+MatMulNBits (com.microsoft) layers count their codes at the node's ``bits``, the padding of
+the last block along K as stored bytes (not parameters), block scales, zero points and bias.
+Constant tensors that element-wise ops and normalisations read (a position embedding added to
+the tokens, a layer scale, LayerNorm's scale and shift) are their parameters; scalars and
+Constant-node literals are not. A product of two activations (attention's MatMul) costs its
+MACs; a Gather with constant indices (``qkv[0]``) is a view; ``x * f(x)`` chains (GELU's Erf,
+SiLU's Sigmoid + Mul) are one element-wise op, as in PyTorch.
 An activation tensor's bits are those of the narrowest QuantizeLinear applied to it in place
 (an integer Clip to constant bounds [lo, hi] narrows it to ceil(log2(hi - lo + 1)) bits),
 otherwise its own element type (32 for float).

@@ -4,7 +4,10 @@ The model is traced with ``torch.fx`` (Brevitas layers are leaves, so their quan
 stay opaque) and run once at batch 1 to record every output shape. Float models hold weights
 and activations at 32 bits. A lowbit student (``model.lowbit_quant`` set) reports each
 conv/linear at the bits ``lowbit.quant.quant_layers`` gives (one fp32 scale per output channel)
-and each activation quantizer at the bits ``lowbit.quant.act_quants`` gives.
+and each activation quantizer at the bits ``lowbit.quant.act_quants`` gives. Tensors the model
+reads directly (fx get_attr: a position embedding, a layer scale, ``F.layer_norm``'s weight)
+are parameters of the op that reads them; a product of two activations (``q @ k^T``) costs
+``out_elements * K`` MACs.
 """
 
 from __future__ import annotations
