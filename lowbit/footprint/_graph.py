@@ -43,8 +43,9 @@ WEIGHTED = (CONV, LINEAR)
 
 @dataclass(frozen=True)
 class Param:
-    """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias|table;
-    ``bits`` per element may be fractional (trits: five ternary codes per byte, 1.6)."""
+    """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias|table|
+    padding (codes stored to fill a block, not parameters); ``bits`` per element may be
+    fractional (trits: five ternary codes per byte, 1.6)."""
 
     role: str
     elements: int

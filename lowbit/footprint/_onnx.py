@@ -392,9 +392,9 @@ def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
     if kind in (LINEAR, MATMUL) and n.input[1] in consts:
         return LINEAR, [], 0, None  # a linear layer: a product with a constant weight
     if kind in (LINEAR, MATMUL):
-        if op != "MatMul":
-            raise FootprintError(f"{op} node {n.name!r}: weights computed at run time are "
-                                 f"not supported (input {n.input[1]!r} is not a constant)")
+        if op != "MatMul" or len(acts) != 2:
+            raise FootprintError(f"{op} node {n.name!r}: only products with a constant weight "
+                                 f"(linear layers) or of two activations are supported")
         return MATMUL, [], 0, None
     if op == "Gather" and n.input[0] in consts:  # a lookup table (raw pixels -> input codes)
         dims, elem = consts[n.input[0]]
