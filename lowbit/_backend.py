@@ -139,6 +139,31 @@ NBITS_MIN_BLOCK = 16  # block_size: a power of two, at least 16
 ACCURACY_FP32, ACCURACY_INT8 = 1, 4  # MatMulNBits accuracy_level: float A, or int8 per block
 LUT_GEMM = "mlas.use_lut_gemm"  # session config entry ("1": table-lookup 2-bit kernels)
 
+# What each ONNX op is in ``lowbit.footprint``'s layer graph (the kinds of
+# ``lowbit.footprint._graph``, which the registry's ``footprint`` field also names): the ONNX
+# ops of the registry's entries (``lowbit._ops``, tested to agree) and the ONNX-only ones
+# (quantizers, casts, GELU's Erf chain, shape arithmetic). MatMul is a product of two
+# activations unless its second input is constant (then a linear layer); Gather is a select
+# (a view) with constant indices, a lookup in a constant table otherwise; None: the op
+# computes shapes and indices, not activations.
+ONNX_FOOTPRINT: dict[str, str | None] = {
+    "Conv": "conv", "ConvTranspose": "conv", "Gemm": "linear", "MatMul": "matmul",
+    NBITS_OP: "linear", "BatchNormalization": "affine", "Concat": "concat",
+    **dict.fromkeys(("Add", "Sub", "Mul", "Div", "Sum"), "add"),  # lowbit writes adds as Sum
+    **dict.fromkeys(("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                     "ReduceMean", "ReduceMax", "Resize"), "pool"),
+    **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Split",
+                     "Slice", "Identity", "Gather"), "view"),
+    **dict.fromkeys(("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid",
+                     "HardSwish", "Elu", "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu",
+                     "Erf", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "Neg",
+                     "Abs", "Sqrt", "Exp", "Round", "Floor", "Ceil", "LayerNormalization",
+                     "InstanceNormalization", "GroupNormalization"), "unary"),
+    **dict.fromkeys(("Shape", "Size", "Constant"), None),
+}
+# normalisations whose inputs 1 and 2 are their per-channel scale and shift
+ONNX_NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization"})
+
 SIGNED_OFFSET = 128  # signed activation codes (and uint8-stored weights) are stored + 128
 UNSIGNED_WEIGHTS = "uint8"  # storage name of weights stored as uint8 codes + 128
 

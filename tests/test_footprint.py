@@ -39,14 +39,18 @@ class Tiny(nn.Module):
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics, so the exporter's folded biases are all distinct."""
+    """Non-trivial BN statistics and LayerNorm affines, so the exporter's folded biases and
+    normalisation parameters are all distinct (it stores identical initializers once)."""
     torch.manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-1, 1)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.data.uniform_(-0.1, 0.1)
     return model.eval()
 
 
@@ -102,6 +106,37 @@ def test_inplace_and_views_allocate_nothing_but_fanout_does():
     r = footprint(Fan(), 1, input_shape=(1, 2, 2))
     assert [f.kind for f in r.layers] == ["input", "conv", "unary", "add"]
     assert r.peak(1)[0] == 3 * 8 * 4
+
+
+def test_parameters_of_ops_run_in_place_are_counted(tmp_path):
+    """A GroupNorm (not foldable) runs in place on its conv's output and keeps its affine
+    parameters; a stored tensor added to the activations (a position embedding) and a
+    per-channel layer scale are parameters too, in PyTorch and in the exported file."""
+
+    class Norms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 1)
+            self.norm = nn.GroupNorm(2, 4)
+            self.pos = nn.Parameter(torch.randn(4, 3, 3))
+            self.gamma = nn.Parameter(torch.rand(4, 1, 1))
+
+        def forward(self, x):
+            y = torch.relu(self.norm(self.conv(x)) + self.pos)
+            return self.gamma * y + x.mean(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Norms()
+    for p in model.norm.parameters():
+        p.data.uniform_(0.5, 1.5)
+    a = footprint(model, (1, 8), input_shape=(2, 3, 3))
+    conv = a.layers[1]
+    assert conv.fused == ("conv", "norm", "add", "relu", "mul")
+    # 4x2 weights + 4 bias; GroupNorm 4 + 4; position 36; layer scale 4 (a scale: stored,
+    # not a weight or bias element)
+    assert conv.params == 8 + 4 + 4 + 36 and conv.weight_bytes == 4 * (12 + 8 + 36 + 4)
+    b = footprint(_to_onnx(model, (2, 3, 3), tmp_path / "n.onnx"), (1, 8))
+    _same(a, b)
 
 
 def test_crossover_batch():
@@ -220,6 +255,50 @@ def test_resnet_student_front_ends_agree(tmp_path):
         assert da == db
     # 8-bit residual-add inputs: the peak is 4-bit/8-bit tensors, not fp32 ones
     assert a.peak_activation_bytes(1) == 32 * 1024
+
+
+def _same(a, b) -> None:
+    """Two footprints of one model agree on every number but the layer names."""
+    assert (a.params, a.weight_bytes, a.macs) == (b.params, b.weight_bytes, b.macs)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert (x.kind, x.params, x.weight_bits, x.weight_bytes, x.act_bits, x.act_elements,
+                x.macs) == (y.kind, y.params, y.weight_bits, y.weight_bytes, y.act_bits,
+                            y.act_elements, y.macs), (x.name, y.name)
+    for batch in map(str, a.batch_sizes):
+        da, db = a.to_dict()["batch"][batch], b.to_dict()["batch"][batch]
+        da.pop("peak_at"), db.pop("peak_at")
+        assert da == db
+
+
+def test_vit_student_front_ends_agree(tmp_path):
+    """A ternary ViT student and its exported file: the position embedding (a parameter added
+    to the tokens) is stored, attention's activation products cost their MACs, the exported
+    shape arithmetic, head selects (Gather), LayerNorm, GELU's Erf chain and ReduceMean are
+    accounted alike."""
+    from lowbit.export import Thresholds, export
+    from lowbit.quant import calibrate, quantize
+
+    dim, heads, tokens = 32, 2, 64
+    model = _randomize_bn(models.create("vit_tiny", dim=dim, depth=2, heads=heads))
+    x = torch.randn(8, 3, 32, 32)
+    student = calibrate(quantize(model, weight_bits=2, act_bits=8), [x]).eval()
+    a = footprint(student, (1, 8), input_shape=(3, 32, 32))
+    rows = {f.name: f for f in a.layers}
+    # patch embedding: 32x3x4x4 8-bit weights (uint8 + 128 by the overflow rule: 32 zero
+    # points), 32 scales, 32 biases, and the 64x32 position table added to its tokens
+    assert rows["patch_embed"].params == dim * 48 + dim + tokens * dim
+    assert rows["patch_embed"].weight_bytes == dim * 48 + dim + 4 * (2 * dim + tokens * dim)
+    # q k^T: heads x N x N scores of d products each; attn v: heads x N x d of N products
+    products = [f for f in a.layers if f.kind == "matmul"]
+    assert [f.macs for f in products] == [heads * tokens * tokens * (dim // heads)] * 4
+    assert [f.act_elements for f in products[:2]] == [heads * tokens * tokens, tokens * dim]
+    # both LayerNorm affines of each block, and the final one (in place on the token mean)
+    norms = [f for f in a.layers if f.kind == "unary"] + [rows["mean"]]
+    assert [f.weight_bytes for f in norms] == [8 * dim] * 5
+    path = tmp_path / "vit.onnx"
+    export(student, path, example_input=x[:1], formats=("onnx",), verify=x, progress=False,
+           thresholds=Thresholds(min_agreement=0.0, max_steps=1e9))  # random net: no gate
+    _same(a, footprint(path, (1, 8)))
 
 
 def test_checkpoint_path_reads_its_input_shape(digits_student, tmp_path, capsys):

@@ -235,3 +235,27 @@ def test_bad_options_are_refused(mlp, tmp_path):
     with pytest.raises(ExportError, match="accuracy_level"):
         NBits(accuracy_level=2)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_footprint_reads_matmul_nbits(mlp, tmp_path):
+    """A MatMulNBits file's footprint: the parameters and MACs of the student, the bytes of
+    the file (codes at the node's bits with the last block's padding, block scales, bias)."""
+    from lowbit.footprint import footprint
+
+    student, x = mlp
+    out = tmp_path / "fp.onnx"
+    export(student, out, example_input=x[:1], formats=("onnx",), verify=x[:64],
+           linear_kernel="nbits", nbits=NBits(min_weights=0), progress=False)
+    a, b = footprint(student, (1, 8), input_shape=(32,)), footprint(out, (1, 8))
+    assert [f.weight_bits for f in b.layers if f.weight_bits] == [8, 2, 8]
+    assert (a.params, a.macs) == (b.params, b.macs)
+    assert [f.macs for f in b.layers if f.macs] == [32 * 128, 128 * 128, 128 * 4]
+    # 32 -> 128 in blocks of 64: each row one block, 32 codes of it padding; a block scale
+    # per row; the int32 bias and its fp32 scale
+    assert b.layers[1].weight_bytes == 128 * 64 + 128 * 4 + 128 * 4 + 128 * 4
+    assert b.layers[2].weight_bytes == 128 * 128 * 2 // 8 + 128 * 2 * 4 + 128 * 4 + 128 * 4
+    # the file holds exactly these bytes, besides the activation quantizers' scalars
+    inits = onnx.load(out).graph.initializer
+    assert b.weight_bytes == sum(len(i.raw_data) for i in inits if i.dims)
+    # the same activation tensors at the same bits
+    assert (a.activation_bytes(8), a.peak(8)[0]) == (b.activation_bytes(8), b.peak(8)[0])

@@ -11,7 +11,11 @@ into :class:`Layer` s the way an inference engine runs them, so the two front en
   producer's output when they are its only consumer: no new tensor; a quantizer sets the
   bit width the tensor is held at.
 - Views (flatten, reshape, squeeze) alias their input.
-- Conv, linear, pooling, residual add and concat each produce a new activation tensor.
+- A per-channel affine op (BatchNorm, a bias add) that cannot fold, or any other element-wise
+  op with constant operands (a position embedding added to the tokens, a normalisation's
+  affine parameters), runs in place like a unary op, and its parameters stay counted.
+- Conv, linear, a product of two activations (attention), pooling, residual add and concat
+  each produce a new activation tensor.
 
 Torch-free: the ONNX front end uses this module without torch.
 """
@@ -27,6 +31,7 @@ FP32 = 32
 INPUT = "input"  # the network input
 CONV = "conv"
 LINEAR = "linear"
+MATMUL = "matmul"  # a product of two activations (attention scores, their weighting of values)
 AFFINE = "affine"  # per-channel scale + shift (BatchNorm): folded into a preceding conv/linear
 UNARY = "unary"  # element-wise, in place when possible; ``bits`` set for quantizers
 VIEW = "view"  # aliases its input
@@ -38,8 +43,9 @@ WEIGHTED = (CONV, LINEAR)
 
 @dataclass(frozen=True)
 class Param:
-    """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias|table;
-    ``bits`` per element may be fractional (trits: five ternary codes per byte, 1.6)."""
+    """One stored parameter tensor of a layer: ``role`` is weight|scale|zero_point|bias|table|
+    padding (codes stored to fill a block, not parameters); ``bits`` per element may be
+    fractional (trits: five ternary codes per byte, 1.6)."""
 
     role: str
     elements: int
@@ -126,22 +132,18 @@ def fuse(source: str, ops: list[Op], outputs: list[str]) -> Graph:
         sole = len(op.inputs) == 1 and consumers.get(op.inputs[0], 0) == 1
         if op.kind == VIEW:
             alias[op.output] = ins[0]
-        elif op.kind == UNARY and src is not None and sole:
+        elif op.kind in (UNARY, AFFINE) and src is not None and sole:
             alias[op.output] = ins[0]
             src["fused"].append(op.name)
-            # a lookup's table (raw pixel input) is data the file stores; the affine params of
-            # other fused unary ops are not counted here (see the footprint's limitations)
-            src["params"].extend(p for p in op.params if p.role == "table")
-            if op.bits is not None:
-                src["act_bits"] = min(src["act_bits"], op.bits)
-            inplace_ok[ins[0]] = False
-        elif op.kind == AFFINE and src is not None and sole and inplace_ok[ins[0]]:
-            alias[op.output] = ins[0]
-            src["fused"].append(op.name)
-            if not any(p.role == "bias" for p in src["params"]):
-                src["params"].append(Param("bias", out_channels(src["kind"], src["shape"]),
-                                           FP32))
-            if op.bits is not None:  # a quantizer on the folded output (residual-add input)
+            if op.kind == AFFINE and inplace_ok[ins[0]] and _per_channel(op, src):
+                # folded: its scale goes into the weights, its shift into the bias
+                if not any(p.role == "bias" for p in src["params"]):
+                    src["params"].append(Param("bias", out_channels(src["kind"],
+                                                                    src["shape"]), FP32))
+            else:  # in place; its own parameters (a lookup table, affine ones) stay stored
+                src["params"].extend(op.params)
+                inplace_ok[ins[0]] = False
+            if op.bits is not None:  # a quantizer sets the bits the tensor is held at
                 src["act_bits"] = min(src["act_bits"], op.bits)
         else:
             new_layer(op, ins, list(op.params))
@@ -149,6 +151,12 @@ def fuse(source: str, ops: list[Op], outputs: list[str]) -> Graph:
     return Graph(source, tuple(Layer(**{**d, "params": tuple(d["params"]),
                                         "fused": tuple(d["fused"])}) for d in layers.values()),
                  outs)
+
+
+def _per_channel(op: Op, src: dict) -> bool:
+    """Whether ``op``'s parameters are one per output channel of the layer ``src``."""
+    channels = out_channels(src["kind"], src["shape"])
+    return all(p.elements == channels for p in op.params)
 
 
 def with_bits(layer: Layer, weight_bits: int | None, act_bits: int | None) -> Layer:

@@ -1,6 +1,9 @@
 """ONNX front end: an .onnx file -> layer graph, with onnx + numpy only (no torch).
 
-Shapes come from ONNX shape inference with the batch dimension set to 1. Weight bit widths are
+Shapes come from ONNX shape inference with the batch dimension set to 1; shape arithmetic the
+exporter left to run time (``x.size()``-computed views, Resize sizes) is constant-folded at
+batch 1 with onnx's reference evaluator and inferred again. What each op is comes from
+``lowbit._backend.ONNX_FOOTPRINT``. Weight bit widths are
 the element types of the initializers as stored (INT2 = 2 bits, packed four per byte; INT4 = 4;
 INT8 = 8; FLOAT = 32), so the weight bytes reported are the bytes the file holds. A layer's
 weight initializers are everything constant that feeds its weight and bias inputs (through
@@ -9,6 +12,13 @@ other integers zero points. An initializer shared by several layers is counted o
 that feed activation quantizers (their scale and zero point) are not weights, nor are int64
 shape constants. Trit-packed ternary weights (lowbit's default) count 1.6 bits per code, and
 their shared decoding table once, at the first layer that uses it.
+MatMulNBits (com.microsoft) layers count their codes at the node's ``bits``, the padding of
+the last block along K as stored bytes (not parameters), block scales, zero points and bias.
+Constant tensors that element-wise ops and normalisations read (a position embedding added to
+the tokens, a layer scale, LayerNorm's scale and shift) are their parameters; scalars and
+Constant-node literals are not. A product of two activations (attention's MatMul) costs its
+MACs; a Gather with constant indices (``qkv[0]``) is a view; ``x * f(x)`` chains (GELU's Erf,
+SiLU's Sigmoid + Mul) are one element-wise op, as in PyTorch.
 An activation tensor's bits are those of the narrowest QuantizeLinear applied to it in place
 (an integer Clip to constant bounds [lo, hi] narrows it to ceil(log2(hi - lo + 1)) bits),
 otherwise its own element type (32 for float).
@@ -19,10 +29,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from .. import _integrity
+from .._backend import NBITS_DOMAIN, NBITS_OP, ONNX_FOOTPRINT, ONNX_NORMS
 from .._onnx_meta import TRITS_BITS, TRITS_TABLE
 from ..errors import FootprintError
 from ._graph import (
@@ -33,9 +46,8 @@ from ._graph import (
     FP32,
     INPUT,
     LINEAR,
-    POOL,
+    MATMUL,
     UNARY,
-    VIEW,
     Graph,
     Op,
     Param,
@@ -51,21 +63,7 @@ _BITS = {TensorProto.FLOAT: 32, TensorProto.DOUBLE: 64, TensorProto.FLOAT16: 16,
          TensorProto.FLOAT8E4M3FNUZ: 8, TensorProto.FLOAT8E5M2: 8,
          TensorProto.FLOAT8E5M2FNUZ: 8, TensorProto.FLOAT4E2M1: 4}
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-
-_UNARY = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu",
-          "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu", "Erf", "Identity", "Dropout",
-          "Cast", "QuantizeLinear", "DequantizeLinear", "Neg", "Abs", "Sqrt", "Exp", "Round",
-          "Floor", "Ceil", "LayerNormalization", "InstanceNormalization",
-          "GroupNormalization"}
-_VIEW = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice"}
-_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
-         "ReduceMax", "Resize"}
-_BINARY = {"Add", "Sub", "Mul", "Div", "Sum"}  # Sum: lowbit writes residual adds as Sum
-_META = {"Shape", "Size"}  # outputs describe shapes, hold no activations
-_CONST_ONLY = {"Gather"}  # accepted where it computes constants (trits decoding), and
-# where it looks activations up in a constant table (a raw-pixel input's lookup)
-SUPPORTED = sorted({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Concat",
-                    "Constant", *_UNARY, *_VIEW, *_POOL, *_BINARY, *_META, *_CONST_ONLY})
+SUPPORTED = sorted(ONNX_FOOTPRINT)
 
 
 def load(model: str | Path | onnx.ModelProto,
@@ -77,7 +75,8 @@ def load(model: str | Path | onnx.ModelProto,
     if not proto.graph.node:
         raise FootprintError(f"{source}: the ONNX graph has no nodes (not an ONNX model?)")
     unknown = sorted({f"{n.op_type} (node {n.name or '?'})" for n in proto.graph.node
-                      if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")})
+                      if n.op_type not in ONNX_FOOTPRINT or n.domain not in (
+                          "", "ai.onnx", NBITS_DOMAIN if n.op_type == NBITS_OP else "")})
     if unknown:
         raise FootprintError(f"{source}: cannot account for {len(unknown)} op(s): "
                              f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}; "
@@ -128,10 +127,66 @@ def _unit_batch(proto: onnx.ModelProto, source: str,
         if dims:
             dims[0].dim_value = 1
     try:
-        return onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+        # sizes computed at run time, known at batch 1; outputs of contrib ops
+        while _fold_shapes(m.graph) or _nbits_shapes(m.graph):
+            m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
     except Exception as exc:  # InferenceError, ValidationError
         raise FootprintError(f"{source}: ONNX shape inference failed: "
                              f"{str(exc).splitlines()[0][:200]}") from None
+    return m
+
+
+_SMALL = 64  # constants up to this many elements can take part in shape arithmetic
+
+
+def _nbits_shapes(g: onnx.GraphProto) -> bool:
+    """Shapes of MatMulNBits outputs, which ONNX shape inference does not know: A's with the
+    last dim N. Whether any was added."""
+    types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
+    added = False
+    for n in (n for n in g.node if n.op_type == NBITS_OP):
+        dims = _dims(types.get(n.input[0]))
+        if dims and _dims(types.get(n.output[0])) is None:
+            g.value_info.append(onnx.helper.make_tensor_value_info(
+                n.output[0], _elem(types[n.input[0]]), [*dims[:-1], _attr(n, "N", 0)]))
+            added = True
+    return added
+
+
+def _fold_shapes(g: onnx.GraphProto) -> bool:
+    """Constant-fold the shape arithmetic of ``g`` in place (onnx's reference evaluator):
+    each Shape of a tensor whose shape is inferred, and every node computed from such shapes
+    and from small int64 initializers and Constant nodes (Gather, Div, Concat, Cast, ...)
+    becomes an initializer, so Reshape and Resize read constant sizes and scales (weight
+    decoding, from other initializers, stays). Whether anything was folded."""
+    types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
+    known = {i.name: numpy_helper.to_array(i) for i in g.initializer
+             if math.prod(i.dims) <= _SMALL}
+    folded: set[str] = set()
+    literals: set[str] = set()  # Constant nodes' outputs (Resize scales, axes)
+    for n in g.node:
+        ins = [t for t in n.input if t]
+        dims = _dims(types.get(n.input[0])) if n.op_type == "Shape" else None
+        if n.op_type == "Constant" or (ins and all(t in known for t in ins) and all(
+                t in folded or t in literals or known[t].dtype == np.int64 for t in ins)):
+            values = ReferenceEvaluator(n).run(None, {t: known[t] for t in ins})
+            (literals if n.op_type == "Constant" else folded).update(n.output)
+            known.update((t, v) for t, v in zip(n.output, values, strict=True)
+                         if n.op_type != "Constant" or v.size <= _SMALL)
+        elif dims and min(dims) > 0:
+            known[n.output[0]] = np.array(dims[_attr(n, "start", 0):_attr(n, "end", len(dims))],
+                                          np.int64)
+            folded.add(n.output[0])
+    if not folded:
+        return False
+    keep = [n for n in g.node if not set(n.output) <= folded]
+    read = {t for n in keep for t in n.input} | {v.name for v in g.output}
+    del g.node[:]
+    g.node.extend(keep)
+    g.initializer.extend(numpy_helper.from_array(np.asarray(known[t]), t)
+                         for t in sorted(folded & read))
+    return True
 
 
 def _module_path(name: str) -> str:
@@ -162,8 +217,9 @@ def _constants(g: onnx.GraphProto, types: dict) -> tuple[dict, set[str], dict]:
             value = next((a.t for a in n.attribute if a.name == "value"), None)
             dims = tuple(value.dims) if value is not None else ()
             consts[n.output[0]] = (dims, value.data_type if value is not None else 1)
-        elif n.op_type in _META or (ins and all(t in consts or t in meta for t in ins)
-                                    and any(t in meta for t in ins)):
+        elif ONNX_FOOTPRINT.get(n.op_type, "") is None or (
+                ins and all(t in consts or t in meta for t in ins)
+                and any(t in meta for t in ins)):
             meta.update(n.output)
         elif ins and all(t in consts for t in ins):
             for t in n.output:  # constant subgraph (DequantizeLinear of weights, Cast, ...)
@@ -180,8 +236,8 @@ class _Builder:
         self.source = source
         self.types = {v.name: v.type.tensor_type for v in [*g.input, *g.value_info, *g.output]}
         self.consts, self.meta, self.producer = _constants(g, self.types)
-        self.inits = {i.name for i in g.initializer} | {n.output[0] for n in g.node
-                                                        if n.op_type == "Constant"}
+        self.literals = {n.output[0] for n in g.node if n.op_type == "Constant"}
+        self.inits = {i.name for i in g.initializer} | self.literals
         # scales / zero points / clip bounds of activation quantizers (a layer's int32 bias
         # scale reuses its input quantizer's scale): not weights
         self.act_consts = {t for n in g.node
@@ -230,6 +286,8 @@ class _Builder:
     def layer(self, n: onnx.NodeProto, kind: str, out_shape: tuple[int, ...]
               ) -> tuple[list[Param], int]:
         """(parameters, MACs) of a conv/linear node."""
+        if n.op_type == NBITS_OP:
+            return self.nbits(n, out_shape)
         ps = self.params(n.input[1], "weight") + (self.params(n.input[2], "bias")
                                                    if len(n.input) > 2 and n.input[2] else [])
         w = _dims(self.types.get(n.input[1])) or self.consts[n.input[1]][0]
@@ -241,6 +299,34 @@ class _Builder:
             fan_in = w[0] // _attr(n, "group", 1) * math.prod(w[2:]) // math.prod(strides)
         return ps, math.prod(out_shape) * (fan_in if kind == CONV else in_features)
 
+    def nbits(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> tuple[list[Param], int]:
+        """(parameters, MACs) of a com.microsoft MatMulNBits node: N x K codes of ``bits``
+        bits and the padding of the last block along K (stored, not parameters), block
+        scales, zero points if given, bias (input 5); each output element sums K products."""
+        bits, k, n_out = _attr(n, "bits", 4), _attr(n, "K", 0), _attr(n, "N", 0)
+        ps = self.params(n.input[1], "weight")
+        if ps and ps[0].bits == 8:  # uint8 bytes holding 8 / bits codes each
+            stored = ps[0].elements * 8 // bits
+            ps[0:1] = [Param("weight", n_out * k, bits)] + (
+                [Param("padding", stored - n_out * k, bits)] if stored > n_out * k else [])
+        for i, role in ((2, "scale"), (3, "zero_point"), (5, "bias")):
+            if len(n.input) > i and n.input[i]:
+                ps += self.params(n.input[i], role)
+        return ps, math.prod(out_shape) * k
+
+    def operands(self, n: onnx.NodeProto, kind: str) -> list[Param]:
+        """Stored tensors an element-wise op or a normalisation reads (a shift added, a scale
+        multiplied, a position embedding; a normalisation's scale and shift). Scalars are
+        hyperparameters and Constant nodes literals the exporter wrote (the unit scale of
+        the InstanceNormalization that GroupNorm exports as): neither is counted."""
+        if n.op_type in ONNX_NORMS:
+            roles = zip(n.input[1:3], ("scale", "bias"), strict=False)
+        else:
+            roles = [(t, "bias" if kind == AFFINE else "scale") for t in n.input]
+        return [p for t, role in roles if t in self.consts and t not in self.act_consts
+                and math.prod(self.consts[t][0]) > 1
+                and not set(self.sources(t)) <= self.literals for p in self.params(t, role)]
+
     def op(self, n: onnx.NodeProto, out_shape: tuple[int, ...]) -> Op:
         """The footprint ``Op`` of a node that computes on activations."""
         out = n.output[0]
@@ -248,9 +334,11 @@ class _Builder:
         kind, ps, macs, bits = _classify(n, acts, self.consts)
         if kind in (CONV, LINEAR):
             ps, macs = self.layer(n, kind, out_shape)
-        elif kind == AFFINE and n.op_type != "BatchNormalization":
-            ps = self.params(next(t for t in n.input if t in self.consts), "bias")
-        if n.op_type in ("QuantizeLinear", "Gather"):
+        elif kind == MATMUL:  # [..., N, K] @ [..., K, M]: K products per output element
+            macs = math.prod(out_shape) * _dims(self.types.get(acts[0]))[-1]
+        elif kind in (AFFINE, UNARY) and n.op_type != "BatchNormalization" and not ps:
+            ps = self.operands(n, kind)
+        if n.op_type == "QuantizeLinear" or (n.op_type == "Gather" and kind == UNARY):
             bits = _BITS.get(_elem(self.types.get(out)), FP32)
         elif n.op_type == "Clip" and _elem(self.types.get(out)) not in _FLOATS:
             bits = _clip_bits(n, self.g)
@@ -266,19 +354,23 @@ class _Builder:
         ops = [Op(name, INPUT, [], name, self.shape(name) or (),
                   bits=_BITS.get(_elem(self.types[name]), FP32)) for name in inputs]
         missing: list[str] = []
+        gated = _self_gated(g, consts)
         for n in g.node:
-            if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in self.meta:
+            if n.op_type == "Constant" or n.output[0] in consts or n.output[0] in self.meta \
+                    or gated.get(n.output[0], "") is None:
                 continue
-            if n.op_type in _CONST_ONLY and not (n.op_type == "Gather"
-                                                 and n.input[0] in self.consts):
-                raise FootprintError(f"{self.source}: {n.op_type} on activations "
-                                     f"({n.output[0]}) is not accounted; only constant "
-                                     f"{n.op_type} (weight decoding) is")
+            if n.op_type == "Gather" and n.input[0] not in consts and n.input[1] not in consts:
+                raise FootprintError(f"{self.source}: Gather of activations by activations "
+                                     f"({n.output[0]}) is not accounted; only a constant "
+                                     f"table or constant indices are")
             out_shape = self.shape(n.output[0])
             if out_shape is None:
                 missing.append(f"{n.output[0]} ({n.op_type})")
-                continue
-            ops.append(self.op(n, out_shape))
+            elif n.output[0] in gated:  # the whole chain: one element-wise op on its input
+                ops.append(Op(_module_path(n.name) or n.output[0], UNARY, [gated[n.output[0]]],
+                              n.output[0], out_shape))
+            else:
+                ops.append(self.op(n, out_shape))
         if missing:
             raise FootprintError(f"{self.source}: no shape information for {len(missing)} "
                                  f"tensor(s): {', '.join(missing[:8])}"
@@ -293,36 +385,65 @@ def _build(proto: onnx.ModelProto, source: str) -> Graph:
 
 def _classify(n: onnx.NodeProto, acts: list[str], consts: dict) -> tuple:
     """(kind, params, macs, bits) of a node that computes on activations."""
-    op = n.op_type
-    if op in ("Conv", "ConvTranspose"):
-        if n.input[1] not in consts:
-            raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
-                                 f"supported (input {n.input[1]!r} is not a constant)")
-        return CONV, [], 0, None
-    if op in ("Gemm", "MatMul"):
-        if len(acts) != 1 or n.input[1] in acts:
+    op, kind = n.op_type, ONNX_FOOTPRINT[n.op_type]
+    if kind == CONV and n.input[1] not in consts:
+        raise FootprintError(f"Conv node {n.name!r}: weights computed at run time are not "
+                             f"supported (input {n.input[1]!r} is not a constant)")
+    if kind in (LINEAR, MATMUL) and n.input[1] in consts:
+        return LINEAR, [], 0, None  # a linear layer: a product with a constant weight
+    if kind in (LINEAR, MATMUL):
+        if op != "MatMul" or len(acts) != 2:
             raise FootprintError(f"{op} node {n.name!r}: only products with a constant weight "
-                                 f"(linear layers) are supported")
-        return LINEAR, [], 0, None
-    if op == "Gather":  # a lookup table (raw pixels -> input codes)
+                                 f"(linear layers) or of two activations are supported")
+        return MATMUL, [], 0, None
+    if op == "Gather" and n.input[0] in consts:  # a lookup table (raw pixels -> input codes)
         dims, elem = consts[n.input[0]]
         return UNARY, [Param("table", math.prod(dims), _BITS.get(elem, FP32))], 0, None
     if op == "BatchNormalization":
         channels = math.prod(consts[n.input[1]][0])
         return AFFINE, [Param("scale", channels, FP32), Param("bias", channels, FP32)], 0, None
-    if op in _BINARY and len(acts) == 1:
+    if kind == ADD and len(acts) == 1:
         const = next(t for t in n.input if t and t not in acts)
         per_channel = math.prod(consts[const][0]) > 1 if const in consts else False
         return (AFFINE if op in ("Add", "Sub") and per_channel else UNARY), [], 0, None
-    if op in _BINARY:
-        return ADD, [], 0, None
-    if op == "Concat":
-        return CONCAT, [], 0, None
-    if op in _POOL:
-        return POOL, [], 0, None
-    if op in _VIEW:
-        return VIEW, [], 0, None
-    return UNARY, [], 0, None
+    return kind, [], 0, None
+
+
+def _self_gated(g: onnx.GraphProto, consts: dict) -> dict[str, str | None]:
+    """Element-wise functions of one activation that ONNX spells as ``x * f(x)`` (or
+    ``x + f(x)``), ``f`` a chain of element-wise ops each read once: GELU as torch exports it,
+    ``x * (erf(x / sqrt(2)) + 1)`` (times 0.5 after), SiLU as ``x * sigmoid(x)``. In PyTorch
+    each is one op that runs in place; here: the product's output -> x, the chain's -> None."""
+    producer = {t: n for n in g.node for t in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+
+    def chain(x: str, y: str) -> list[str] | None:  # y = f(x): the tensors of f, or None
+        found = []
+        while y != x:
+            n = producer.get(y)
+            ins = [t for t in n.input if t and t not in consts] if n is not None else []
+            if len(ins) != 1 or readers.get(y) != 1 or \
+                    ONNX_FOOTPRINT.get(n.op_type) not in (UNARY, ADD):
+                return None
+            found.append(y)
+            y = ins[0]
+        return found
+
+    gated: dict[str, str | None] = {}
+    for n in g.node:
+        acts = [t for t in n.input if t and t not in consts]
+        if ONNX_FOOTPRINT.get(n.op_type) != ADD or len(acts) != 2:
+            continue
+        for x, y in (acts, acts[::-1]):
+            inner = chain(x, y)
+            if inner:
+                gated.update(dict.fromkeys(inner))
+                gated[n.output[0]] = x
+                break
+    return gated
 
 
 def _clip_bits(n: onnx.NodeProto, g: onnx.GraphProto) -> int | None:

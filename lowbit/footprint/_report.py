@@ -12,8 +12,10 @@ Conventions (the same for both front ends):
   step that produces it until its last consumer ran (graph outputs until the end); at each step
   the layer's inputs and its output are live together. Residual branches keep the block input
   alive across the block; in-place ops and views allocate nothing.
-- MACs: conv ``out_elements * C_in/groups * kh * kw``, linear ``out_elements * in_features``;
-  pooling, adds and element-wise ops count zero (as in qonnx's ``inference_cost``).
+- MACs: conv ``out_elements * C_in/groups * kh * kw``, linear ``out_elements * in_features``,
+  a product of two activations ``out_elements * K`` (attention: ``B * heads * N * N * d`` for
+  ``q @ k^T``); pooling, adds and element-wise ops count zero (as in qonnx's
+  ``inference_cost``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ The model is traced with ``torch.fx`` (Brevitas layers are leaves, so their quan
 stay opaque) and run once at batch 1 to record every output shape. Float models hold weights
 and activations at 32 bits. A lowbit student (``model.lowbit_quant`` set) reports each
 conv/linear at the bits ``lowbit.quant.quant_layers`` gives (one fp32 scale per output channel)
-and each activation quantizer at the bits ``lowbit.quant.act_quants`` gives.
+and each activation quantizer at the bits ``lowbit.quant.act_quants`` gives. Tensors the model
+reads directly (fx get_attr: a position embedding, a layer scale, ``F.layer_norm``'s weight)
+are parameters of the op that reads them; a product of two activations (``q @ k^T``) costs
+``out_elements * K`` MACs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ._graph import (
     FP32,
     INPUT,
     LINEAR,
+    MATMUL,
     POOL,
     UNARY,
     VIEW,
@@ -77,8 +81,10 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
                              f"analyze the .onnx file instead") from None
     modules = dict(model.named_modules())
     storage, act_bits = _quant_bits(model)
+    attrs = {n.name: _attr(model, n.target) for n in graph.nodes if n.op == "get_attr"}
     unknown = [c[1] for n in graph.nodes if n.op.startswith("call")
-               for c in [_classify(n, modules, storage, act_bits, None)] if c[0] == "unknown"]
+               for c in [_classify(n, modules, storage, act_bits, None, attrs)]
+               if c[0] == "unknown"]
     if unknown:
         raise FootprintError(f"{source}: cannot account for {len(unknown)} op(s): "
                              f"{', '.join(unknown[:12])}{' ...' if len(unknown) > 12 else ''}; "
@@ -98,12 +104,17 @@ def load(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
             continue
         if node.op == "get_attr":
             continue
-        kind, name, params, macs, bits = _classify(node, modules, storage, act_bits, shape)
-        ins = [i for a in _nodes((node.args, node.kwargs)) for i in skipped.get(a, [a])
-               if i in shapes]
+        kind, name, params, macs, bits = _classify(node, modules, storage, act_bits, shape,
+                                                   attrs)
+        args = _nodes((node.args, node.kwargs))
+        ins = [i for a in args for i in skipped.get(a, [a]) if i in shapes and i not in attrs]
         if kind is None or shape is None:  # shape queries, tuples (a split's parts)
             skipped[node.name] = ins  # a part of a split reads what the split read
             continue
+        params = [*params, *_constant_params(kind, [attrs.pop(a) for a in args if a in attrs
+                                                    and attrs[a] is not None])]
+        if kind == MATMUL:  # [..., N, K] @ [..., K, M]: K products per output element
+            macs = math.prod(shape) * shapes[ins[0]][-1]
         if storage.get(name) == "trits" and not table_counted:
             params = [*params, Param("table", TRITS_TABLE_ELEMENTS, 8)]  # decoding table, once
             table_counted = True
@@ -116,6 +127,25 @@ def _nodes(args) -> list[str]:
     found: list[str] = []
     fx.node.map_arg(args, lambda a: found.append(a.name) or a)
     return found
+
+
+def _attr(model: nn.Module, target: str) -> torch.Tensor | None:
+    """The tensor an fx get_attr node reads (a parameter or buffer used directly)."""
+    value = model
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _constant_params(kind: str, tensors: list[torch.Tensor]) -> list[Param]:
+    """The stored tensors an op reads directly (a position embedding added to the tokens, a
+    layer scale, ``F.layer_norm``'s weight and bias), each counted at its first use: an added
+    one is a shift ("bias"), else scale then shift; scalars are hyperparameters, not counted
+    (as constants in an ONNX file)."""
+    tensors = [t for t in tensors if t.numel() > 1]
+    if kind == AFFINE:
+        return [Param("bias", t.numel(), FP32) for t in tensors]
+    return _affine(tensors)
 
 
 def _quant_bits(model: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
@@ -158,8 +188,10 @@ def _shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...],
 
 
 def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, str],
-              act_bits: dict[str, int], shape: tuple[int, ...] | None) -> tuple:
-    """(kind, name, params, macs, bits) of one fx node; kind "unknown" if unsupported."""
+              act_bits: dict[str, int], shape: tuple[int, ...] | None,
+              attrs: dict[str, torch.Tensor | None]) -> tuple:
+    """(kind, name, params, macs, bits) of one fx node; kind "unknown" if unsupported.
+    ``attrs``: the tensors of the model's get_attr nodes (constants, not activations)."""
     stack = list((node.meta.get("nn_module_stack") or {}).keys())
     op = _ops.lookup(node, modules)
     if op is not None and op.footprint is None:  # sizes and indices: no tensor
@@ -193,11 +225,24 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, s
     else:  # call_method
         kind = _METHODS.get(node.target, "unknown")
         base = node.target
-    if kind == ADD and sum(isinstance(a, fx.Node) for a in node.args) < 2:
-        kind = UNARY  # x * 2, x + 1: element-wise on one activation
+    if kind == ADD:
+        kind = _one_activation(node, base, attrs)
     base = _NAMES.get(base, re.sub(r"_$", "", base))
     name = f"{stack[-1]}.{base}" if stack else base
     return kind, name if kind != "unknown" else f"{node.name} ({base})", [], 0, None
+
+
+def _one_activation(node: fx.Node, base: str, attrs: dict[str, torch.Tensor | None]) -> str:
+    """The kind of an element-wise op over activations and constants: ADD over two or more
+    activations; on one, an added constant tensor is a shift (AFFINE: it folds into a
+    conv/linear when per channel, as ONNX's Add of an initializer does); else UNARY (x * 2)."""
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    consts = [attrs.get(a.name) for a in args if a.op == "get_attr"]
+    if len(args) - len(consts) >= 2:
+        return ADD
+    shift = base in ("add", "iadd", "sub") and any(t is not None and t.numel() > 1
+                                                   for t in consts)
+    return AFFINE if shift else UNARY
 
 
 def _affine(params) -> list[Param]:
