@@ -33,7 +33,7 @@ from ._ckptfile import (
     shapes,
 )
 from .errors import CheckpointError, LowbitError, UsageError
-from .models import _registry
+from .models import registry
 
 __all__ = ["FORMAT", "UNKNOWN_DATA", "VERSION", "CheckpointError", "arch_of", "build",
            "check_data", "check_resume", "data_info", "importable", "load", "load_model",
@@ -50,7 +50,7 @@ def named_arch(model: nn.Module, name: str | None, kwargs: dict[str, Any] | None
             "kwargs": dict(kwargs) if kwargs is not None else {} if name else own["kwargs"]}
     if arch["kwargs"] is None:
         return arch
-    why = misfit(_registry.factory(arch["name"]), arch["kwargs"], shapes(model.state_dict()),
+    why = misfit(registry.factory(arch["name"]), arch["kwargs"], shapes(model.state_dict()),
                   exact=getattr(model, "lowbit_quant", None) is None)
     if why is not None:
         raise UsageError(f"arch {arch['name']} with {arch['kwargs']} does not rebuild this "
@@ -101,7 +101,7 @@ def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | No
             raise CheckpointError(f"{where}: holds a {name} model, not {expect}; pass --arch "
                                   f"{name} (or the checkpoint of a {expect})")
         name, kwargs = expect, None  # saved as a class no import reaches: the user names it
-    if _registry.is_user_code(name) and name not in allow:
+    if registry.is_user_code(name) and name not in allow:
         fix = (f"pass --arch {name} if you trust it" if importable(name) else
                "it cannot be imported by that name: pass --arch package.module:factory naming "
                "the code that builds its float model")
@@ -111,9 +111,9 @@ def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | No
     if kwargs is None:
         kwargs = _default_kwargs(ckpt, name, where)
     try:  # the recorded arguments against the factory's signature: the file's fault, or not
-        inspect.signature(_registry.factory(name)).bind(**kwargs)
+        inspect.signature(registry.factory(name)).bind(**kwargs)
         with torch.device("meta"):
-            probe = _registry.create(name, **kwargs)
+            probe = registry.create(name, **kwargs)
     except (LowbitError, TypeError) as exc:  # TypeError: bind's (a bug's goes through)
         raise CheckpointError(f"{where}: cannot build its architecture {name!r} with "
                               f"{kwargs}: {first_line(exc)}") from None
@@ -122,13 +122,13 @@ def _architecture(ckpt: dict[str, Any], allow: Collection[str], expect: str | No
     if need > have:
         raise CheckpointError(f"{where}: state dict does not fit {name} with {kwargs}: that "
                               f"needs {need:,} values, the checkpoint stores {have:,}")
-    return _registry.create(name, **kwargs)
+    return registry.create(name, **kwargs)
 
 
 def _default_kwargs(ckpt: dict[str, Any], name: str, where: str) -> dict[str, Any]:
     """``{}`` when ``name``'s defaults rebuild the checkpoint's tensors (a model saved with
     unknown arguments), else a CheckpointError naming the arguments to pass."""
-    factory = _registry.factory(name)
+    factory = registry.factory(name)
     why = misfit(factory, {}, shapes(ckpt["state_dict"]), exact=ckpt.get("quant") is None)
     if why is None:
         return {}

@@ -95,3 +95,16 @@ def test_no_import_cycles():
     assert "lowbit._checkpoint" in graph["lowbit.models"] or \
         "lowbit._checkpoint" in graph["lowbit"]  # the parser sees function-level imports
     assert _cycles(graph) == []
+
+
+def test_no_private_imports_across_subpackages():
+    """A subpackage reaches another only through its public names (its ``__init__``):
+    ``lowbit.export`` may import ``lowbit.quant``, never ``lowbit.quant._kernels``. The
+    top-level private modules (``lowbit._ops``, ``lowbit._backend``, ...) are shared."""
+    def package(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    bad = [(m, i) for m, imported in _graph().items() for i in imported
+           if i.count(".") >= 2 and i.split(".")[2].startswith("_")
+           and package(i) != package(m)]
+    assert bad == []

@@ -9,7 +9,7 @@ from lowbit import models
 
 # Parameter counts (weights + biases + BatchNorm affine) of the registered architectures.
 PARAMS = {"resnet20": 272_474, "resnet32": 466_906, "resnet44": 661_338, "resnet56": 855_770,
-          "wide_resnet20": 1_084_586, "digits_cnn": 24_058}
+          "wide_resnet20": 1_084_586, "digits_cnn": 24_058, "vit_tiny": 545_930}
 
 
 @pytest.mark.parametrize("name", models.list())

@@ -196,7 +196,7 @@ def test_hidden_state_and_attention_taps_pair_teacher_and_student():
         check_pairs(s, tapped(_vit(dim=48), ("blocks.0", "blocks.1")), x)
 
 
-def test_distill_with_hidden_losses_trains_and_records_them():
+def test_distill_with_hidden_losses_trains_and_records_them(tmp_path):
     teacher = _vit()
     torch.manual_seed(1)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
@@ -205,10 +205,15 @@ def test_distill_with_hidden_losses_trains_and_records_them():
         student = student_for("C", teacher, weight_bits=2, act_bits=8)
         _, record = lowbit.distill(student, teacher, (x, y), kd=KDConfig(
             hidden=weight, attention=weight), config=TrainConfig(
-            epochs=1, batch_size=32, optimizer="adamw", lr=1e-3), progress=False)
+            epochs=1, batch_size=32, optimizer="adamw", lr=1e-3), progress=False,
+            out=tmp_path / f"s{weight}.pt")
         assert record["kd"]["hidden"] == weight
         losses[weight] = record["history"][0]["train_loss"]
     assert losses[10.0] > losses[0.0]  # the hidden terms are in the objective
+    # the checkpoint rebuilds the student (the registered ViT, quantized the same way)
+    loaded, _ = lowbit.load_model(tmp_path / "s10.0.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x[:4]), student.eval()(x[:4]))
 
 
 def test_adamw_decays_weights_not_biases_or_norms():

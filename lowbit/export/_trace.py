@@ -27,7 +27,7 @@ import torch.nn as nn
 from .. import _onnx_meta as meta
 from .._intmath import code_range, dequantize
 from ..errors import ExportError
-from ..quant._kernels import fake_quant
+from ..quant import fake_quant
 
 DOMAIN = "lowbit"
 TRACE_OPSET = 18  # TorchScript export opset; SetOpset moves the graph to the target opset

@@ -16,8 +16,8 @@ import torch.nn as nn
 from .._shipped import DEFAULT_PRETRAINED, PRETRAINED, list_pretrained, locate, pretrained
 from ..errors import UsageError
 from . import _digits, _resnet, _vit  # noqa: F401  (registers the models)
-from ._registry import create as _create
-from ._registry import factory, is_user_code, list_models, register_model
+from .registry import create as _create
+from .registry import factory, is_user_code, list_models, register_model
 
 list = list_models  # noqa: A001  (lowbit.models.list() is the registry listing)
 
@@ -44,7 +44,7 @@ def create(name: str, *, pretrained: bool = False, seed: int | None = None,
     a shipped checkpoint's model with its weights (``create("resnet20", pretrained=True)``,
     ``create("resnet20_cifar10_ternary", pretrained=True)``), in eval mode.
 
-    ``seed`` makes the initial weights reproducible (see ``_registry.create``).
+    ``seed`` makes the initial weights reproducible (see ``registry.create``).
     """
     if not pretrained:
         return _create(name, seed=seed, **kwargs)

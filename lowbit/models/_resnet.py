@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
-from ._registry import register_model
+from .registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -8,6 +8,7 @@ exporter's contract, see ``_inspect``), ``weight_storages`` how the exporter sto
 ``calibrate(student, batches, method)`` sets activation ranges by a calibration method
 registered by name (``CALIBRATORS``: mean-max, max, percentile, MSE; see ``_calibrate``),
 ``calibrate_data`` does so on any data as a ``PTQConfig`` says;
+``fake_quant`` is the quantizers' eval-mode rounding (the exporter traces it);
 ``bake_integer_bias`` folds the eval-mode integer-bias rounding (``IntegerBias`` nodes) into
 plain biases for tracing.
 """
@@ -31,12 +32,12 @@ from ._inspect import (
     quant_layers,
     weight_storages,
 )
-from ._kernels import kernel_status
+from ._kernels import fake_quant, kernel_status
 from ._quantize import quantize, trace
 from ._spec import ACT_BITS, SCALE_RULES, WEIGHT_BITS, QuantSpec
 
 __all__ = ["ACT_BITS", "CALIBRATORS", "CALIB_METHODS", "SCALE_RULES", "WEIGHT_BITS",
            "ActQuantInfo", "Description", "IntegerBias", "LayerDescription", "Observer",
            "PTQConfig", "QuantLayerInfo", "QuantSpec", "act_quants", "bake_integer_bias",
-           "calibrate", "calibrate_data", "calibration_batches", "describe", "kernel_status",
-           "output_feed", "quant_layers", "quantize", "trace", "weight_storages"]
+           "calibrate", "calibrate_data", "calibration_batches", "describe", "fake_quant",
+           "kernel_status", "output_feed", "quant_layers", "quantize", "trace", "weight_storages"]
