@@ -18,6 +18,10 @@ One entry per op, read by ``quantize`` (what it accepts and where quantizers go)
 - ``why``: for a FLOAT op, the reason it is not an integer kernel, shown by ``describe``
   (pooling has none: every CNN averages in float, a row per pool would be noise).
 
+Beside the registry: :data:`FUNCTION_FORMS` / :data:`METHOD_FORMS` (``F.relu``, ``x += y``
+and the like: forms ``quantize`` rewrites into registry ops) and :data:`FOOTPRINT_ONLY` (ops
+``footprint`` accounts but ``quantize`` refuses).
+
 A new layer type is a new entry here (and, for a new ONNX op, in ``lowbit._backend``).
 Torch-only (no Brevitas): the quantized twins are named, and ``lowbit.quant``'s adapter
 builds them.
@@ -127,6 +131,42 @@ FUNCTIONS: dict[object, Op] = {
 }
 METHODS: dict[str, Op] = {**_VIEWS, "size": _SHAPE, "dim": _SHAPE, "softmax": _SOFTMAX,
                           "mean": _MEAN}
+
+# Forms of registry ops that ``quantize`` rewrites before it looks anything up (functional
+# calls to modules, in-place and method arithmetic to out-of-place functions), so they need no
+# entry of their own: each names the registry key it stands for (:func:`form_of`). The float
+# model as traced still calls them, and ``lowbit.footprint`` reads it so.
+FUNCTION_FORMS: dict[object, object] = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6,
+    torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid, F.hardsigmoid: nn.Hardsigmoid,
+    F.silu: nn.SiLU, F.gelu: nn.GELU, F.hardswish: nn.Hardswish, torch.tanh: nn.Tanh,
+    F.max_pool2d: nn.MaxPool2d, F.avg_pool2d: nn.AvgPool2d,
+    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    operator.iadd: operator.add, operator.imul: operator.mul,
+}
+METHOD_FORMS: dict[str, object] = {
+    "relu": nn.ReLU, "relu_": nn.ReLU, "sigmoid": nn.Sigmoid,
+    "add": operator.add, "add_": operator.add, "mul": operator.mul, "mul_": operator.mul,
+}
+
+# Ops ``lowbit.footprint`` accounts (its kind for each) that lowbit does not quantize: no
+# quantized twin (Conv3d) or no export path lowbit checks (Tanh, ELU, adaptive max pooling,
+# subtraction). Not registry entries, so ``quantize`` refuses them by name.
+FOOTPRINT_ONLY: dict[object, str] = {
+    nn.Conv3d: CONV, nn.Tanh: UNARY, nn.ELU: UNARY, nn.AdaptiveMaxPool2d: POOL,
+    operator.sub: BINARY,
+}
+
+
+def form_of(node: fx.Node) -> object | None:
+    """The registry key (a module class or a function) that ``node`` calls in one of the
+    :data:`FUNCTION_FORMS` / :data:`METHOD_FORMS` (None: it calls no such form)."""
+    if node.op == "call_function":
+        return FUNCTION_FORMS.get(node.target)
+    if node.op == "call_method":
+        return METHOD_FORMS.get(node.target)
+    return None
+
 
 _UPSAMPLE_NEAREST = Op(PASS, "Resize", POOL)
 _UPSAMPLE_LINEAR = Op(FLOAT, "Resize", POOL, why="interpolated values are not codes")

@@ -16,6 +16,7 @@ import zoo_torchvision as zoo
 
 import lowbit
 from lowbit import _backend, _ops
+from lowbit.errors import QuantizeError
 from lowbit.export import export
 from lowbit.footprint import footprint
 from lowbit.quant import describe, quantize
@@ -182,3 +183,65 @@ def test_opset_floors(opset, ort):
     assert kinds == [["int8", "int4", "int2"][(opset >= 21) + (opset >= 25)],
                      "int4" if opset >= 21 else "int8", "int8"]
     assert _backend.storage_for(2, opset) == "trits"  # trits: any opset lowbit writes
+
+
+def test_forms_and_footprint_only_ops_are_no_second_registry():
+    """Each functional/in-place form names a registry op (or a footprint-only one) and is no
+    entry itself; footprint-only ops are not in the registry, so quantize refuses them."""
+    registered = {*_ops.MODULES, *_ops.FUNCTIONS}
+    for form, key in [*_ops.FUNCTION_FORMS.items(), *_ops.METHOD_FORMS.items()]:
+        assert form not in registered and form not in _ops.METHODS, form
+        assert key in registered or key in _ops.FOOTPRINT_ONLY, (form, key)
+    assert not set(_ops.FOOTPRINT_ONLY) & registered
+    with pytest.raises(QuantizeError, match="Tanh"):
+        quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh()))
+
+
+# constructor/call arguments of the forms' ops that need some
+_FORM_ARGS = {nn.MaxPool2d: (2,), nn.AvgPool2d: (2,), nn.AdaptiveAvgPool2d: (1,)}
+
+
+class _Call(nn.Module):
+    """A conv, then one op on its output (and the input, for a binary op)."""
+
+    def __init__(self, call, binary: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.call, self.binary = call, binary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.call(y, x) if self.binary else self.call(y)
+
+
+def _form_and_op(form, key) -> tuple[nn.Module, nn.Module]:
+    """(a net calling ``form``, the same net calling the op it stands for)."""
+    binary = key in _ops.FUNCTIONS
+    args = _FORM_ARGS.get(key, ())
+    if isinstance(form, str):
+        call = lambda y, *other: getattr(y, form)(*other, *args)  # noqa: E731
+    else:
+        call = lambda y, *other: form(y, *other, *args)  # noqa: E731
+    return _Call(call, binary), _Call(key(*args) if isinstance(key, type) else key, binary)
+
+
+@pytest.mark.parametrize("form,key", [*_ops.FUNCTION_FORMS.items(), *_ops.METHOD_FORMS.items()],
+                         ids=str)
+def test_footprint_reads_each_form_as_the_registry_op_it_stands_for(form, key):
+    """``footprint``'s kind of a form is the registry's kind of its op (footprint-only ops:
+    ``_ops.FOOTPRINT_ONLY``'s), and a net calling the form accounts as the net calling the op."""
+    from lowbit.footprint._torch import _kind
+
+    entry = _ops.MODULES.get(key) or _ops.FUNCTIONS.get(key)
+    expected = _ops.FOOTPRINT_ONLY[key] if entry is None else entry.footprint
+    nets = _form_and_op(form, key)
+    for net in nets:
+        graph = torch.fx.symbolic_trace(net).graph
+        modules = dict(net.named_modules())
+        called = [n for n in graph.nodes if n.op.startswith("call") and n.target != "conv"]
+        assert [_kind(n, modules) for n in called] == [(expected, entry)]
+    a, b = (footprint(net, (1, 8), input_shape=(2, 4, 4)) for net in nets)
+    assert (a.weight_bytes, a.macs, a.peak_activation_bytes(8)) == \
+        (b.weight_bytes, b.macs, b.peak_activation_bytes(8))
+    assert [(f.kind, f.params, f.act_elements, f.macs, len(f.fused)) for f in a.layers] == \
+        [(f.kind, f.params, f.act_elements, f.macs, len(f.fused)) for f in b.layers]

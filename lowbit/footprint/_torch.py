@@ -13,13 +13,11 @@ are parameters of the op that reads them; a product of two activations (``q @ k^
 from __future__ import annotations
 
 import math
-import operator
 import re
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import _ops
 from .._backend import UNSIGNED_WEIGHTS
@@ -35,31 +33,12 @@ from ._graph import (
     INPUT,
     LINEAR,
     MATMUL,
-    POOL,
     UNARY,
-    VIEW,
     Graph,
     Op,
     Param,
     fuse,
 )
-
-_UNARY_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.SiLU,
-                  nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.Softmax, nn.Identity,
-                  nn.Dropout)
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
-_FUNCTIONS = {
-    operator.add: ADD, operator.iadd: ADD, torch.add: ADD, operator.mul: ADD, torch.mul: ADD,
-    operator.sub: ADD, torch.cat: CONCAT, torch.flatten: VIEW, torch.reshape: VIEW,
-    torch.squeeze: VIEW, torch.unsqueeze: VIEW, F.relu: UNARY, torch.relu: UNARY,
-    F.relu6: UNARY, torch.sigmoid: UNARY, F.adaptive_avg_pool2d: POOL, F.avg_pool2d: POOL,
-    F.max_pool2d: POOL, torch.mean: POOL, getattr: None, operator.getitem: None}
-_METHODS = {"view": VIEW, "reshape": VIEW, "flatten": VIEW, "squeeze": VIEW,
-            "unsqueeze": VIEW, "contiguous": VIEW, "relu": UNARY, "relu_": UNARY,
-            "add": ADD, "add_": ADD, "mul": ADD, "mean": POOL, "size": None, "dim": None}
-_NAMES = {"cat": "concat", "iadd": "add"}
 
 
 class _Tracer(fx.Tracer):
@@ -187,47 +166,54 @@ def _shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...],
     return shapes
 
 
+def _kind(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str | None, _ops.Op | None]:
+    """(kind, registry entry) of an fx node of the model as traced: the registry's (a functional
+    or in-place form as the op it stands for, ``_ops.form_of``), else ``_ops.FOOTPRINT_ONLY``'s
+    (no entry); kind None for sizes and indices, "unknown" for an op neither knows."""
+    form = _ops.form_of(node)
+    if form is None:
+        op = _ops.lookup(node, modules)
+        key = type(modules[node.target]) if node.op == "call_module" else node.target
+    else:
+        op, key = _ops.MODULES.get(form) or _ops.FUNCTIONS.get(form), form
+    if op is not None:
+        return op.footprint, op
+    keys = key.__mro__ if isinstance(key, type) else (key,)
+    return next((_ops.FOOTPRINT_ONLY[k] for k in keys if k in _ops.FOOTPRINT_ONLY), "unknown"), \
+        None
+
+
 def _classify(node: fx.Node, modules: dict[str, nn.Module], storage: dict[str, str],
               act_bits: dict[str, int], shape: tuple[int, ...] | None,
               attrs: dict[str, torch.Tensor | None]) -> tuple:
     """(kind, name, params, macs, bits) of one fx node; kind "unknown" if unsupported.
     ``attrs``: the tensors of the model's get_attr nodes (constants, not activations)."""
-    stack = list((node.meta.get("nn_module_stack") or {}).keys())
-    op = _ops.lookup(node, modules)
-    if op is not None and op.footprint is None:  # sizes and indices: no tensor
+    kind, op = _kind(node, modules)
+    if kind is None:  # sizes and indices: no tensor
         return None, node.name, [], 0, None
     if node.op == "call_module":
         name, m = node.target, modules[node.target]
         if name in act_bits:
             return UNARY, name, [], 0, act_bits[name]
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)):
-            return (*_weighted(name, m, storage.get(name), shape)[:4], None)
-        if isinstance(m, _BN_MODULES):
+        if isinstance(m, IntegerBias):  # the student's integer bias: folded, in place
+            return UNARY, name, [], 0, None
+        if kind in (CONV, LINEAR):
+            axis = 0 if op is None else op.weight_axis
+            return (*_weighted(name, m, storage.get(name), shape, kind, axis), None)
+        if kind == AFFINE:  # BatchNorm: running statistics fold to a scale and shift
             c = m.num_features
             return AFFINE, name, [Param("scale", c, FP32), Param("bias", c, FP32)], 0, None
-        if isinstance(m, _UNARY_MODULES + (IntegerBias,)):  # integer bias: folded, in place
-            return UNARY, name, [], 0, None
-        if isinstance(m, _POOL_MODULES):
-            return POOL, name, [], 0, None
-        if isinstance(m, nn.Flatten):
-            return VIEW, name, [], 0, None
-        if op is not None:  # the registry's kind; a normalisation's affine parameters
-            return op.footprint, name, _affine(m.parameters()), 0, None
+        if kind != "unknown":  # a normalisation's affine parameters, not its quantizer's
+            return kind, name, _affine(m.parameters(recurse=False)), 0, None
         return "unknown", f"{name} ({type(m).__name__})", [], 0, None
-    if op is not None and node.op == "call_function":
-        kind = op.footprint
-        base = getattr(node.target, "__name__", str(node.target))
-    elif op is not None:
-        kind, base = op.footprint, node.target
-    elif node.op == "call_function":
-        kind = _FUNCTIONS.get(node.target, "unknown")
-        base = getattr(node.target, "__name__", str(node.target))
-    else:  # call_method
-        kind = _METHODS.get(node.target, "unknown")
-        base = node.target
+    form = _ops.form_of(node)
+    target = node.target if form is None or isinstance(form, type) else form  # iadd: add
+    base = re.sub(r"_$", "", getattr(target, "__name__", str(target)))  # a method: its name
     if kind == ADD:
         kind = _one_activation(node, base, attrs)
-    base = _NAMES.get(base, re.sub(r"_$", "", base))
+    if kind == CONCAT:
+        base = CONCAT  # torch.cat, named as the ONNX front end names Concat
+    stack = list((node.meta.get("nn_module_stack") or {}).keys())
     name = f"{stack[-1]}.{base}" if stack else base
     return kind, name if kind != "unknown" else f"{node.name} ({base})", [], 0, None
 
@@ -240,8 +226,7 @@ def _one_activation(node: fx.Node, base: str, attrs: dict[str, torch.Tensor | No
     consts = [attrs.get(a.name) for a in args if a.op == "get_attr"]
     if len(args) - len(consts) >= 2:
         return ADD
-    shift = base in ("add", "iadd", "sub") and any(t is not None and t.numel() > 1
-                                                   for t in consts)
+    shift = base in ("add", "sub") and any(t is not None and t.numel() > 1 for t in consts)
     return AFFINE if shift else UNARY
 
 
@@ -255,10 +240,10 @@ def _affine(params) -> list[Param]:
 _STORED_BITS = {"trits": TRITS_BITS, "int2": 2, "int4": 4, "int8": 8, UNSIGNED_WEIGHTS: 8}
 
 
-def _weighted(name: str, m: nn.Module, storage: str | None, shape: tuple[int, ...] | None
-              ) -> tuple:
-    """(kind, name, params, MACs) of a conv/linear; ``storage`` None means a float layer."""
-    axis = 1 if isinstance(m, nn.ConvTranspose2d) else 0  # the registry's weight axis
+def _weighted(name: str, m: nn.Module, storage: str | None, shape: tuple[int, ...] | None,
+              kind: str, axis: int) -> tuple:
+    """(kind, name, params, MACs) of a conv/linear; ``storage`` None means a float layer;
+    ``axis``: the output-channel axis of its weight (1: transposed)."""
     n_out = m.weight.shape[axis]
     params = [Param("weight", m.weight.numel(), _STORED_BITS[storage] if storage else FP32)]
     if storage is not None:
@@ -272,5 +257,4 @@ def _weighted(name: str, m: nn.Module, storage: str | None, shape: tuple[int, ..
     if axis == 1:  # transposed: each output takes C_in / groups * kernel / stride^2 products
         fan_in = m.weight.shape[0] // m.groups * math.prod(m.weight.shape[2:]) // \
             math.prod(m.stride)
-    kind = LINEAR if isinstance(m, nn.Linear) else CONV
     return kind, name, params, out * fan_in
