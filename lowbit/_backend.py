@@ -153,7 +153,7 @@ ONNX_FOOTPRINT: dict[str, str | None] = {
     **dict.fromkeys(("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                      "ReduceMean", "ReduceMax", "Resize"), "pool"),
     **dict.fromkeys(("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Split",
-                     "Slice", "Identity", "Gather"), "view"),
+                     "Slice", "Identity", "Gather", "Expand"), "view"),
     **dict.fromkeys(("Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid",
                      "HardSwish", "Elu", "Selu", "Softplus", "Softmax", "LogSoftmax", "Gelu",
                      "Erf", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear", "Neg",

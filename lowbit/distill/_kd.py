@@ -203,7 +203,8 @@ def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = Tru
     return frozen.requires_grad_(False)
 
 
-def _objective(kd: KDConfig, teacher: nn.Module, taps: tuple[nn.Module, nn.Module] | None):
+def _objective(kd: KDConfig, teacher: nn.Module,
+               taps: tuple[nn.Module, nn.Module] | None = None):
     """The distillation objective for ``fit``: ``(model, x, y, epoch) -> (loss, logits, {})``.
     Schemes B and C take the :func:`frozen_teacher` copy; ``taps``: the student and teacher
     read through ``_hidden.tapped`` (hidden-state and attention losses)."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import operator
 import traceback
 import warnings
 
@@ -50,14 +49,14 @@ from . import _brevitas
 from ._attention import sdpa_module, split_multihead
 from ._spec import QuantSpec
 
-_INPLACE = {operator.iadd: operator.add, operator.imul: operator.mul}
-_INPLACE_METHODS = {"add_": operator.add, "mul_": operator.mul, "add": operator.add,
-                    "mul": operator.mul}
-# calls Brevitas' TorchFunctionalToModule does not cover
-_MORE_FUNCTIONS = ((torch.relu, nn.ReLU), (torch.relu_, nn.ReLU), (F.silu, nn.SiLU),
-                   (F.hardswish, nn.Hardswish), (F.hardsigmoid, nn.Hardsigmoid),
-                   (F.gelu, nn.GELU), (torch.sigmoid, nn.Sigmoid), (F.sigmoid, nn.Sigmoid))
-_MORE_METHODS = (("relu", nn.ReLU), ("relu_", nn.ReLU), ("sigmoid", nn.Sigmoid))
+# the registry's forms (``_ops.FUNCTION_FORMS``/``METHOD_FORMS``): in-place and method
+# arithmetic to its function, activation calls to their modules (with Brevitas' own map)
+_INPLACE = {f: g for f, g in _ops.FUNCTION_FORMS.items() if not isinstance(g, type)}
+_INPLACE_METHODS = {m: g for m, g in _ops.METHOD_FORMS.items() if not isinstance(g, type)}
+_MORE_FUNCTIONS = tuple((f, c) for f, c in _ops.FUNCTION_FORMS.items() if isinstance(c, type)
+                        and c in _ops.MODULES and _ops.MODULES[c].role in (_ops.RELU,
+                                                                           _ops.FLOAT_ACT))
+_MORE_METHODS = tuple((m, c) for m, c in _ops.METHOD_FORMS.items() if isinstance(c, type))
 
 
 def quantize(model: nn.Module, spec: QuantSpec | None = None, *, copy_weights: bool = True,
