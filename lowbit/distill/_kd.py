@@ -24,7 +24,7 @@ import math
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -203,15 +203,23 @@ def frozen_teacher(teacher: nn.Module, precision: str, channels_last: bool = Tru
     return frozen.requires_grad_(False)
 
 
-def _objective(kd: KDConfig, teacher: nn.Module,
-               taps: tuple[nn.Module, nn.Module] | None = None):
+class Taps(NamedTuple):
+    """The student (what ``fit`` trains), it and the frozen teacher read through
+    ``_hidden.tapped``: what hidden-state and attention losses compare."""
+
+    student: nn.Module
+    tapped_student: nn.Module
+    tapped_teacher: nn.Module
+
+
+def _objective(kd: KDConfig, teacher: nn.Module, taps: Taps | None = None):
     """The distillation objective for ``fit``: ``(model, x, y, epoch) -> (loss, logits, {})``.
-    Schemes B and C take the :func:`frozen_teacher` copy; ``taps``: the student and teacher
-    read through ``_hidden.tapped`` (hidden-state and attention losses)."""
+    Schemes B and C take the :func:`frozen_teacher` copy; ``taps``: for hidden-state and
+    attention losses."""
     dtype = next(teacher.parameters()).dtype
 
     def teacher_forward(x: torch.Tensor):
-        model = teacher if taps is None else taps[1]
+        model = teacher if taps is None else taps.tapped_teacher
         if kd.scheme == "A":
             return model(x)
         # frozen teacher: no graph, no saved activations, its own precision; clones are
@@ -224,10 +232,11 @@ def _objective(kd: KDConfig, teacher: nn.Module,
         return t.clone(), [h.clone() for h in hidden], [a.clone() for a in attention]
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int):
-        if taps is not None and model is not taps[0].lowbit_student:
+        if taps is not None and model is not taps.student:
             raise TrainingError("hidden-state and attention losses run on one process; "
                                 "torchrun wraps the student")
-        s, s_hidden, s_attention = (model(x), (), ()) if taps is None else taps[0](x)
+        s, s_hidden, s_attention = (model(x), (), ()) if taps is None else \
+            taps.tapped_student(x)
         w = kd.soft_weight(epoch)
         if w == 0 and kd.loss == "hinton" and kd.scheme != "A" and taps is None:
             # labels only (lam = 0, or GSLR's end): the frozen teacher's forward would be
@@ -253,15 +262,14 @@ def _objective(kd: KDConfig, teacher: nn.Module,
 
 
 def _taps(kd: KDConfig, student: nn.Module, inference: nn.Module, layers: tuple[str, ...],
-          x: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
+          x: torch.Tensor) -> Taps | None:
     """The student read through ``_hidden.tapped`` at ``layers`` and the tapped frozen
     teacher ``inference``, checked to pair up on ``x``; None without hidden losses."""
     if not kd.taps:
         return None
-    pair = tapped(student, layers), inference
-    pair[0].lowbit_student = student
-    check_pairs(*pair, x)
-    return pair
+    taps = Taps(student, tapped(student, layers), inference)
+    check_pairs(taps.tapped_student, taps.tapped_teacher, x)
+    return taps
 
 
 def fingerprint(model: nn.Module) -> str:
