@@ -178,6 +178,16 @@ def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any
     return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
 
 
+def add_to_record(path: str | Path, **entries: Any) -> Path:
+    """Atomically add ``entries`` to the record of the checkpoint at ``path`` (a figure
+    measured after training, such as the test accuracy), everything else as it was."""
+    ckpt = load(path)
+    ckpt["record"] = {**ckpt["record"], **entries}
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate a checkpoint; any problem is one :class:`CheckpointError` line."""
     path = locate(path)

@@ -19,8 +19,11 @@ PRETRAINED = {  # name -> checkpoint: float teachers and students distilled from
     "resnet20_cifar10_w4": _WEIGHTS / "resnet20_cifar10_w4.pt",
     "resnet20_cifar100_ternary": _WEIGHTS / "resnet20_cifar100_ternary.pt",
     "resnet20_cifar100_ternary_a8": _WEIGHTS / "resnet20_cifar100_ternary_a8.pt",
+    "vit_tiny_cifar10": _WEIGHTS / "vit_tiny_cifar10.pt",
+    "vit_tiny_cifar10_ternary": _WEIGHTS / "vit_tiny_cifar10_ternary.pt",
 }
-DEFAULT_PRETRAINED = {"resnet20": "resnet20_cifar10"}  # architecture -> its shipped weights
+# architecture -> its shipped weights
+DEFAULT_PRETRAINED = {"resnet20": "resnet20_cifar10", "vit_tiny": "vit_tiny_cifar10"}
 
 
 def list_pretrained() -> list[str]:
@@ -32,8 +35,10 @@ def pretrained(name: str) -> Path:
     """Path of a checkpoint shipped with lowbit: ``resnet20_cifar10`` / ``resnet20_cifar100``
     (float teachers), ``resnet20_cifar10_ternary`` / ``resnet20_cifar100_ternary`` (ternary
     students distilled from them, 4-bit activations; ``..._a8``: 8-bit activations),
-    ``resnet20_cifar10_w4`` (4-bit weights and activations); an architecture with shipped
-    weights (``resnet20``) gives its CIFAR-10 float checkpoint."""
+    ``resnet20_cifar10_w4`` (4-bit weights and activations), ``vit_tiny_cifar10`` (a float
+    ViT) and ``vit_tiny_cifar10_ternary`` (its ternary student, 8-bit activations); an
+    architecture with shipped weights (``resnet20``, ``vit_tiny``) gives its CIFAR-10 float
+    checkpoint."""
     key = DEFAULT_PRETRAINED.get(name, name)
     if key not in PRETRAINED:
         raise UsageError(f"no shipped checkpoint {name!r}; available: {', '.join(PRETRAINED)}")

@@ -59,6 +59,7 @@ def test_cli_train_eval_and_errors(tmp_path):
     assert record["val_split"].startswith("digits validation (") and "held out" in \
         record["val_split"]
     assert record["test"]["split"] == "digits test"
+    assert _checkpoint.load(out)["record"]["test"] == record["test"]  # the checkpoint's too
     assert r.returncode == 0 and f"{record['test']['acc']:.2%}" in r.stdout
     assert f"validation accuracy {record['val_acc']:.2%}" not in r.stdout
     for args, message in [

@@ -69,9 +69,10 @@ def _splits(args: argparse.Namespace):
 
 def _report(args: argparse.Namespace, what: str, model, record: dict, val_set, test_set) -> None:
     """Print the validation figure and the test figure (measured here, once) and keep the
-    test figure in the run's JSON record beside the checkpoint."""
+    test figure in the run's records: the checkpoint's and the JSON beside it."""
     from pathlib import Path
 
+    from .._ckptfile import add_to_record
     from .._io import write_json
     from ..distill import evaluate
 
@@ -79,9 +80,9 @@ def _report(args: argparse.Namespace, what: str, model, record: dict, val_set, t
     if test_set is not None:
         acc = evaluate(model, test_set, progress=not args.quiet)
         line += f"; test accuracy {acc:.2%} ({len(test_set):,} {test_set.name} test examples)"
-        path = Path(args.output).with_suffix(".json")
-        write_json(path, {**record, "test": {"split": f"{test_set.name} test",
-                                              "examples": len(test_set), "acc": acc}})
+        test = {"split": f"{test_set.name} test", "examples": len(test_set), "acc": acc}
+        add_to_record(args.output, test=test)
+        write_json(Path(args.output).with_suffix(".json"), {**record, "test": test})
     print(f"{line} -> {args.output}")
 
 

@@ -23,14 +23,16 @@ list = list_models  # noqa: A001  (lowbit.models.list() is the registry listing)
 
 def pretrained_info(name: str) -> dict[str, Any]:
     """What shipped checkpoint ``name`` holds, read from the checkpoint itself: architecture,
-    dataset, weight and activation bits (``None`` for a float model) and its test accuracy."""
+    dataset, weight and activation bits (``None`` for a float model) and its test accuracy
+    (the record's test split; the ResNets' records, older, validated on the test set)."""
     from .._ckptfile import load
 
     ckpt = load(pretrained(name))
     quant = ckpt["quant"] or {}
     return {"name": DEFAULT_PRETRAINED.get(name, name), "arch": ckpt["arch"]["name"],
             "dataset": ckpt["data"]["name"], "weight_bits": quant.get("weight_bits"),
-            "act_bits": quant.get("act_bits"), "test_acc": ckpt["record"]["val_acc"],
+            "act_bits": quant.get("act_bits"), "test_acc": ckpt["record"].get(
+                "test", {}).get("acc", ckpt["record"]["val_acc"]),
             "epochs": len(ckpt["record"]["history"])}
 
 
