@@ -124,3 +124,26 @@ def interleaved(calls: dict, rounds: int, min_time: float) -> dict[str, float]:
         for name, fn in calls.items():
             times[name] += time_calls(fn, warmup=0, repeat=2, min_time=min_time)
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+
+
+def batch_latency(sessions: dict, x, rounds: int, min_time: float,
+                  batches: tuple[int, ...] = (1, 8)) -> dict[str, dict[int, float]]:
+    """Median ms per call of every ``lowbit.runtime.Session`` at each batch of the first rows
+    of ``x`` (numpy), interleaved rounds: {name: {batch: ms}}."""
+    out: dict[str, dict[int, float]] = {n: {} for n in sessions}
+    for b in batches:
+        a = x[:b].copy()
+        ms = interleaved({n: (lambda s=s, a=a: s._call(a)) for n, s in sessions.items()},
+                         rounds, min_time)
+        for n, v in ms.items():
+            out[n][b] = v
+    return out
+
+
+def comparison_footer(result: dict) -> list[str]:
+    """The markdown lines under a lowbit-vs-onnxruntime table: what agreement means, the
+    batch-1 latency ratios and each lowbit file's gate."""
+    return ["", "Agreement: top-1 with the student (lowbit files) or the float network "
+            "(fp32, onnxruntime's int8). Ratios at batch 1: " + "; ".join(
+                f"{a} / {b} = {x:.2f}" for a, b, x in result["ratios"]), "",
+            "Gates: " + "; ".join(f"{n}: {' / '.join(g)}" for n, g in result["gates"].items())]

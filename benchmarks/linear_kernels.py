@@ -36,7 +36,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import float_onnx, interleaved, ort_int8, write_report
+from common import (
+    batch_latency,
+    comparison_footer,
+    float_onnx,
+    interleaved,
+    ort_int8,
+    write_report,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit._backend import (
@@ -217,13 +224,9 @@ def mlp(width: int, threads: int, epochs: int, rounds: int, min_time: float,
         files[name].write_bytes(ort_int8(fp32, tmp, feeds))
     sessions = {name: Session(p, threads=threads) for name, p in files.items()}
     out: dict = {"width": width, "train_seconds": {"teacher": t_teacher, "student": t_student},
-                 "gates": gates, "models": {}}
-    for b in (1, 8):
-        a = xte[:b].copy()
-        ms = interleaved({n: (lambda s=s, a=a: s._call(a)) for n, s in sessions.items()},
-                          rounds, min_time)
-        for n, v in ms.items():
-            out["models"].setdefault(n, {"latency_ms": {}})["latency_ms"][b] = v
+                 "gates": gates, "models": {
+                     n: {"latency_ms": ms} for n, ms in batch_latency(
+                         sessions, xte, rounds, min_time).items()}}
     for n, s in sessions.items():
         pred = s.predict(xte)
         ref = refs["teacher"] if n in ("fp32", "ort_dynamic", "ort_static") else refs["student"]
@@ -273,10 +276,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {n} | {v['bytes']:,} | {v['latency_ms']['1']:.3f} | "
                          f"{v['latency_ms']['8']:.3f} | {v['accuracy']:.2%} | "
                          f"{v['agreement']:.2%} | {v['config'] or ''} |")
-        lines += ["", "Agreement: top-1 with the student (lowbit files) or the float network "
-                  "(fp32, onnxruntime's int8). Ratios at batch 1: " + "; ".join(
-                      f"{a} / {b} = {x:.2f}" for a, b, x in r["ratios"]), "",
-                  "Gates: " + "; ".join(f"{n}: {' / '.join(g)}" for n, g in r["gates"].items())]
+        lines += comparison_footer(r)
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import float_onnx, interleaved, ort_int8, save_results
+from common import batch_latency, comparison_footer, float_onnx, ort_int8, save_results
 
 import lowbit
 from lowbit.export import ExportError, NBits, export
@@ -131,17 +131,12 @@ def measure(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         files, gates = _files(teacher, student, x, calib, Path(tmp), y is not None)
         sessions = {n: Session(p, threads=args.threads) for n, p in files.items()}
+        latency = batch_latency(sessions, x.numpy(), args.rounds, args.min_time)
         out: dict = {"weights": sum(p.numel() for p in teacher.parameters()),
                      "arch": getattr(teacher, "lowbit_arch", None), "gates": gates,
-                     "models": {n: {"bytes": p.stat().st_size, "latency_ms": {},
+                     "models": {n: {"bytes": p.stat().st_size, "latency_ms": latency[n],
                                     "session_mb": _session_mb(p, args.threads),
                                     "config": sessions[n].config} for n, p in files.items()}}
-        for b in (1, 8):
-            a = x[:b].numpy()
-            ms = interleaved({n: (lambda s=s, a=a: s._call(a)) for n, s in sessions.items()},
-                             args.rounds, args.min_time)
-            for n, v in ms.items():
-                out["models"][n]["latency_ms"][b] = v
         for n, s in sessions.items():
             pred = s.predict(x.numpy())
             ref = refs["teacher"] if n in ORT_MODELS else refs["student"]
@@ -173,10 +168,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {n} | {v['bytes']:,} | {v['latency_ms']['1']:.3f} | "
                      f"{v['latency_ms']['8']:.3f} | {v['session_mb']:.1f} | {acc} | "
                      f"{v['agreement']:.2%} |")
-    lines += ["", "Agreement: top-1 with the student (lowbit files) or the float network "
-              "(fp32, onnxruntime's int8). Ratios at batch 1: " + "; ".join(
-                  f"{a} / {b} = {x:.2f}" for a, b, x in r["ratios"]), "",
-              "Gates: " + "; ".join(f"{n}: {' / '.join(g)}" for n, g in r["gates"].items())]
+    lines += comparison_footer(r)
     return "\n".join(lines) + "\n"
 
 

@@ -173,6 +173,11 @@ def save(path: str | Path, model: nn.Module, *, data: Any, record: dict[str, Any
             "record": record}
     if resume is not None:
         ckpt["resume"] = resume
+    return _write(path, ckpt)
+
+
+def _write(path: str | Path, ckpt: dict[str, Any]) -> Path:
+    """Atomically write the checkpoint dict ``ckpt``."""
     buffer = io.BytesIO()  # serialised first: a full disk is then Python's OSError (ENOSPC),
     torch.save(ckpt, buffer)  # where torch's own file writer raises a RuntimeError
     return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
@@ -183,9 +188,7 @@ def add_to_record(path: str | Path, **entries: Any) -> Path:
     measured after training, such as the test accuracy), everything else as it was."""
     ckpt = load(path)
     ckpt["record"] = {**ckpt["record"], **entries}
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
+    return _write(path, ckpt)
 
 
 def load(path: str | Path) -> dict[str, Any]:
